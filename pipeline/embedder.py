@@ -1,0 +1,127 @@
+"""Turning texts into vectors: the Embedder protocol and its backends.
+
+A backend returns raw model output plus each text's token count (special
+tokens included, before truncation), so the worker can flag `truncated`
+inputs and report token usage without tokenizing twice in Python.
+
+`EMBEDSTREAM_BACKEND` picks the backend: `torch` (sentence-transformers as it
+is), or `package.module:Factory`, a callable taking `Settings` and returning an
+Embedder; tests use that to plug in an embedder they control.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from pipeline.errors import UnknownModel
+from pipeline.models import ModelInfo, canonical_model_name, model_source
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Vectors (float32, one row a text) and token counts for a batch of texts."""
+
+    vectors: np.ndarray[Any, np.dtype[np.float32]]
+    token_counts: np.ndarray[Any, np.dtype[np.int64]]
+
+
+class Embedder(Protocol):
+    """Anything that embeds a batch of texts with one model."""
+
+    info: ModelInfo
+
+    def embed(self, texts: Sequence[str]) -> Embedded: ...
+
+
+class SentenceTransformerEmbedder:
+    """The `torch` backend: sentence-transformers' own encode()."""
+
+    def __init__(self, settings: Settings, batch_size: int = 32) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        name = canonical_model_name(settings.model)
+        device = None if settings.device == "auto" else settings.device
+        started = time.perf_counter()
+        try:
+            self.model = SentenceTransformer(model_source(name), device=device)
+        except OSError as exc:
+            raise UnknownModel(f"cannot load model {name!r}: {exc}") from exc
+        get_dimension = getattr(self.model, "get_embedding_dimension", None) or getattr(
+            self.model, "get_sentence_embedding_dimension")
+        dimensions = get_dimension() or 0
+        max_seq = int(self.model.max_seq_length or 512)
+        self.info = ModelInfo(name, int(dimensions), max_seq)
+        self.batch_size = batch_size
+        self._tokenizer = _counting_tokenizer(self.model.tokenizer)
+        logger.info(
+            "loaded model %s (%d dims, %d tokens max) on %s in %.1fs",
+            name, dimensions, max_seq, self.model.device, time.perf_counter() - started,
+        )
+
+    def embed(self, texts: Sequence[str]) -> Embedded:
+        """Embed texts; rows keep the order of `texts`."""
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return Embedded(np.asarray(vectors, dtype=np.float32), self._count_tokens(texts))
+
+    def _count_tokens(self, texts: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
+        if self._tokenizer is None:
+            return np.zeros(len(texts), dtype=np.int64)
+        encodings = self._tokenizer.encode_batch(list(texts))
+        return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+
+
+def _counting_tokenizer(tokenizer: Any) -> Any:
+    """A copy of the fast tokenizer that neither truncates nor pads, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def shape_vectors(
+    vectors: np.ndarray[Any, np.dtype[np.float32]], dimensions: int | None, normalize: bool
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Apply Matryoshka truncation to `dimensions`, then L2-normalize if asked."""
+    out = vectors[:, :dimensions] if dimensions else vectors
+    if normalize or dimensions:
+        # A truncated vector is renormalized whatever `normalize` says: its
+        # norm is meaningless, and every Matryoshka reference does this.
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def load_embedder(settings: Settings) -> Embedder:
+    """Build the embedder named by `settings.backend`."""
+    backend = settings.backend
+    if backend == "torch":
+        return SentenceTransformerEmbedder(settings)
+    if ":" in backend:
+        module_name, _, attr = backend.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+        embedder: Embedder = factory(settings)
+        return embedder
+    raise UnknownModel(f"unknown backend {backend!r}; use 'torch' or 'module:Factory'")

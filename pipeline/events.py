@@ -1,0 +1,114 @@
+"""Following a job's events and the live feed, as resumable event sequences.
+
+Event ids are Redis stream entry ids, so "resume after X" is a plain XREAD
+from X: nothing in between is skipped and nothing before it is repeated.
+One stored `result` entry yields two events with the same id, `result` (the
+chunk's rows, as a JSON list) and `progress`; resuming after that id skips
+both, which is right because the stored entry is the unit of delivery.
+
+These generators know nothing of HTTP: the SSE endpoints and the MCP `embed`
+tool both consume them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pipeline.errors import InvalidCursor
+from pipeline.jobs import TERMINAL, load_job, public_job
+from pipeline.results import read_chunk_rows
+from pipeline.stats import StatsSampler
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.keys import Keys
+
+STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+READ_COUNT = 64
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event: its resume id, its name and its JSON-able data."""
+
+    id: str
+    name: str
+    data: Any
+
+
+def check_event_id(value: str | None) -> str:
+    """A resume cursor must be a stream id (`<ms>-<seq>`); None means from the start."""
+    if value is None or value == "":
+        return "0"
+    if not STREAM_ID.match(value):
+        raise InvalidCursor(f"malformed event id {value[:40]!r}: expected '<ms>-<seq>' "
+                            "as sent in an event's id field")
+    return value
+
+
+async def follow_job(
+    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, job_id: str,
+    *, after: str | None = None, encoding: str = "float", block_ms: int = 2000,
+) -> AsyncIterator[Event]:
+    """The job's result, progress and end events after `after`, until the end."""
+    cursor = check_event_id(after)
+    record = await load_job(redis, keys, job_id)
+    chunk_size = int(record["chunk_size"])
+    stream = keys.events(job_id)
+    while True:
+        reply = await blocking.xread({stream: cursor}, count=READ_COUNT, block=block_ms)
+        if not reply:
+            # The end entry may lie at or before the cursor (a client resuming
+            # after it): a finished job with nothing newer ends here.
+            record = await load_job(redis, keys, job_id)
+            if record["status"] in TERMINAL:
+                yield Event(cursor, "end", public_job(record))
+                return
+            continue
+        for entry_id, fields in reply[0][1]:
+            cursor = entry_id.decode()
+            kind = fields[b"type"]
+            if kind == b"result":
+                chunk = int(fields[b"chunk"])
+                rows = await read_chunk_rows(redis, keys, job_id, chunk, chunk_size, encoding)
+                yield Event(cursor, "result", rows)
+                yield Event(cursor, "progress", {
+                    "done": int(fields[b"done"]), "failed": int(fields[b"failed"]),
+                    "total": int(fields[b"total"]),
+                })
+            elif kind == b"end":
+                yield Event(cursor, "end", public_job(await load_job(redis, keys, job_id)))
+                return
+
+
+async def last_feed_id(redis: aioredis.Redis, keys: Keys) -> str:
+    """The id of the newest feed event, or "0" when there is none."""
+    newest = await redis.xrevrange(keys.feed, count=1)
+    return newest[0][0].decode() if newest else "0"
+
+
+async def follow_feed(
+    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys,
+    *, after: str | None = None, stats_interval_s: float = 2.0,
+) -> AsyncIterator[Event]:
+    """Feed events after `after` (or from now), with a `stats` event every interval."""
+    cursor = check_event_id(after) if after else await last_feed_id(redis, keys)
+    sampler = StatsSampler(redis, keys)
+    next_stats = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= next_stats:
+            yield Event(cursor, "stats", await sampler.sample())
+            next_stats = now + stats_interval_s
+        block_ms = max(1, int((next_stats - time.monotonic()) * 1000))
+        reply = await blocking.xread({keys.feed: cursor}, count=READ_COUNT, block=block_ms)
+        for entry_id, fields in reply[0][1] if reply else ():
+            cursor = entry_id.decode()
+            yield Event(cursor, fields[b"type"].decode(), orjson.loads(fields[b"data"]))

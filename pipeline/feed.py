@@ -1,0 +1,54 @@
+"""The live feed: job and worker lifecycle events for dashboards.
+
+One capped stream (`keys.feed`) that every process appends to and every
+dashboard reads with XREAD from its last event id, so a reconnecting
+dashboard resumes with no gap (as long as it is within the cap). Vectors
+never go here. Publishing is best effort: a feed event lost in a crash costs a
+dashboard one update, never a result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.exceptions
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+EVENT_TYPES = (
+    "job.created",
+    "job.progress",
+    "job.completed",
+    "job.failed",
+    "job.cancelled",
+    "worker.up",
+    "worker.down",
+)
+
+
+async def publish(
+    redis: aioredis.Redis, keys: Keys, event: str, data: dict[str, Any], *, maxlen: int = 10_000
+) -> None:
+    """Append one event to the feed; never raises for a Redis hiccup."""
+    try:
+        await redis.xadd(
+            keys.feed,
+            {"type": event, "data": orjson.dumps(data)},
+            maxlen=maxlen,
+            approximate=True,
+        )
+    except redis.exceptions.RedisError:
+        logger.warning("could not publish %s to the feed", event, exc_info=True)
+
+
+def feed_pipeline_add(pipe: Any, keys: Keys, event: str, data: dict[str, Any], maxlen: int) -> None:
+    """Queue a feed event on an open pipeline (for callers that batch commands)."""
+    pipe.xadd(keys.feed, {"type": event, "data": orjson.dumps(data)},
+              maxlen=maxlen, approximate=True)

@@ -1,0 +1,140 @@
+"""Validating what clients submit: job options and input items.
+
+Validation is hand-written rather than a Pydantic model because a bulk job
+can carry a million inputs: one pass, no per-item object graph. Every error
+names the field or the input index so a client can fix it.
+
+Empty and whitespace-only texts are rejected (422), never embedded: the model
+would turn `""` into a meaningless unit vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import InvalidInput
+
+OPTION_FIELDS = ("normalize", "dimensions", "truncate", "model")
+ITEM_FIELDS = ("id", "text", "metadata")
+MAX_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job's texts are embedded."""
+
+    normalize: bool = True
+    dimensions: int | None = None
+    truncate: bool = True
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: its text and the caller's optional id and metadata."""
+
+    text: str
+    id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def parse_options(raw: dict[str, Any], *, allowed_extra: tuple[str, ...] = ()) -> JobOptions:
+    """Validate the option fields of a request body or query string."""
+    unknown = sorted(set(raw) - set(OPTION_FIELDS) - set(allowed_extra))
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(unknown)}; allowed: "
+                           f"{', '.join((*allowed_extra, *OPTION_FIELDS))}")
+    dimensions = raw.get("dimensions")
+    if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
+        raise InvalidInput("'dimensions' must be a positive integer or null")
+    model = raw.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise InvalidInput("'model' must be a non-empty string or null")
+    return JobOptions(
+        normalize=_bool(raw, "normalize", True),
+        dimensions=dimensions,
+        truncate=_bool(raw, "truncate", True),
+        model=model,
+    )
+
+
+def parse_query_options(query: dict[str, str]) -> JobOptions:
+    """Options given as query parameters (for NDJSON uploads)."""
+    raw: dict[str, Any] = {}
+    for name, value in query.items():
+        if name in ("normalize", "truncate"):
+            raw[name] = _query_bool(name, value)
+        elif name == "dimensions":
+            raw[name] = _query_int(name, value) if value not in ("", "null") else None
+        else:
+            raw[name] = value
+    return parse_options(raw)
+
+
+def parse_item(raw: Any, index: int, *, max_chars: int) -> Item:
+    """Validate one input: a string or {"id", "text", "metadata"}."""
+    if isinstance(raw, str):
+        return Item(_text(raw, index, max_chars))
+    if not isinstance(raw, dict):
+        raise InvalidInput(
+            f"inputs[{index}] must be a string or an object with 'text', "
+            f"not {_json_type(raw)}", index=index)
+    unknown = sorted(set(raw) - set(ITEM_FIELDS))
+    if unknown:
+        raise InvalidInput(f"inputs[{index}] has unknown field(s): {', '.join(unknown)}",
+                           index=index)
+    if "text" not in raw:
+        raise InvalidInput(f"inputs[{index}] has no 'text'", index=index)
+    item_id = raw.get("id")
+    if item_id is not None and (not isinstance(item_id, str) or len(item_id) > MAX_ID_CHARS):
+        raise InvalidInput(f"inputs[{index}].id must be a string of at most "
+                           f"{MAX_ID_CHARS} characters", index=index)
+    metadata = raw.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidInput(f"inputs[{index}].metadata must be an object", index=index)
+    return Item(_text(raw["text"], index, max_chars), item_id, metadata)
+
+
+def _text(value: Any, index: int, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"inputs[{index}] text must be a string, not {_json_type(value)}",
+                           index=index)
+    if not value.strip():
+        raise InvalidInput(f"inputs[{index}] is empty or whitespace only; "
+                           "remove it or give it text", index=index)
+    if len(value) > max_chars:
+        raise InvalidInput(f"inputs[{index}] has {len(value)} characters; "
+                           f"the limit is {max_chars}", index=index)
+    return value
+
+
+def _bool(raw: dict[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidInput(f"'{name}' must be true or false")
+    return value
+
+
+def _query_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise InvalidInput(f"query parameter '{name}' must be true or false")
+
+
+def _query_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"query parameter '{name}' must be an integer") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "an array",
+             dict: "an object", str: "a string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,252 @@
+"""Jobs: creating them (inputs in chunks, chunks on the queue), reading and cancelling them.
+
+A job's inputs are written chunk by chunk as they arrive (`JobWriter.add`),
+so a large NDJSON upload is never held whole in memory; the job record and
+its queue entries are written only at `commit()`, after every input passed
+validation. A rejected upload leaves nothing behind and nothing queued.
+
+Small jobs (at most `fast_lane_max_texts` inputs) go to the fast lane, which
+workers read before the bulk lane, so a single query never waits behind a
+million-line upload.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pipeline import feed, tokens
+from pipeline.errors import InvalidInput, InvalidJobId, JobNotFound, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import redis.asyncio as aioredis
+
+    from pipeline.inputs import Item, JobOptions
+    from pipeline.keys import Keys
+    from pipeline.models import ModelInfo
+    from pipeline.settings import Settings
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+QUEUE_WRITE_BATCH = 1000
+MAX_REPORTED_INDEXES = 20
+
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', 'cancelled')
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+  return 'cancelled'
+end
+return status
+"""
+
+
+def new_job_id() -> str:
+    """A fresh, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+def check_job_id(job_id: str) -> str:
+    """Return the id if it is well formed, else raise InvalidJobId."""
+    if not JOB_ID.match(job_id):
+        raise InvalidJobId(f"malformed job id {job_id[:80]!r}: expected 32 hex characters")
+    return job_id
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with a Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def pack_chunk(items: list[Item]) -> bytes:
+    """Serialize one chunk of inputs for the `inputs` hash."""
+    return orjson.dumps({
+        "texts": [item.text for item in items],
+        "ids": [item.id for item in items],
+        "metadata": [item.metadata for item in items],
+    })
+
+
+@dataclass
+class JobWriter:
+    """Writes a job's inputs chunk by chunk, then commits the job and queues it."""
+
+    redis: aioredis.Redis
+    keys: Keys
+    settings: Settings
+    options: JobOptions
+    model: ModelInfo
+    owner: str = ""
+    job_id: str = field(default_factory=new_job_id)
+    total: int = 0
+    _buffer: list[Item] = field(default_factory=list)
+    _chunks: int = 0
+    _too_long: list[int] = field(default_factory=list)
+    _sizes: list[int] = field(default_factory=list)
+
+    async def add(self, item: Item) -> None:
+        """Accept one validated input."""
+        if self.total >= self.settings.max_inputs:
+            raise PayloadTooLarge(f"a job holds at most {self.settings.max_inputs} inputs")
+        self._buffer.append(item)
+        self.total += 1
+        if len(self._buffer) >= self.settings.chunk_size:
+            await self._flush()
+
+    async def add_many(self, items: Iterable[Item]) -> None:
+        """Accept many validated inputs."""
+        for item in items:
+            await self.add(item)
+
+    async def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if not self.options.truncate:
+            self._check_lengths(self._buffer, self.total - len(self._buffer))
+        await self.redis.hset(self.keys.inputs(self.job_id), str(self._chunks),
+                              pack_chunk(self._buffer))
+        self._sizes.append(len(self._buffer))
+        self._chunks += 1
+        self._buffer = []
+
+    def _check_lengths(self, items: list[Item], first_index: int) -> None:
+        counts = tokens.count_tokens(self.model.name, [item.text for item in items])
+        limit = self.model.max_seq_length
+        self._too_long.extend(first_index + i for i, n in enumerate(counts) if n > limit)
+
+    async def commit(self) -> dict[str, Any]:
+        """Validate the whole job, write its record and queue its chunks."""
+        await self._flush()
+        if self.total == 0:
+            await self.abort()
+            raise InvalidInput("'inputs' is empty: give at least one text")
+        if self._too_long:
+            await self.abort()
+            shown = ", ".join(map(str, self._too_long[:MAX_REPORTED_INDEXES]))
+            more = len(self._too_long) - MAX_REPORTED_INDEXES
+            raise InvalidInput(
+                f"inputs exceed the model's {self.model.max_seq_length}-token limit at "
+                f"index {shown}{f' and {more} more' if more > 0 else ''}; "
+                "shorten them or submit with truncate=true",
+                indexes=self._too_long,
+            )
+        record = self._record()
+        await self.redis.hset(self.keys.job(self.job_id), mapping=record)
+        await self._enqueue(record["lane"])
+        await feed.publish(self.redis, self.keys, "job.created", public_job(record),
+                           maxlen=self.settings.feed_maxlen)
+        return record
+
+    async def abort(self) -> None:
+        """Drop whatever inputs were written; nothing was queued."""
+        await self.redis.delete(self.keys.inputs(self.job_id))
+
+    def _record(self) -> dict[str, Any]:
+        lane = "fast" if self.total <= self.settings.fast_lane_max_texts else "bulk"
+        return {
+            "id": self.job_id,
+            "status": "queued",
+            "total": self.total,
+            "done": 0,
+            "failed": 0,
+            "model": self.model.name,
+            "dimensions": self.options.dimensions or self.model.dimensions,
+            "model_dimensions": self.model.dimensions,
+            "normalize": int(self.options.normalize),
+            "truncate": int(self.options.truncate),
+            "chunk_size": self.settings.chunk_size,
+            "chunks": self._chunks,
+            "lane": lane,
+            "owner": self.owner,
+            "created_at": now_iso(),
+            "created_ts": time.time(),
+        }
+
+    async def _enqueue(self, lane: str) -> None:
+        stream = self.keys.queue(self.model.name, lane)
+        for start in range(0, self._chunks, QUEUE_WRITE_BATCH):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for chunk in range(start, min(start + QUEUE_WRITE_BATCH, self._chunks)):
+                    pipe.xadd(stream, {"job": self.job_id, "chunk": chunk, "n": self._sizes[chunk]})
+                await pipe.execute()
+
+
+def check_dimensions(options: JobOptions, model: ModelInfo) -> None:
+    """Reject a `dimensions` the model cannot give."""
+    if options.dimensions is not None and options.dimensions > model.dimensions:
+        raise InvalidInput(
+            f"'dimensions' is {options.dimensions}, but {model.name} gives at most "
+            f"{model.dimensions}; use a value from 1 to {model.dimensions}"
+        )
+
+
+async def load_job(redis: aioredis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+    """The raw job record (decoded strings), or JobNotFound."""
+    raw = await redis.hgetall(keys.job(check_job_id(job_id)))
+    if not raw:
+        raise JobNotFound(f"job {job_id} does not exist or has expired")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def public_job(record: dict[str, Any]) -> dict[str, Any]:
+    """The job as the API shows it."""
+    return {
+        "id": record["id"],
+        "status": record["status"],
+        "total": int(record["total"]),
+        "done": int(record.get("done", 0)),
+        "failed": int(record.get("failed", 0)),
+        "model": record["model"],
+        "dimensions": int(record["dimensions"]),
+        "created_at": record.get("created_at") or None,
+        "started_at": record.get("started_at") or None,
+        "finished_at": record.get("finished_at") or None,
+        "error": record.get("error") or None,
+    }
+
+
+async def get_job(redis: aioredis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+    """The public view of a job."""
+    return public_job(await load_job(redis, keys, job_id))
+
+
+async def cancel_job(
+    redis: aioredis.Redis, keys: Keys, settings: Settings, job_id: str
+) -> dict[str, Any]:
+    """Cancel a queued or running job; a finished job is left as it is."""
+    check_job_id(job_id)
+    job_keys = keys.job_keys(job_id)
+    outcome = await redis.eval(_CANCEL, len(job_keys), *job_keys, now_iso(), settings.result_ttl_s)
+    if outcome is None:
+        raise JobNotFound(f"job {job_id} does not exist or has expired")
+    job = await get_job(redis, keys, job_id)
+    if outcome == b"cancelled":
+        await feed.publish(redis, keys, "job.cancelled", job, maxlen=settings.feed_maxlen)
+    return job
+
+
+async def claim_idempotency_key(
+    redis: aioredis.Redis, keys: Keys, scope: str, key: str, job_id: str, ttl_s: int
+) -> str | None:
+    """Bind an Idempotency-Key to job_id; return the job it already names, if any."""
+    name = keys.idempotency(scope, key)
+    if await redis.set(name, job_id, nx=True, ex=ttl_s):
+        return None
+    existing = await redis.get(name)
+    return existing.decode() if existing else None
+
+
+async def release_idempotency_key(redis: aioredis.Redis, keys: Keys, scope: str, key: str) -> None:
+    """Forget a key whose job was rejected, so a corrected retry can use it."""
+    await redis.delete(keys.idempotency(scope, key))

@@ -1,0 +1,94 @@
+"""Every Redis key and stream name embedstream uses, built in this one module.
+
+All keys of one job share the hash tag `{<job_id>}` so that the commit script,
+which touches several of them at once, also runs on Redis Cluster. The two
+lanes of one model's queue share the tag `{q:<model>}` because one XREADGROUP
+reads both.
+
+    <p>:{<job>}:job        hash    status, counters, options, timestamps
+    <p>:{<job>}:inputs     hash    chunk number -> packed inputs of that chunk
+    <p>:{<job>}:vectors    hash    v:<chunk> float32 bytes, m:<chunk> meta; m: is the done marker
+    <p>:{<job>}:events     stream  result / end events of the job (SSE source)
+    <p>:{q:<model>}:fast   stream  chunks of small jobs (the fast lane)
+    <p>:{q:<model>}:bulk   stream  chunks of large jobs
+    <p>:feed               stream  lifecycle events for dashboards (capped)
+    <p>:workers            hash    worker id -> worker description
+    <p>:worker:<id>        string  heartbeat, expires when the worker dies
+    <p>:models             hash    model name -> description registered by workers
+    <p>:idem:<key>         string  idempotency key -> job id
+    <p>:stats:texts        string  texts embedded, all time (for texts/s)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+GROUP = "workers"
+LANES = ("fast", "bulk")
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def model_slug(model: str) -> str:
+    """A short, key-safe name for a model (a name or a filesystem path)."""
+    cleaned = _SAFE.sub("_", model)[-48:]
+    digest = hashlib.sha1(model.encode()).hexdigest()[:8]
+    return f"{cleaned}-{digest}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds key names under one prefix."""
+
+    prefix: str = "es"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:{{{job_id}}}:job"
+
+    def inputs(self, job_id: str) -> str:
+        return f"{self.prefix}:{{{job_id}}}:inputs"
+
+    def vectors(self, job_id: str) -> str:
+        return f"{self.prefix}:{{{job_id}}}:vectors"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:{{{job_id}}}:events"
+
+    def job_keys(self, job_id: str) -> tuple[str, str, str, str]:
+        return (
+            self.job(job_id),
+            self.inputs(job_id),
+            self.vectors(job_id),
+            self.events(job_id),
+        )
+
+    def queue(self, model: str, lane: str) -> str:
+        return f"{self.prefix}:{{q:{model_slug(model)}}}:{lane}"
+
+    def queues(self, model: str) -> tuple[str, ...]:
+        return tuple(self.queue(model, lane) for lane in LANES)
+
+    @property
+    def feed(self) -> str:
+        return f"{self.prefix}:feed"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
+        return f"{self.prefix}:idem:{digest}"
+
+    @property
+    def texts_counter(self) -> str:
+        return f"{self.prefix}:stats:texts"

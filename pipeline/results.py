@@ -1,0 +1,262 @@
+"""Results: the idempotent per-chunk commit, and reading results back.
+
+Redelivery from a Redis Streams queue is at-least-once, so exactly-once
+results come from the commit: one Lua script writes the chunk's vectors, its
+done marker (the `m:<chunk>` field, whose presence means "done"), the job's
+counters and the job's `result` event, all or nothing. A redelivered chunk
+whose marker is set writes nothing; the worker only acks it. All keys of a
+job share one hash slot, so this also holds on Redis Cluster.
+
+Vectors are stored as raw little-endian float32 (`v:<chunk>`, one row per
+input, zeros for a failed input) beside a small JSON meta (`m:<chunk>`: ids,
+truncated and failed positions, token count). The job's event stream holds
+only references (`chunk`), never a second copy of the vectors.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from pipeline.errors import InvalidCursor
+from pipeline.jobs import TERMINAL, load_job, now_iso
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.keys import Keys
+
+MAX_PAGE = 1000
+ENCODINGS = ("float", "base64")
+
+# KEYS: job, inputs, vectors, events. ARGV: chunk, vectors, meta, done, failed, now, ttl.
+# Returns {code, done, failed, total, status}; code 0 = already committed,
+# -1 = job gone, -2 = job already finished (cancelled), 1 = written, 2 = written, job finished.
+_COMMIT = """
+local marker = 'm:' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[3], marker) == 1 then return {0} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {-1} end
+if status == 'cancelled' or status == 'completed' or status == 'failed' then return {-2} end
+redis.call('HSET', KEYS[3], 'v:' .. ARGV[1], ARGV[2], marker, ARGV[3])
+local done = redis.call('HINCRBY', KEYS[1], 'done', ARGV[4])
+local failed = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[6])
+  status = 'running'
+end
+redis.call('XADD', KEYS[4], '*', 'type', 'result', 'chunk', ARGV[1],
+           'done', done, 'failed', failed, 'total', total)
+if done + failed >= total then
+  status = 'completed'
+  if done == 0 then
+    status = 'failed'
+    redis.call('HSET', KEYS[1], 'error', 'every input failed; see the results for reasons')
+  end
+  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[6])
+  redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', status)
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+  return {2, done, failed, total, status}
+end
+return {1, done, failed, total, status}
+"""
+
+_START = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a worker made of one chunk, ready to commit."""
+
+    job_id: str
+    chunk: int
+    vectors: np.ndarray[Any, np.dtype[np.float32]]
+    ids: list[str | None]
+    truncated: list[int]
+    errors: dict[int, str]
+    tokens: int
+
+    def meta(self) -> bytes:
+        ids = self.ids if any(i is not None for i in self.ids) else None
+        return orjson.dumps({
+            "n": len(self.vectors), "dims": int(self.vectors.shape[1]), "ids": ids,
+            "truncated": self.truncated, "errors": {str(k): v for k, v in self.errors.items()},
+            "tokens": self.tokens,
+        })
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The outcome of one commit."""
+
+    code: int
+    done: int = 0
+    failed: int = 0
+    total: int = 0
+    status: str = ""
+
+    @property
+    def written(self) -> bool:
+        return self.code > 0
+
+    @property
+    def finished(self) -> bool:
+        return self.code == 2
+
+
+def queue_commit(pipe: Any, keys: Keys, result: ChunkResult, ttl_s: int) -> None:
+    """Add the commit script for one chunk to a pipeline."""
+    job_keys = keys.job_keys(result.job_id)
+    pipe.eval(
+        _COMMIT, len(job_keys), *job_keys, result.chunk,
+        result.vectors.astype("<f4", copy=False).tobytes(), result.meta(),
+        len(result.vectors) - len(result.errors), len(result.errors), now_iso(), ttl_s,
+    )
+
+
+def parse_committed(reply: list[Any]) -> Committed:
+    """Decode the commit script's reply."""
+    if int(reply[0]) <= 0:
+        return Committed(int(reply[0]))
+    return Committed(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]),
+                     reply[4].decode() if isinstance(reply[4], bytes) else str(reply[4]))
+
+
+def queue_mark_started(pipe: Any, keys: Keys, job_id: str) -> None:
+    """Add "queued -> running" for a job to a pipeline (a no-op when it is past that)."""
+    pipe.eval(_START, 1, keys.job(job_id), now_iso())
+
+
+def render_rows(
+    first_index: int, vectors_raw: bytes, meta_raw: bytes, encoding: str
+) -> list[dict[str, Any]]:
+    """Turn one stored chunk into result objects (`index`, `id`, `embedding`, `truncated`)."""
+    meta = orjson.loads(meta_raw)
+    n, dims = int(meta["n"]), int(meta["dims"])
+    vectors = np.frombuffer(vectors_raw, dtype="<f4").reshape(n, dims)
+    ids = meta.get("ids") or [None] * n
+    truncated = set(meta.get("truncated") or ())
+    errors: dict[str, str] = meta.get("errors") or {}
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        row: dict[str, Any] = {"index": first_index + i, "id": ids[i],
+                               "embedding": _encode(vectors[i], encoding),
+                               "truncated": i in truncated}
+        if str(i) in errors:
+            row["embedding"] = None
+            row["error"] = errors[str(i)]
+        rows.append(row)
+    return rows
+
+
+def _encode(vector: np.ndarray[Any, np.dtype[np.float32]], encoding: str) -> Any:
+    if encoding == "base64":
+        return base64.b64encode(vector.tobytes()).decode()
+    return vector  # orjson serializes numpy rows natively (OPT_SERIALIZE_NUMPY)
+
+
+def parse_cursor(cursor: str | None, total: int) -> int:
+    """A results cursor is the next input index, as a decimal string."""
+    if cursor is None or cursor == "":
+        return 0
+    if not cursor.isdigit() or int(cursor) > total:
+        raise InvalidCursor(f"malformed cursor {cursor[:40]!r}: use the next_cursor of a page")
+    return int(cursor)
+
+
+async def read_page(
+    redis: aioredis.Redis, keys: Keys, job_id: str,
+    cursor: str | None = None, limit: int = 100, encoding: str = "float",
+) -> dict[str, Any]:
+    """One page of a job's results in index order, from `cursor`.
+
+    While the job runs, a page stops at the first chunk not yet made and its
+    `next_cursor` points there; once the job is finished, chunks never made
+    (a cancelled job's) are skipped. `next_cursor` is null at the end.
+    """
+    record = await load_job(redis, keys, job_id)
+    total, chunk_size = int(record["total"]), int(record["chunk_size"])
+    start = parse_cursor(cursor, total)
+    limit = max(1, min(limit, MAX_PAGE))
+    first, last = start // chunk_size, (min(start + limit, total) - 1) // chunk_size
+    fields = [f for c in range(first, last + 1) for f in (f"v:{c}", f"m:{c}")]
+    stored = await redis.hmget(keys.vectors(job_id), fields) if fields else []
+    finished = record["status"] in TERMINAL
+    rows: list[dict[str, Any]] = []
+    position = start
+    for offset, chunk in enumerate(range(first, last + 1)):
+        vec, meta = stored[2 * offset], stored[2 * offset + 1]
+        if vec is None or meta is None:
+            if not finished:
+                break
+            position = (chunk + 1) * chunk_size
+            continue
+        chunk_rows = render_rows(chunk * chunk_size, vec, meta, encoding)
+        rows.extend(r for r in chunk_rows if start <= r["index"] < start + limit)
+        position = min((chunk + 1) * chunk_size, start + limit)
+    position = min(position, total)
+    more = position < total
+    return {"results": rows, "next_cursor": str(position) if more else None}
+
+
+async def read_chunk_rows(
+    redis: aioredis.Redis, keys: Keys, job_id: str, chunk: int, chunk_size: int, encoding: str
+) -> list[dict[str, Any]]:
+    """The results of one committed chunk (empty if it has expired)."""
+    vec, meta = await redis.hmget(keys.vectors(job_id), [f"v:{chunk}", f"m:{chunk}"])
+    if vec is None or meta is None:
+        return []
+    return render_rows(chunk * chunk_size, vec, meta, encoding)
+
+
+async def read_vectors(
+    redis: aioredis.Redis, keys: Keys, job_id: str
+) -> tuple[list[int], np.ndarray[Any, np.dtype[np.float32]]]:
+    """Every stored vector of a job with its index (failed inputs left out)."""
+    record = await load_job(redis, keys, job_id)
+    chunk_size = int(record["chunk_size"])
+    stored = await redis.hgetall(keys.vectors(job_id))
+    indexes: list[int] = []
+    blocks: list[np.ndarray[Any, np.dtype[np.float32]]] = []
+    for name, meta_raw in stored.items():
+        if not name.startswith(b"m:") or b"v:" + name[2:] not in stored:
+            continue
+        chunk = int(name[2:])
+        meta = orjson.loads(meta_raw)
+        matrix = np.frombuffer(stored[b"v:" + name[2:]], dtype="<f4")
+        matrix = matrix.reshape(int(meta["n"]), int(meta["dims"]))
+        failed = {int(k) for k in (meta.get("errors") or {})}
+        keep = [i for i in range(len(matrix)) if i not in failed]
+        indexes.extend(chunk * chunk_size + i for i in keep)
+        blocks.append(matrix[keep])
+    dims = int(record["dimensions"])
+    return indexes, (np.vstack(blocks) if blocks else np.zeros((0, dims), dtype=np.float32))
+
+
+async def read_texts(
+    redis: aioredis.Redis, keys: Keys, job_id: str, indexes: list[int], chunk_size: int
+) -> dict[int, dict[str, Any]]:
+    """The inputs (text, id, metadata) at some indexes of a job."""
+    chunks = sorted({i // chunk_size for i in indexes})
+    packed = await redis.hmget(keys.inputs(job_id), [str(c) for c in chunks]) if chunks else []
+    by_chunk = {c: orjson.loads(p) for c, p in zip(chunks, packed, strict=True) if p}
+    found: dict[int, dict[str, Any]] = {}
+    for index in indexes:
+        data = by_chunk.get(index // chunk_size)
+        if data is None:
+            continue
+        pos = index % chunk_size
+        found[index] = {"text": data["texts"][pos], "id": data["ids"][pos],
+                        "metadata": data["metadata"][pos]}
+    return found

@@ -1,0 +1,91 @@
+"""One Settings object, read once from the environment and passed down explicitly.
+
+Every field maps to an `EMBEDSTREAM_<NAME>` variable; the CLI turns flags into
+overrides of the same fields, so a flag and a variable can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "EMBEDSTREAM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration shared by the server, the workers and the CLI."""
+
+    redis_url: str | None = None
+    data_dir: Path = Path(".embedstream")
+    model: str = "all-MiniLM-L6-v2"
+    backend: str = "torch"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    url: str = "http://127.0.0.1:8000"
+    insecure: bool = False
+    # Allowed Host header values for the MCP transports beyond loopback ("*" allows any).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    key_prefix: str = "es"
+    chunk_size: int = 32
+    fast_lane_max_texts: int = 32
+    batch_max_texts: int = 128
+    max_inputs: int = 1_000_000
+    max_text_chars: int = 100_000
+    block_ms: int = 2_000
+    visibility_timeout_s: float = 60.0
+    max_deliveries: int = 3
+    heartbeat_interval_s: float = 5.0
+    heartbeat_ttl_s: float = 15.0
+    result_ttl_s: int = 7 * 24 * 3600
+    stats_interval_s: float = 2.0
+    sse_ping_s: float = 15.0
+    feed_maxlen: int = 10_000
+    embed_timeout_s: float = 300.0
+    embed_max_texts: int = 512
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `EMBEDSTREAM_*` variables, then apply non-None overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is not None and f.name != "extra":
+                values[f.name] = _coerce(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _coerce(name: str, raw: str) -> Any:
+    default = {f.name: f for f in dataclasses.fields(Settings)}[name].default
+    if name == "redis_url":
+        return raw or None
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, Path):
+        return Path(raw)
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw

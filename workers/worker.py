@@ -1,0 +1,245 @@
+"""The worker: claim chunks from the queue, embed them in batches, commit, ack.
+
+Order of a batch, and why it is crash-safe at every step:
+
+1. XREADGROUP claims entries (they enter this consumer's pending list).
+2. The model embeds them (in a thread; the event loop keeps renewing the
+   lease on the claimed entries so nobody reclaims a slow batch).
+3. One pipeline sends each chunk's commit script, then XACK for every entry.
+   A crash before 3 leaves the entries pending: another worker reclaims them
+   after `visibility_timeout_s` (XAUTOCLAIM) and redoes the work. A crash in
+   the middle of 3 leaves some chunks committed but not acked: on redelivery
+   their done marker is set, so they are only acked.
+
+The fast lane is read before the bulk lane, and a batch mixes chunks of
+several jobs up to `batch_max_texts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import redis.exceptions
+
+from pipeline import feed
+from pipeline.connections import connect
+from pipeline.keys import GROUP, Keys
+from pipeline.results import parse_committed, queue_commit, queue_mark_started
+from workers.batch import (
+    Entry,
+    chunk_result,
+    embed_work,
+    failed_result,
+    load_work,
+    parse_entry,
+)
+from workers.upkeep import Upkeep
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from pipeline.embedder import Embedder
+    from pipeline.results import ChunkResult
+    from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    """host-pid-random: readable in XINFO CONSUMERS, unique across restarts."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """One worker process's loop over the queue of one model."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, worker_id: str | None = None):
+        self.settings = settings
+        self.embedder = embedder
+        self.model = embedder.info.name
+        self.keys = Keys(settings.key_prefix)
+        self.worker_id = worker_id or new_worker_id()
+        self.streams = self.keys.queues(self.model)
+        self.redis: aioredis.Redis | None = None
+        self.blocking: aioredis.Redis | None = None
+        self.upkeep: Upkeep | None = None
+        self.texts_done = 0
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Work until `stop` is set; finish the batch in hand, then deregister."""
+        assert self.settings.redis_url, "the worker needs a Redis URL"
+        self.redis = connect(self.settings.redis_url)
+        self.blocking = connect(self.settings.redis_url, blocking=True, max_connections=4)
+        self.upkeep = Upkeep(self.redis, self.keys, self.settings, self.worker_id,
+                             self.embedder.info, self.streams)
+        try:
+            await self.upkeep.register()
+            upkeep_task = asyncio.create_task(self.upkeep.run(stop))
+            if ready is not None:
+                ready.set()
+            try:
+                await self._loop(stop)
+            finally:
+                upkeep_task.cancel()
+                await asyncio.gather(upkeep_task, return_exceptions=True)
+                await self.upkeep.deregister()
+        finally:
+            await self.redis.aclose()
+            await self.blocking.aclose()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        await self._drain_own_pending()
+        while not stop.is_set():
+            try:
+                entries = await self._claim(stop)
+                if entries:
+                    await self.process(entries)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                logger.warning("lost Redis; retrying in 1s", exc_info=True)
+                await _wait(stop, 1.0)
+            except Exception:
+                # A bug in one batch must not take the worker down: its entries
+                # stay pending and are retried, then given up on as poison.
+                logger.exception("batch failed")
+                await _wait(stop, 1.0)
+
+    async def _drain_own_pending(self) -> None:
+        """On start, finish what this consumer name claimed before a restart."""
+        assert self.redis is not None
+        reply = await self.redis.xreadgroup(GROUP, self.worker_id,
+                                            dict.fromkeys(self.streams, "0"), count=1000)
+        entries = _entries(reply)
+        if entries:
+            logger.info("resuming %d entries left pending by a previous run", len(entries))
+            await self.process(entries)
+
+    async def _claim(self, stop: asyncio.Event) -> list[Entry]:
+        """Reclaimed stale entries first, then the fast lane, then the bulk lane."""
+        assert self.redis is not None and self.blocking is not None and self.upkeep
+        stale, poison = await self.upkeep.reclaim_stale()
+        if poison:
+            await self.give_up(poison)
+        if stale:
+            return stale
+        fast, bulk = self.streams
+        budget = self.settings.batch_max_texts
+        reply = await self.redis.xreadgroup(GROUP, self.worker_id, {fast: ">"}, count=budget)
+        entries = _entries(reply)
+        room = (budget - sum(e.size for e in entries)) // self.settings.chunk_size
+        if not entries:
+            reply = await self.blocking.xreadgroup(
+                GROUP, self.worker_id, {fast: ">", bulk: ">"},
+                count=max(1, room), block=self.settings.block_ms)
+            entries = _entries(reply)
+        elif room > 0:
+            reply = await self.redis.xreadgroup(GROUP, self.worker_id, {bulk: ">"}, count=room)
+            entries += _entries(reply)
+        return entries
+
+    async def process(self, entries: list[Entry]) -> None:
+        """Embed and commit one batch of claimed entries."""
+        assert self.redis is not None and self.upkeep is not None
+        work, skip = await load_work(self.redis, self.keys, entries)
+        if skip:
+            await self._ack(skip)
+        if not work:
+            return
+        started = time.perf_counter()
+        await self._mark_started({w.entry.job_id for w in work})
+        with self.upkeep.leasing(w.entry for w in work):
+            await embed_work(self.embedder, work)
+        max_seq = self.embedder.info.max_seq_length
+        await self.commit([chunk_result(w, max_seq) for w in work], [w.entry for w in work])
+        n = sum(len(w.texts) for w in work)
+        logger.info("embedded %d texts of %d chunks in %.3fs", n, len(work),
+                    time.perf_counter() - started)
+
+    async def give_up(self, entries: list[Entry]) -> None:
+        """Commit poison chunks as failed, so their jobs can still finish."""
+        assert self.redis is not None
+        work, skip = await load_work(self.redis, self.keys, entries)
+        if skip:
+            await self._ack(skip)
+        reason = (f"gave up after {self.settings.max_deliveries} deliveries: "
+                  "a worker stopped while embedding this input each time")
+        dims = self.embedder.info.dimensions
+        logger.error("giving up on %d poison chunks", len(work))
+        results = [failed_result(w, reason, w.dimensions or dims) for w in work]
+        await self.commit(results, [w.entry for w in work])
+
+    async def commit(self, results: list[ChunkResult], entries: list[Entry]) -> None:
+        """Commit each chunk, then ack every entry, in one round trip."""
+        assert self.redis is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for result in results:
+                queue_commit(pipe, self.keys, result, self.settings.result_ttl_s)
+            for stream, ids in _by_stream(entries).items():
+                pipe.xack(stream, GROUP, *ids)
+            replies = await pipe.execute()
+        committed = [parse_committed(r) for r in replies[:len(results)]]
+        written = sum(len(r.vectors) for r, c in zip(results, committed, strict=True)
+                      if c.written)
+        if written:
+            self.texts_done += written
+            await self.redis.incrby(self.keys.texts_counter, written)
+        await self._publish(results, committed)
+
+    async def _publish(self, results: list[ChunkResult], committed: list[Any]) -> None:
+        assert self.redis is not None
+        latest: dict[str, Any] = {}
+        for result, outcome in zip(results, committed, strict=True):
+            if outcome.written:
+                latest[result.job_id] = outcome
+        for job_id, outcome in latest.items():
+            data = {"id": job_id, "status": outcome.status, "done": outcome.done,
+                    "failed": outcome.failed, "total": outcome.total}
+            event = f"job.{outcome.status}" if outcome.finished else "job.progress"
+            await feed.publish(self.redis, self.keys, event, data,
+                               maxlen=self.settings.feed_maxlen)
+
+    async def _ack(self, entries: list[Entry]) -> None:
+        assert self.redis is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in _by_stream(entries).items():
+                pipe.xack(stream, GROUP, *ids)
+            await pipe.execute()
+
+    async def _mark_started(self, job_ids: set[str]) -> None:
+        assert self.redis is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                queue_mark_started(pipe, self.keys, job_id)
+            await pipe.execute()
+
+
+def _entries(reply: Any) -> list[Entry]:
+    entries: list[Entry] = []
+    for stream, items in reply or ():
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        for entry_id, fields in items:
+            entry = parse_entry(name, entry_id, fields)
+            if entry is not None:
+                entries.append(entry)
+    return entries
+
+
+def _by_stream(entries: Any) -> dict[str, list[bytes]]:
+    grouped: dict[str, list[bytes]] = defaultdict(list)
+    for entry in entries:
+        grouped[entry.stream].append(entry.entry_id)
+    return grouped
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
