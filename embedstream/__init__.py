@@ -1,0 +1,1 @@
+"""The embedstream command line: starts the pipeline's processes."""

@@ -59,8 +59,8 @@ class SentenceTransformerEmbedder:
             self.model = SentenceTransformer(model_source(name), device=device)
         except OSError as exc:
             raise UnknownModel(f"cannot load model {name!r}: {exc}") from exc
-        get_dimension = getattr(self.model, "get_embedding_dimension", None) or getattr(
-            self.model, "get_sentence_embedding_dimension")
+        get_dimension = (getattr(self.model, "get_embedding_dimension", None)
+                         or self.model.get_sentence_embedding_dimension)
         dimensions = get_dimension() or 0
         max_seq = int(self.model.max_seq_length or 512)
         self.info = ModelInfo(name, int(dimensions), max_seq)

@@ -13,7 +13,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.exceptions
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis

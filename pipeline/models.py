@@ -102,7 +102,9 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
     return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
 
 
-async def resolve_model(redis: Any, models_key: str, default: str, requested: str | None) -> ModelInfo:
+async def resolve_model(
+    redis: Any, models_key: str, default: str, requested: str | None
+) -> ModelInfo:
     """The model a job will use, checked against what the workers serve.
 
     A model is accepted when a worker registered it (it loaded it), or when it

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 MAX_PAGE = 1000
 ENCODINGS = ("float", "base64")
 
-# KEYS: job, inputs, vectors, events. ARGV: chunk, vectors, meta, done, failed, now, ttl.
+# KEYS: job, inputs, vectors, events.
+# ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.
 # Returns {code, done, failed, total, status}; code 0 = already committed,
 # -1 = job gone, -2 = job already finished (cancelled), 1 = written, 2 = written, job finished.
 _COMMIT = """
@@ -45,6 +46,7 @@ if status == 'cancelled' or status == 'completed' or status == 'failed' then ret
 redis.call('HSET', KEYS[3], 'v:' .. ARGV[1], ARGV[2], marker, ARGV[3])
 local done = redis.call('HINCRBY', KEYS[1], 'done', ARGV[4])
 local failed = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[8])
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[6])
@@ -122,6 +124,7 @@ def queue_commit(pipe: Any, keys: Keys, result: ChunkResult, ttl_s: int) -> None
         _COMMIT, len(job_keys), *job_keys, result.chunk,
         result.vectors.astype("<f4", copy=False).tobytes(), result.meta(),
         len(result.vectors) - len(result.errors), len(result.errors), now_iso(), ttl_s,
+        result.tokens,
     )
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis.exceptions
-
 from pipeline.keys import GROUP, LANES
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ several jobs up to `batch_max_texts`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -238,8 +239,6 @@ def _by_stream(entries: Any) -> dict[str, list[bytes]]:
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 

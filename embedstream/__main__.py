@@ -1,0 +1,3 @@
+from embedstream.cli import app
+
+app(prog_name="embedstream")

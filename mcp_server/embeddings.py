@@ -1,0 +1,72 @@
+"""POST /v1/embeddings, compatible with the OpenAI API, answered through the queue.
+
+The official OpenAI client asks for `encoding_format="base64"` unless told
+otherwise, so base64 (little-endian float32) is first-class. Token arrays as
+`input` are not supported: send text.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mcp_server.jobs import json_response
+from mcp_server.payloads import json_body, owner_of, pipeline_of, settings_of
+from pipeline.errors import InvalidInput, PayloadTooLarge
+from pipeline.inputs import Item, parse_item, parse_options
+from pipeline.jobs import load_job
+
+OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+
+
+def _inputs(body: dict[str, Any], max_chars: int, limit: int) -> list[Item]:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise InvalidInput("'input' must be a string or a non-empty list of strings")
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"'input' has {len(raw)} items; the limit is {limit}. "
+                              "Use POST /v1/jobs for bulk work")
+    if not all(isinstance(x, str) for x in raw):
+        raise InvalidInput("'input' items must be strings (token arrays are not supported)")
+    return [parse_item(text, i, max_chars=max_chars) for i, text in enumerate(raw)]
+
+
+async def create_embeddings(request: Request) -> Response:
+    """Embed `input` and answer in the OpenAI shape, with token usage."""
+    body = await json_body(request)
+    unknown = sorted(set(body) - set(OPENAI_FIELDS))
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(unknown)}")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise InvalidInput("'encoding_format' must be 'float' or 'base64'")
+    settings = settings_of(request)
+    items = _inputs(body, settings.max_text_chars, settings.embed_max_texts * 4)
+    options = parse_options({"model": body.get("model"), "dimensions": body.get("dimensions")})
+    pipeline = pipeline_of(request)
+    job, rows = await pipeline.embed(items, options, owner=owner_of(request))
+    record = await load_job(pipeline.redis, pipeline.keys, job["id"])
+    failed = [row for row in rows if row.get("embedding") is None]
+    if failed:
+        raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "
+                           f"{failed[0].get('error')}")
+    data = [{"object": "embedding", "index": row["index"],
+             "embedding": row["embedding"] if encoding == "float"
+             else _base64(row["embedding"])} for row in rows]
+    tokens = int(record.get("tokens", 0))
+    return json_response({"object": "list", "data": data, "model": job["model"],
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _base64(vector: Any) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+routes = [Route("/v1/embeddings", create_embeddings, methods=["POST"])]

@@ -1,0 +1,75 @@
+"""Probes and metrics: /healthz (alive), /readyz (Redis and a worker), /metrics.
+
+Metrics are read from Redis at scrape time into a registry of this app's
+own, so every server replica reports the pipeline's numbers, not its own
+share of them.
+"""
+
+from __future__ import annotations
+
+import redis.exceptions
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mcp_server.jobs import json_response
+from mcp_server.payloads import pipeline_of
+from pipeline.stats import StatsSampler
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """200 when Redis answers and at least one worker is alive, else 503."""
+    try:
+        state = await pipeline_of(request).ready()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        return json_response({"status": "unavailable", "redis": False, "workers": 0,
+                              "error": f"Redis unreachable: {exc}"}, 503)
+    ready = state["workers"] > 0
+    return json_response({"status": "ready" if ready else "no_workers", **state},
+                         200 if ready else 503)
+
+
+class Metrics:
+    """Prometheus gauges filled from Redis on each scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.gauges = {
+            "queued_chunks": Gauge("embedstream_queued_chunks", "Chunks waiting in the queue",
+                                   registry=self.registry),
+            "running_chunks": Gauge("embedstream_running_chunks",
+                                    "Chunks claimed by a worker, not yet acked",
+                                    registry=self.registry),
+            "workers": Gauge("embedstream_workers", "Live workers", registry=self.registry),
+            "texts_total": Gauge("embedstream_texts_embedded_total",
+                                 "Texts embedded since the Redis data began",
+                                 registry=self.registry),
+            "texts_per_s": Gauge("embedstream_texts_per_second",
+                                 "Texts embedded per second since the previous scrape",
+                                 registry=self.registry),
+        }
+        self.sampler: StatsSampler | None = None
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    state: Metrics = request.app.state.metrics
+    pipeline = pipeline_of(request)
+    if state.sampler is None:
+        state.sampler = StatsSampler(pipeline.redis, pipeline.keys)
+    for name, value in (await state.sampler.sample()).items():
+        state.gauges[name].set(value)
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

@@ -1,0 +1,102 @@
+"""REST endpoints for jobs: submit (JSON or NDJSON), status, results, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mcp_server.payloads import (
+    is_ndjson,
+    json_body,
+    ndjson_values,
+    owner_of,
+    pipeline_of,
+    query_encoding,
+    query_int,
+    settings_of,
+)
+from pipeline.errors import InvalidInput
+from pipeline.inputs import Item, parse_item, parse_options, parse_query_options
+from pipeline.jobs import check_job_id
+from pipeline.results import MAX_PAGE
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """orjson-encoded JSON (numpy rows included)."""
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def _links(request: Request, job_id: str) -> dict[str, str]:
+    base = f"/v1/jobs/{job_id}"
+    return {"self": base, "events": f"{base}/events", "results": f"{base}/results"}
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return key
+
+
+async def create_job(request: Request) -> Response:
+    """POST /v1/jobs: queue a job; 202 with its id and links."""
+    pipeline = pipeline_of(request)
+    max_chars = settings_of(request).max_text_chars
+    key = _idempotency_key(request)
+    if is_ndjson(request):
+        options = parse_query_options(dict(request.query_params))
+        writer = await pipeline.writer(options, owner_of(request))
+
+        async def items() -> AsyncIterator[Item]:
+            async for line_no, value in ndjson_values(request):
+                yield parse_item(value, line_no - 1, max_chars=max_chars)
+
+        job = await pipeline.commit(writer, items(), key)
+    else:
+        body = await json_body(request)
+        options = parse_options({k: v for k, v in body.items() if k != "inputs"})
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list):
+            raise InvalidInput("'inputs' must be a list of strings or {id, text, metadata} "
+                               "objects")
+        parsed = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
+        job = await pipeline.submit(parsed, options, owner=owner_of(request),
+                                    idempotency_key=key)
+    reply = {"id": job["id"], "status": job["status"], "total": job["total"],
+             "links": _links(request, job["id"])}
+    return json_response(reply, 202, headers={"Location": reply["links"]["self"]})
+
+
+async def get_job(request: Request) -> Response:
+    """GET /v1/jobs/{id}: status and counters."""
+    return json_response(await pipeline_of(request).job(request.path_params["job_id"]))
+
+
+async def get_results(request: Request) -> Response:
+    """GET /v1/jobs/{id}/results: one page in index order."""
+    job_id = check_job_id(request.path_params["job_id"])
+    limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+    page = await pipeline_of(request).results(
+        job_id, request.query_params.get("cursor"), limit, query_encoding(request))
+    return json_response(page)
+
+
+async def delete_job(request: Request) -> Response:
+    """DELETE /v1/jobs/{id}: cancel; made results stay readable."""
+    return json_response(await pipeline_of(request).cancel(request.path_params["job_id"]))
+
+
+routes = [
+    Route("/v1/jobs", create_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/results", get_results, methods=["GET"]),
+]

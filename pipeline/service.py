@@ -1,0 +1,199 @@
+"""The pipeline as one object: what REST, SSE and the MCP tools all call.
+
+`Pipeline` owns the Redis clients of a server-side process (one for
+commands, one without socket timeout for blocking reads) and turns requests
+into jobs, results and event sequences. It never loads a model: embedding
+always goes through the queue, so any number of server replicas and workers
+can share one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import events, jobs, results
+from pipeline.connections import connect
+from pipeline.errors import InvalidInput, JobNotFinished, Unavailable
+from pipeline.inputs import Item, JobOptions
+from pipeline.keys import Keys
+from pipeline.models import ModelInfo, resolve_model
+from pipeline.stats import live_workers
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
+
+ProgressCallback = Callable[[int, int], Awaitable[None]]
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class Pipeline:
+    """Submit, inspect, follow and cancel jobs; embed, rank and search through them."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.redis_url:
+            raise Unavailable("no Redis URL: set EMBEDSTREAM_REDIS_URL or run `embedstream up`")
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis = connect(settings.redis_url)
+        self.blocking = connect(settings.redis_url, blocking=True)
+
+    async def close(self) -> None:
+        """Close both Redis clients."""
+        await self.redis.aclose()
+        await self.blocking.aclose()
+
+    async def model(self, options: JobOptions) -> ModelInfo:
+        """The model a job with these options will use; raises for unknown models."""
+        info = await resolve_model(self.redis, self.keys.models, self.settings.model,
+                                   options.model)
+        jobs.check_dimensions(options, info)
+        return info
+
+    async def writer(self, options: JobOptions, owner: str = "") -> jobs.JobWriter:
+        """A JobWriter for a streamed submission (validate options first)."""
+        info = await self.model(options)
+        return jobs.JobWriter(self.redis, self.keys, self.settings, options, info, owner)
+
+    async def submit(
+        self, items: Iterable[Item], options: JobOptions, *,
+        owner: str = "", idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create and queue a job from validated items; returns the public job."""
+        writer = await self.writer(options, owner)
+        return await self.commit(writer, items, idempotency_key)
+
+    async def commit(
+        self, writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Feed `items` to `writer` (if given) and commit; honours an idempotency key."""
+        if idempotency_key:
+            existing = await jobs.claim_idempotency_key(
+                self.redis, self.keys, writer.owner, idempotency_key, writer.job_id,
+                IDEMPOTENCY_TTL_S)
+            if existing is not None:
+                await writer.abort()
+                return await self.job(existing)
+        try:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    await writer.add(item)
+            elif items is not None:
+                await writer.add_many(items)
+            record = await writer.commit()
+        except BaseException:
+            await writer.abort()
+            if idempotency_key:
+                await jobs.release_idempotency_key(self.redis, self.keys, writer.owner,
+                                                   idempotency_key)
+            raise
+        return jobs.public_job(record)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """A job's public status."""
+        return await jobs.get_job(self.redis, self.keys, job_id)
+
+    async def results(
+        self, job_id: str, cursor: str | None = None, limit: int = 100, encoding: str = "float"
+    ) -> dict[str, Any]:
+        """One page of results in index order."""
+        return await results.read_page(self.redis, self.keys, job_id, cursor, limit, encoding)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job; returns its status afterwards."""
+        return await jobs.cancel_job(self.redis, self.keys, self.settings, job_id)
+
+    def follow(
+        self, job_id: str, after: str | None = None, encoding: str = "float"
+    ) -> AsyncIterator[events.Event]:
+        """The job's events after `after`, until its end."""
+        return events.follow_job(self.redis, self.blocking, self.keys, job_id, after=after,
+                                 encoding=encoding, block_ms=self.settings.block_ms)
+
+    def follow_feed(self, after: str | None = None) -> AsyncIterator[events.Event]:
+        """The live feed after `after` (or from now), with periodic stats."""
+        return events.follow_feed(self.redis, self.blocking, self.keys, after=after,
+                                  stats_interval_s=self.settings.stats_interval_s)
+
+    async def ready(self) -> dict[str, Any]:
+        """Whether Redis answers and at least one worker is alive."""
+        await self.redis.ping()
+        workers = await live_workers(self.redis, self.keys)
+        return {"redis": True, "workers": len(workers)}
+
+    async def embed(
+        self, items: list[Item], options: JobOptions, *, owner: str = "",
+        on_progress: ProgressCallback | None = None, timeout_s: float | None = None,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Embed a few texts through the queue and wait: (job, rows in index order)."""
+        job = await self.submit(items, options, owner=owner)
+        rows: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(timeout_s or self.settings.embed_timeout_s):
+                async for event in self.follow(job["id"]):
+                    if event.name == "result":
+                        rows.extend(event.data)
+                    elif event.name == "progress" and on_progress is not None:
+                        await on_progress(event.data["done"] + event.data["failed"],
+                                          event.data["total"])
+                    elif event.name == "end":
+                        job = event.data
+        except TimeoutError:
+            await self.cancel(job["id"])
+            raise Unavailable("no worker finished the embedding in time; is a worker "
+                              "running for this model? (GET /readyz tells)") from None
+        rows.sort(key=lambda row: row["index"])
+        return job, rows
+
+    async def similarity(
+        self, query: str, candidates: list[str], options: JobOptions, *, owner: str = "",
+        on_progress: ProgressCallback | None = None,
+    ) -> list[dict[str, Any]]:
+        """Candidates ranked by cosine similarity to the query, best first."""
+        items = [Item(query), *(Item(text) for text in candidates)]
+        _, rows = await self.embed(items, options, owner=owner, on_progress=on_progress)
+        matrix = _matrix(rows)
+        scores = _cosine(matrix[1:], matrix[0])
+        order = np.argsort(-scores, kind="stable")
+        return [{"text": candidates[i], "index": int(i), "score": float(scores[i])}
+                for i in order]
+
+    async def search(
+        self, job_id: str, query: str, top_k: int = 10, *, owner: str = ""
+    ) -> list[dict[str, Any]]:
+        """The `top_k` inputs of a finished job nearest to `query`."""
+        record = await jobs.load_job(self.redis, self.keys, job_id)
+        if record["status"] != "completed":
+            raise JobNotFinished(f"job {job_id} is {record['status']}; search_job needs a "
+                                 "completed job (poll its status first)")
+        options = JobOptions(dimensions=int(record["dimensions"]), model=record["model"])
+        _, rows = await self.embed([Item(query)], options, owner=owner)
+        indexes, vectors = await results.read_vectors(self.redis, self.keys, job_id)
+        if not indexes:
+            return []
+        scores = _cosine(vectors, _matrix(rows)[0])
+        best = np.argsort(-scores, kind="stable")[:top_k]
+        chosen = [indexes[i] for i in best]
+        texts = await results.read_texts(self.redis, self.keys, job_id, chosen,
+                                         int(record["chunk_size"]))
+        return [{"index": indexes[i], "score": float(scores[i]), **texts.get(indexes[i], {})}
+                for i in best]
+
+
+def _matrix(rows: list[dict[str, Any]]) -> np.ndarray[Any, np.dtype[np.float32]]:
+    failed = [row["index"] for row in rows if row.get("embedding") is None]
+    if failed:
+        raise InvalidInput(f"inputs {failed} could not be embedded: {rows[failed[0]]['error']}")
+    return np.vstack([np.asarray(row["embedding"], dtype=np.float32) for row in rows])
+
+
+def _cosine(
+    matrix: np.ndarray[Any, np.dtype[np.float32]], vector: np.ndarray[Any, np.dtype[np.float32]]
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(vector)
+    scores: np.ndarray[Any, np.dtype[np.float32]] = (matrix @ vector) / np.maximum(norms, 1e-12)
+    return scores
