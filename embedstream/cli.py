@@ -23,7 +23,8 @@ import typer
 from pipeline.settings import Settings
 
 app = typer.Typer(help="A streaming embedding pipeline on Redis Streams.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 logger = logging.getLogger("embedstream")
 
 RedisUrl = Annotated[str | None, typer.Option(

@@ -7,8 +7,8 @@ share of them.
 
 from __future__ import annotations
 
-import redis.exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -27,7 +27,7 @@ async def readyz(request: Request) -> Response:
     """200 when Redis answers and at least one worker is alive, else 503."""
     try:
         state = await pipeline_of(request).ready()
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (RedisError, OSError) as exc:
         return json_response({"status": "unavailable", "redis": False, "workers": 0,
                               "error": f"Redis unreachable: {exc}"}, 503)
     ready = state["workers"] > 0

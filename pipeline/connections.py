@@ -9,14 +9,21 @@ hung server is noticed.
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 COMMAND_TIMEOUT_S = 10.0
 
+# redis-py types every reply as a union over `decode_responses`; with bytes
+# replies pinned here, code reads replies as bytes and decodes where it reads
+# them, so the client is typed loosely at this one boundary.
+RedisClient: TypeAlias = Any
 
-def connect(url: str, *, blocking: bool = False, max_connections: int = 512) -> aioredis.Redis:
+
+def connect(url: str, *, blocking: bool = False, max_connections: int = 512) -> RedisClient:
     """A pooled asyncio client for `url`; `blocking=True` for BLOCK reads."""
     return aioredis.Redis.from_url(
         url,

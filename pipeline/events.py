@@ -26,8 +26,7 @@ from pipeline.results import read_chunk_rows
 from pipeline.stats import StatsSampler
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
 
 STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
@@ -54,7 +53,7 @@ def check_event_id(value: str | None) -> str:
 
 
 async def follow_job(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys, job_id: str,
+    redis: RedisClient, blocking: RedisClient, keys: Keys, job_id: str,
     *, after: str | None = None, encoding: str = "float", block_ms: int = 2000,
 ) -> AsyncIterator[Event]:
     """The job's result, progress and end events after `after`, until the end."""
@@ -88,14 +87,14 @@ async def follow_job(
                 return
 
 
-async def last_feed_id(redis: aioredis.Redis, keys: Keys) -> str:
+async def last_feed_id(redis: RedisClient, keys: Keys) -> str:
     """The id of the newest feed event, or "0" when there is none."""
     newest = await redis.xrevrange(keys.feed, count=1)
     return newest[0][0].decode() if newest else "0"
 
 
 async def follow_feed(
-    redis: aioredis.Redis, blocking: aioredis.Redis, keys: Keys,
+    redis: RedisClient, blocking: RedisClient, keys: Keys,
     *, after: str | None = None, stats_interval_s: float = 2.0,
 ) -> AsyncIterator[Event]:
     """Feed events after `after` (or from now), with a `stats` event every interval."""

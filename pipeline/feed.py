@@ -13,10 +13,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ EVENT_TYPES = (
 
 
 async def publish(
-    redis: aioredis.Redis, keys: Keys, event: str, data: dict[str, Any], *, maxlen: int = 10_000
+    redis: RedisClient, keys: Keys, event: str, data: dict[str, Any], *, maxlen: int = 10_000
 ) -> None:
     """Append one event to the feed; never raises for a Redis hiccup."""
     try:
@@ -43,7 +43,7 @@ async def publish(
             maxlen=maxlen,
             approximate=True,
         )
-    except redis.exceptions.RedisError:
+    except RedisError:
         logger.warning("could not publish %s to the feed", event, exc_info=True)
 
 

@@ -27,8 +27,7 @@ from pipeline.errors import InvalidInput, InvalidJobId, JobNotFound, PayloadTooL
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.inputs import Item, JobOptions
     from pipeline.keys import Keys
     from pipeline.models import ModelInfo
@@ -82,7 +81,7 @@ def pack_chunk(items: list[Item]) -> bytes:
 class JobWriter:
     """Writes a job's inputs chunk by chunk, then commits the job and queues it."""
 
-    redis: aioredis.Redis
+    redis: RedisClient
     keys: Keys
     settings: Settings
     options: JobOptions
@@ -191,7 +190,7 @@ def check_dimensions(options: JobOptions, model: ModelInfo) -> None:
         )
 
 
-async def load_job(redis: aioredis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+async def load_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:
     """The raw job record (decoded strings), or JobNotFound."""
     raw = await redis.hgetall(keys.job(check_job_id(job_id)))
     if not raw:
@@ -216,13 +215,13 @@ def public_job(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def get_job(redis: aioredis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+async def get_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:
     """The public view of a job."""
     return public_job(await load_job(redis, keys, job_id))
 
 
 async def cancel_job(
-    redis: aioredis.Redis, keys: Keys, settings: Settings, job_id: str
+    redis: RedisClient, keys: Keys, settings: Settings, job_id: str
 ) -> dict[str, Any]:
     """Cancel a queued or running job; a finished job is left as it is."""
     check_job_id(job_id)
@@ -237,7 +236,7 @@ async def cancel_job(
 
 
 async def claim_idempotency_key(
-    redis: aioredis.Redis, keys: Keys, scope: str, key: str, job_id: str, ttl_s: int
+    redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, ttl_s: int
 ) -> str | None:
     """Bind an Idempotency-Key to job_id; return the job it already names, if any."""
     name = keys.idempotency(scope, key)
@@ -247,6 +246,6 @@ async def claim_idempotency_key(
     return existing.decode() if existing else None
 
 
-async def release_idempotency_key(redis: aioredis.Redis, keys: Keys, scope: str, key: str) -> None:
+async def release_idempotency_key(redis: RedisClient, keys: Keys, scope: str, key: str) -> None:
     """Forget a key whose job was rejected, so a corrected retry can use it."""
     await redis.delete(keys.idempotency(scope, key))

@@ -26,8 +26,7 @@ from pipeline.errors import InvalidCursor
 from pipeline.jobs import TERMINAL, load_job, now_iso
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
 
 MAX_PAGE = 1000
@@ -179,7 +178,7 @@ def parse_cursor(cursor: str | None, total: int) -> int:
 
 
 async def read_page(
-    redis: aioredis.Redis, keys: Keys, job_id: str,
+    redis: RedisClient, keys: Keys, job_id: str,
     cursor: str | None = None, limit: int = 100, encoding: str = "float",
 ) -> dict[str, Any]:
     """One page of a job's results in index order, from `cursor`.
@@ -214,7 +213,7 @@ async def read_page(
 
 
 async def read_chunk_rows(
-    redis: aioredis.Redis, keys: Keys, job_id: str, chunk: int, chunk_size: int, encoding: str
+    redis: RedisClient, keys: Keys, job_id: str, chunk: int, chunk_size: int, encoding: str
 ) -> list[dict[str, Any]]:
     """The results of one committed chunk (empty if it has expired)."""
     vec, meta = await redis.hmget(keys.vectors(job_id), [f"v:{chunk}", f"m:{chunk}"])
@@ -224,7 +223,7 @@ async def read_chunk_rows(
 
 
 async def read_vectors(
-    redis: aioredis.Redis, keys: Keys, job_id: str
+    redis: RedisClient, keys: Keys, job_id: str
 ) -> tuple[list[int], np.ndarray[Any, np.dtype[np.float32]]]:
     """Every stored vector of a job with its index (failed inputs left out)."""
     record = await load_job(redis, keys, job_id)
@@ -248,7 +247,7 @@ async def read_vectors(
 
 
 async def read_texts(
-    redis: aioredis.Redis, keys: Keys, job_id: str, indexes: list[int], chunk_size: int
+    redis: RedisClient, keys: Keys, job_id: str, indexes: list[int], chunk_size: int
 ) -> dict[int, dict[str, Any]]:
     """The inputs (text, id, metadata) at some indexes of a job."""
     chunks = sorted({i // chunk_size for i in indexes})

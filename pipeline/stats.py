@@ -10,15 +10,16 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ResponseError
+
 from pipeline.keys import GROUP, LANES
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
 
 
-async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[str]:
+async def live_workers(redis: RedisClient, keys: Keys) -> list[str]:
     """Ids of workers whose heartbeat has not expired."""
     worker_ids = [w.decode() for w in await redis.hkeys(keys.workers)]
     if not worker_ids:
@@ -30,11 +31,11 @@ async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[str]:
     return [w for w, ok in zip(worker_ids, alive, strict=True) if ok]
 
 
-async def lane_depth(redis: aioredis.Redis, stream: str) -> tuple[int, int]:
+async def lane_depth(redis: RedisClient, stream: str) -> tuple[int, int]:
     """(waiting, in progress) entries of one queue stream."""
     try:
         groups = await redis.xinfo_groups(stream)
-    except redis.exceptions.ResponseError:  # no such stream yet
+    except ResponseError:  # no such stream yet
         return 0, 0
     for group in groups:
         if group["name"] in (GROUP, GROUP.encode()):
@@ -44,7 +45,7 @@ async def lane_depth(redis: aioredis.Redis, stream: str) -> tuple[int, int]:
     return int(await redis.xlen(stream)), 0
 
 
-async def queue_depth(redis: aioredis.Redis, keys: Keys) -> dict[str, int]:
+async def queue_depth(redis: RedisClient, keys: Keys) -> dict[str, int]:
     """Chunks waiting and in progress over every model's lanes."""
     models = [m.decode() for m in await redis.hkeys(keys.models)]
     waiting = in_progress = 0
@@ -59,7 +60,7 @@ async def queue_depth(redis: aioredis.Redis, keys: Keys) -> dict[str, int]:
 class StatsSampler:
     """Computes a stats snapshot, with texts/s since the previous sample."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self._last: tuple[float, int] | None = None

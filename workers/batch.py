@@ -23,8 +23,7 @@ from pipeline.jobs import TERMINAL
 from pipeline.results import ChunkResult
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.embedder import Embedder
     from pipeline.keys import Keys
 
@@ -70,7 +69,7 @@ def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None)
 
 
 async def load_work(
-    redis: aioredis.Redis, keys: Keys, entries: list[Entry]
+    redis: RedisClient, keys: Keys, entries: list[Entry]
 ) -> tuple[list[Work], list[Entry]]:
     """Fetch texts and options; return (work to do, entries to just ack)."""
     async with redis.pipeline(transaction=False) as pipe:

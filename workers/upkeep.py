@@ -26,15 +26,14 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.exceptions
+from redis.exceptions import RedisError, ResponseError
 
 from pipeline import feed
 from pipeline.keys import GROUP
 from workers.batch import Entry, parse_entry
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
     from pipeline.models import ModelInfo
     from pipeline.settings import Settings
@@ -48,7 +47,7 @@ RECLAIM_COUNT = 64
 class Upkeep:
     """Heartbeat, lease renewal, reclaiming and cleanup for one worker."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, settings: Settings, worker_id: str,
+    def __init__(self, redis: RedisClient, keys: Keys, settings: Settings, worker_id: str,
                  model: ModelInfo, streams: tuple[str, ...]) -> None:
         self.redis = redis
         self.keys = keys
@@ -66,7 +65,7 @@ class Upkeep:
             try:
                 # At 0, not $: a group made after jobs were queued must still see them.
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except redis.exceptions.ResponseError as exc:
+            except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
         info = {"id": self.worker_id, "model": self.model.name, "host": socket.gethostname(),
@@ -80,7 +79,7 @@ class Upkeep:
 
     async def deregister(self) -> None:
         """Leave cleanly: drop the heartbeat and the worker entry, say goodbye."""
-        with contextlib.suppress(redis.exceptions.RedisError):
+        with contextlib.suppress(RedisError):
             await self.redis.delete(self.keys.heartbeat(self.worker_id))
             if await self.redis.hdel(self.keys.workers, self.worker_id):
                 await feed.publish(self.redis, self.keys, "worker.down",
@@ -106,7 +105,7 @@ class Upkeep:
                     self._next_janitor = time.monotonic() + JANITOR_EVERY_S
                     await self.sweep_dead_workers()
                     await self.trim_queues()
-            except redis.exceptions.RedisError:
+            except RedisError:
                 logger.warning("upkeep failed; retrying", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
@@ -187,7 +186,7 @@ class Upkeep:
     async def _consumers(self, stream: str) -> list[dict[str, Any]]:
         try:
             consumers: list[dict[str, Any]] = await self.redis.xinfo_consumers(stream, GROUP)
-        except redis.exceptions.ResponseError:
+        except ResponseError:
             return []
         return consumers
 

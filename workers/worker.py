@@ -27,7 +27,7 @@ import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-import redis.exceptions
+from redis.exceptions import ConnectionError, TimeoutError
 
 from pipeline import feed
 from pipeline.connections import connect
@@ -44,8 +44,7 @@ from workers.batch import (
 from workers.upkeep import Upkeep
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from pipeline.connections import RedisClient
     from pipeline.embedder import Embedder
     from pipeline.results import ChunkResult
     from pipeline.settings import Settings
@@ -68,8 +67,8 @@ class Worker:
         self.keys = Keys(settings.key_prefix)
         self.worker_id = worker_id or new_worker_id()
         self.streams = self.keys.queues(self.model)
-        self.redis: aioredis.Redis | None = None
-        self.blocking: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
+        self.blocking: RedisClient | None = None
         self.upkeep: Upkeep | None = None
         self.texts_done = 0
 
@@ -102,7 +101,7 @@ class Worker:
                 entries = await self._claim(stop)
                 if entries:
                     await self.process(entries)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            except (ConnectionError, TimeoutError):
                 logger.warning("lost Redis; retrying in 1s", exc_info=True)
                 await _wait(stop, 1.0)
             except Exception:

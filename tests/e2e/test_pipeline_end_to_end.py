@@ -1,0 +1,151 @@
+"""The whole pipeline through real processes and sockets, with the real model.
+
+One server and two workers run for the module against a Valkey of their own;
+each test submits its jobs over REST and reads results over SSE, as a client
+would.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from processes import Process, start_server, start_worker, wait_for_workers
+from scipy.stats import spearmanr
+from sse_client import read_events
+
+from pipeline.embedded import EmbeddedRedis
+
+STS = Path(__file__).resolve().parents[3] / "shared" / "data" / "stsbenchmark"
+
+pytestmark = pytest.mark.slow
+
+
+def sts_pairs(split: str) -> tuple[list[str], list[str], list[float]]:
+    """(sentence1s, sentence2s, gold scores) of an STS-B split."""
+    first, second, scores = [], [], []
+    with (STS / f"sts-{split}.csv").open(encoding="utf-8") as handle:
+        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            first.append(row[5])
+            second.append(row[6])
+            scores.append(float(row[4]))
+    return first, second, scores
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server and two workers on a Valkey of their own; yields the base URL."""
+    root = tmp_path_factory.mktemp("stack")
+    processes: list[Process] = []
+    with EmbeddedRedis(root / "redis", binary="valkey") as redis_server:
+        try:
+            processes += [start_worker(redis_server.url, root, name) for name in ("a", "b")]
+            server, base = start_server(redis_server.url, root)
+            processes.append(server)
+            wait_for_workers(base, 2)
+            yield base
+        finally:
+            for process in processes:
+                process.stop()
+
+
+def submit(base: str, inputs: list[Any], **options: Any) -> str:
+    reply = httpx.post(f"{base}/v1/jobs", json={"inputs": inputs, **options}, timeout=60)
+    assert reply.status_code == 202, reply.text
+    return str(reply.json()["id"])
+
+
+def stream_results(
+    base: str, job_id: str, after: str | None = None, stop_after: int | None = None
+) -> tuple[dict[int, list[float]], list[str], dict[str, Any] | None, str | None]:
+    """Read a job's SSE stream: (rows by index, event names, end data, last event id)."""
+    rows: dict[int, list[float]] = {}
+    names: list[str] = []
+    end = None
+    last_id = None
+    headers = {"Last-Event-ID": after} if after else {}
+    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=headers,
+                      timeout=httpx.Timeout(10, read=120)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in read_events(response):
+            names.append(event.event)
+            last_id = event.id
+            if event.event == "result":
+                for row in event.data:
+                    assert row["index"] not in rows, f"index {row['index']} delivered twice"
+                    rows[row["index"]] = row["embedding"]
+                if stop_after is not None and len(rows) >= stop_after:
+                    break  # drop the connection mid-job
+            elif event.event == "end":
+                end = event.data
+    return rows, names, end, last_id
+
+
+def test_sts_dev_through_the_pipeline_matches_direct_encoding(stack: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.models import bundled_model_dir
+
+    first, second, gold = sts_pairs("dev")
+    texts = first + second
+    job_id = submit(stack, texts)
+    rows, names, end, _ = stream_results(stack, job_id)
+
+    assert end is not None and end["status"] == "completed" and end["done"] == len(texts)
+    assert names[-1] == "end" and "progress" in names
+    assert sorted(rows) == list(range(len(texts)))
+    got = np.array([rows[i] for i in range(len(texts))], dtype=np.float32)
+    direct = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(texts)
+    cosine = (got * direct).sum(1) / (np.linalg.norm(got, axis=1) *
+                                      np.linalg.norm(direct, axis=1))
+    assert cosine.min() >= 0.99999
+
+    def sts_spearman(vectors: np.ndarray[Any, Any]) -> float:
+        a, b = vectors[: len(first)], vectors[len(first):]
+        sims = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        return float(spearmanr(sims, gold).statistic)
+
+    assert abs(sts_spearman(got) - sts_spearman(direct)) <= 0.0005
+
+
+def test_two_workers_deliver_every_index_of_a_4000_text_job_exactly_once(stack: str) -> None:
+    first, second, _ = sts_pairs("train")
+    texts = (first + second)[:4000]
+    job_id = submit(stack, texts)
+    rows, _, end, _ = stream_results(stack, job_id)
+    assert end is not None and end["status"] == "completed"
+    assert sorted(rows) == list(range(4000))
+    page_indexes: list[int] = []
+    cursor = None
+    while True:
+        params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = httpx.get(f"{stack}/v1/jobs/{job_id}/results", params=params, timeout=30).json()
+        page_indexes += [r["index"] for r in page["results"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert page_indexes == list(range(4000))
+
+
+def test_sse_client_resuming_with_last_event_id_gets_the_rest_exactly_once(stack: str) -> None:
+    first, _, _ = sts_pairs("train")
+    texts = first[:1500]
+    job_id = submit(stack, texts)
+    before, _, end, last_id = stream_results(stack, job_id, stop_after=200)
+    assert end is None and last_id is not None
+    after, names, end, _ = stream_results(stack, job_id, after=last_id)
+    assert end is not None and names[-1] == "end"
+    assert not set(before) & set(after), "a resumed stream repeated results"
+    assert sorted({*before, *after}) == list(range(len(texts)))
+
+    # ?after= resumes the same way, and after the end event only `end` remains.
+    again, _, _, end_id = stream_results(stack, job_id, after=last_id)
+    assert set(again) == set(after)
+    rest, names, end, _ = stream_results(stack, job_id, after=end_id)
+    assert rest == {} and names == ["end"] and end is not None
