@@ -9,12 +9,14 @@ output).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,8 +91,32 @@ async def _serve(settings: Settings, log_level: str) -> None:
 
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    await server.serve()
+    await _server_class()(config).serve()
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, minus re-raising the stop signal after shutdown.
+
+        uvicorn re-raises SIGINT/SIGTERM once it has shut down; under SIGTERM
+        that kills the process before `up` stops its workers and the embedded
+        server. Here a signal only asks the server to exit, and the caller's
+        cleanup runs.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 @app.command()

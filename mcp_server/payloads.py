@@ -58,7 +58,7 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest(f"unsupported Content-Type {kind!r}: send application/json, "
                              "or application/x-ndjson for line-delimited uploads")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
         raise PayloadTooLarge(f"JSON bodies are limited to {MAX_JSON_BYTES} bytes; "
                               "upload large jobs as application/x-ndjson")
     raw = await request.body()
@@ -106,7 +106,8 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # isascii: str.isdigit() accepts digits such as "²" that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20 or not low <= int(raw) <= high:
         raise InvalidRequest(f"query parameter '{name}' must be an integer from {low} to {high}")
     return int(raw)
 

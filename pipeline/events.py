@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from pipeline.connections import RedisClient
     from pipeline.keys import Keys
 
-STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
+MAX_ID_PART = 2**64 - 1
 READ_COUNT = 64
 
 
@@ -46,7 +47,10 @@ def check_event_id(value: str | None) -> str:
     """A resume cursor must be a stream id (`<ms>-<seq>`); None means from the start."""
     if value is None or value == "":
         return "0"
-    if not STREAM_ID.match(value):
+    # ASCII digits only and each part within Redis's 64 bits: anything else
+    # would pass here and then fail inside XREAD, after the stream opened.
+    if not STREAM_ID.fullmatch(value) or any(
+            int(part) > MAX_ID_PART for part in value.split("-")):
         raise InvalidCursor(f"malformed event id {value[:40]!r}: expected '<ms>-<seq>' "
                             "as sent in an event's id field")
     return value

@@ -58,7 +58,7 @@ def new_job_id() -> str:
 
 def check_job_id(job_id: str) -> str:
     """Return the id if it is well formed, else raise InvalidJobId."""
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):  # fullmatch: `$` would let a trailing newline in
         raise InvalidJobId(f"malformed job id {job_id[:80]!r}: expected 32 hex characters")
     return job_id
 

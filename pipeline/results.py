@@ -172,7 +172,8 @@ def parse_cursor(cursor: str | None, total: int) -> int:
     """A results cursor is the next input index, as a decimal string."""
     if cursor is None or cursor == "":
         return 0
-    if not cursor.isdigit() or int(cursor) > total:
+    # isascii: str.isdigit() accepts digits such as "²" that int() refuses.
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 20 or int(cursor) > total:
         raise InvalidCursor(f"malformed cursor {cursor[:40]!r}: use the next_cursor of a page")
     return int(cursor)
 

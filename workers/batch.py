@@ -98,8 +98,9 @@ async def embed_work(embedder: Embedder, work: list[Work]) -> None:
     try:
         embedded = await asyncio.to_thread(embedder.embed, texts)
     except Exception:
-        if len(work) == 1 and len(texts) == 1:
-            raise
+        # Even a batch of one text goes on to `_embed_texts_alone`, which records
+        # the failure on that text: re-raising would leave the entry pending, to be
+        # redelivered until given up on with a misleading "worker stopped" reason.
         logger.exception("batch of %d texts failed; retrying piece by piece", len(texts))
         await _embed_apart(embedder, work)
         return

@@ -1,0 +1,132 @@
+"""The MCP server: the pipeline's tools and job resources for AI agents, on three transports.
+
+    Streamable HTTP   /mcp                 mcp_routes() + mcp_lifespan() in the host app
+    legacy HTTP+SSE   /sse, /sse/messages/ mcp_routes(); for clients older than Streamable HTTP
+    stdio             `embedstream mcp`    run_stdio()
+
+All three serve one `MCPServer` per process, which calls the process's
+`Pipeline`; every process reaches the same Redis, so a job submitted over one
+transport (or REST) is visible on the others.
+
+Deliberate choices, so nobody "fixes" them:
+
+- The host app's lifespan must enter `mcp_lifespan()`, which runs the
+  Streamable HTTP session manager (the SDK fails the first request with
+  "Task group is not initialized" otherwise) and, with it, the job-update
+  relay. `mcp_routes()` must be called first: it creates the manager.
+- Host and Origin are checked by `HostGuard` from the settings; the SDK's
+  own check is switched off on both transports so there is one policy.
+  Bearer API keys are the host app's middleware's business; stdio has none.
+- Legacy SSE sessions live in the process that opened them: several server
+  replicas need sticky routing for /sse. Streamable HTTP at the current
+  protocol revision is stateless per request and needs nothing of the kind.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import orjson
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from mcp_server.host_guard import HostGuard, HostPolicy
+from mcp_server.job_updates import JOB_URI_TEMPLATE, JobUpdates
+from mcp_server.tool_descriptions import INSTRUCTIONS
+from mcp_server.tools import AgentTools
+from pipeline.embedded import redis_for
+from pipeline.errors import InvalidJobId, JobNotFound, PipelineError
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+
+MCP_PATH = "/mcp"
+SSE_PATH = "/sse"
+SSE_MESSAGES_PATH = "/sse/messages/"
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# Host and Origin are checked by HostGuard; the SDK still checks Content-Type and body size.
+SDK_HOST_CHECK_OFF = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+
+
+def build_mcp(settings: Settings, get_pipeline: Callable[[], Pipeline]) -> MCPServer[Any]:
+    """The MCP server: tools, the job resource template, and job-update subscriptions."""
+    updates = JobUpdates(get_pipeline)
+    mcp: MCPServer[Any] = MCPServer(
+        name="embedstream",
+        title="embedstream",
+        instructions=INSTRUCTIONS,
+        version=_version(),
+        lifespan=updates.running,
+        subscriptions=updates,
+    )
+    AgentTools(settings, get_pipeline).register(mcp)
+
+    @mcp.resource(JOB_URI_TEMPLATE, name="job", title="Embedding job",
+                  description="A job's status and progress as JSON (what job_status returns).",
+                  mime_type="application/json")
+    async def job_resource(job_id: str) -> str:
+        try:
+            job = await get_pipeline().job(job_id)
+        except (InvalidJobId, JobNotFound) as error:
+            raise ResourceNotFoundError(error.message) from error
+        except PipelineError as error:
+            raise ResourceError(f"{error.code}: {error.message}") from error
+        return orjson.dumps(job).decode()
+
+    return mcp
+
+
+def mcp_routes(mcp: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
+    """Routes for Streamable HTTP at /mcp and legacy SSE at /sse (messages at /sse/messages/)."""
+    guard = [Middleware(HostGuard, policy=HostPolicy.from_settings(settings))]
+    # Called for its side effect: it creates the session manager that mcp_lifespan runs.
+    mcp.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=SDK_HOST_CHECK_OFF,
+                            max_request_body_size=MAX_BODY_BYTES)
+    sse = mcp.sse_app(sse_path=SSE_PATH, message_path=SSE_MESSAGES_PATH,
+                      transport_security=SDK_HOST_CHECK_OFF, max_request_body_size=MAX_BODY_BYTES)
+    return [
+        Route(MCP_PATH, _StreamableHTTP(mcp), methods=["GET", "POST", "DELETE"],
+              middleware=guard),
+        # The SSE sub-app routes on the full path, which a Route (unlike a Mount) leaves as is.
+        Route(SSE_PATH, sse, methods=["GET"], middleware=guard),
+        Route(SSE_MESSAGES_PATH, sse, methods=["POST"], middleware=guard),
+    ]
+
+
+def mcp_lifespan(mcp: MCPServer[Any]) -> AbstractAsyncContextManager[None]:
+    """Run the Streamable HTTP session manager (and the job-update relay) in the host's lifespan."""
+    return mcp.session_manager.run()
+
+
+async def run_stdio(settings: Settings) -> None:
+    """Serve MCP over stdin/stdout (`embedstream mcp`), against the configured or embedded Redis."""
+    with redis_for(settings) as url:
+        pipeline = Pipeline(settings.replace(redis_url=url))
+        try:
+            await build_mcp(pipeline.settings, lambda: pipeline).run_stdio_async()
+        finally:
+            await pipeline.close()
+
+
+class _StreamableHTTP:
+    """The session manager as an ASGI app (a class: Starlette would wrap a function)."""
+
+    def __init__(self, mcp: MCPServer[Any]) -> None:
+        self.mcp = mcp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.mcp.session_manager.handle_request(scope, receive, send)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("embedstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+

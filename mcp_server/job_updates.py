@@ -1,0 +1,111 @@
+"""Telling MCP subscribers that a job resource changed.
+
+Jobs change in other processes (workers commit results, any server can
+cancel), and every change is on the pipeline's live feed. `JobUpdates` is
+the MCP server's subscription bus (the SDK's in-process one, plus a listener
+count): while at least one `subscriptions/listen` stream is open, a relay
+follows the feed and publishes `ResourceUpdated(embedstream://jobs/<id>)`
+for each job event; the SDK's listen handler forwards it to the streams
+that asked for that URI. With nobody listening the relay reads nothing.
+
+Deliberate choices, so nobody "fixes" them:
+
+- The relay runs inside the MCP server's lifespan, which the SDK enters once
+  for the Streamable HTTP session manager and once per stdio or legacy SSE
+  connection. Only the first entrant runs it (the session manager in the
+  HTTP app, which outlives every SSE connection); nested entries share it.
+- Only the 2026-07-28 `subscriptions/listen` flow is served. MCPServer has
+  no handler for the older `resources/subscribe`, so clients that negotiate
+  an earlier protocol revision poll `job_status` or re-read the resource.
+- The feed sends a `stats` event every couple of seconds, which is when the
+  relay notices that the last listener left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, cast
+
+import anyio
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, ServerEvent
+from redis.exceptions import RedisError
+
+from pipeline.errors import PipelineError
+from pipeline.events import Event
+from pipeline.service import Pipeline
+
+logger = logging.getLogger(__name__)
+
+JOB_URI_TEMPLATE = "embedstream://jobs/{job_id}"
+RETRY_S = 1.0
+
+
+def job_uri(job_id: str) -> str:
+    """The resource URI of a job."""
+    return JOB_URI_TEMPLATE.format(job_id=job_id)
+
+
+class JobUpdates(InMemorySubscriptionBus):
+    """The subscription bus, fed from the pipeline's live feed while anyone listens."""
+
+    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
+        super().__init__()
+        self._get_pipeline = get_pipeline
+        self._listeners_open = 0
+        self._wanted = anyio.Event()
+        self._relaying = False
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        """Register a listen stream's listener; the first one wakes the relay."""
+        unsubscribe = super().subscribe(listener)
+        self._listeners_open += 1
+        self._wanted.set()
+        done = False
+
+        def unsubscribe_once() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._listeners_open -= 1
+                unsubscribe()
+
+        return unsubscribe_once
+
+    @asynccontextmanager
+    async def running(self, _server: Any = None) -> AsyncIterator[None]:
+        """Run the relay for as long as this context is open (shared when nested)."""
+        if self._relaying:
+            yield
+            return
+        self._relaying = True
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._relay)
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            self._relaying = False
+
+    async def _relay(self) -> None:
+        while True:
+            await self._wanted.wait()
+            try:
+                await self._follow_feed()
+            except (PipelineError, RedisError):
+                logger.warning("job update relay lost the feed; retrying", exc_info=True)
+                await anyio.sleep(RETRY_S)
+            if self._listeners_open == 0:
+                self._wanted = anyio.Event()
+
+    async def _follow_feed(self) -> None:
+        feed = cast(AsyncGenerator[Event, None], self._get_pipeline().follow_feed())
+        async with aclosing(feed):
+            async for event in feed:
+                if event.name.startswith("job.") and isinstance(event.data, dict):
+                    await self.publish(ResourceUpdated(uri=job_uri(str(event.data.get("id")))))
+                if self._listeners_open == 0:
+                    return

@@ -1,0 +1,143 @@
+"""What the MCP tools take and return: argument annotations and output models.
+
+The output models become the tools' output schemas (the SDK derives them
+from the return annotations) and structured results are validated against
+them. Arguments whose rules carry a good error message in `pipeline.inputs`
+(texts, ids, option values) are typed loosely here and checked there, so an
+agent gets the same message as a REST client; the schemas still tell the
+agent the rules up front.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, WithJsonSchema
+
+TOP_K_MAX = 100
+RESULTS_PAGE_DEFAULT = 20
+
+JobId = Annotated[str, Field(description="The job_id submit_job returned (32 hex characters).")]
+Normalize = Annotated[bool, Field(description="L2-normalize each vector (cosine = dot product).")]
+Dimensions = Annotated[int | None, Field(
+    description="Keep only the first N dimensions (Matryoshka truncation, renormalized); "
+                "null for the model's full size.",
+    json_schema_extra={"minimum": 1})]
+Truncate = Annotated[bool, Field(
+    description="Cut texts longer than the model's token limit and mark them truncated; "
+                "false rejects such texts instead.")]
+Model = Annotated[str | None, Field(description="Model name; null for the server's default model.")]
+Encoding = Annotated[Literal["float", "base64"], Field(
+    description="'float': vectors as JSON number arrays. 'base64': each vector as base64 of "
+                "little-endian float32, about half the size; use it when you only pass vectors "
+                "on, to keep your context small.")]
+BulkInputs = Annotated[list[Any], WithJsonSchema({
+    "type": "array",
+    "minItems": 1,
+    "description": "The texts, in order. Each is a string or {\"id\": str, \"text\": str, "
+                   "\"metadata\": object}; id and metadata come back in results and searches.",
+    "items": {"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+            "text": {"type": "string", "minLength": 1},
+            "id": {"type": ["string", "null"], "maxLength": 256},
+            "metadata": {"type": ["object", "null"]},
+        }},
+    ]},
+})]
+IdempotencyKey = Annotated[str | None, Field(
+    description="Any string up to 255 characters; resubmitting with the same key returns the "
+                "job the first call created instead of a new one (safe retries).")]
+Cursor = Annotated[str | None, Field(
+    description="next_cursor of the previous page; null for the first page.")]
+Limit = Annotated[int, Field(description="Results per page, 1 to 1000.",
+                             json_schema_extra={"minimum": 1, "maximum": 1000})]
+TopK = Annotated[int, Field(description=f"How many inputs to return, 1 to {TOP_K_MAX}.",
+                            json_schema_extra={"minimum": 1, "maximum": TOP_K_MAX})]
+QueryText = Annotated[str, Field(description="The text to compare against.")]
+
+
+class Embeddings(BaseModel):
+    """Vectors for the given texts."""
+
+    model: str
+    dimensions: int
+    embeddings: list[list[float] | str] = Field(
+        description="One vector per input, in input order (base64 strings with encoding=base64).")
+    truncated: list[int] = Field(
+        description="Indexes of inputs cut at the model's token limit (empty if none).")
+
+
+class Match(BaseModel):
+    """One candidate and its cosine similarity to the query."""
+
+    text: str
+    index: int = Field(description="Position of the candidate in the candidates list.")
+    score: float = Field(description="Cosine similarity, -1 to 1.")
+
+
+class Ranking(BaseModel):
+    """Candidates ranked best first."""
+
+    matches: list[Match]
+
+
+class JobHandle(BaseModel):
+    """A queued job."""
+
+    job_id: str
+    total: int = Field(description="Number of inputs.")
+    status: str
+    resource: str = Field(description="The job's MCP resource URI (its status as JSON).")
+
+
+class JobStatus(BaseModel):
+    """A job's status and progress."""
+
+    id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    total: int
+    done: int = Field(description="Inputs embedded so far.")
+    failed: int = Field(description="Inputs that could not be embedded.")
+    model: str
+    dimensions: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class ResultRow(BaseModel):
+    """The result for one input."""
+
+    index: int
+    id: str | None
+    embedding: list[float] | str | None = Field(
+        description="The vector (base64 string with encoding=base64); null if the input failed.")
+    truncated: bool
+    error: str | None = None
+
+
+class ResultsPage(BaseModel):
+    """One page of results in input order."""
+
+    results: list[ResultRow]
+    next_cursor: str | None = Field(
+        description="Pass it as cursor for the next page; null when there are no more. While the "
+                    "job runs, a page ends at the first result not made yet.")
+
+
+class SearchHit(BaseModel):
+    """One input of the job and its similarity to the query."""
+
+    index: int
+    score: float = Field(description="Cosine similarity, -1 to 1.")
+    text: str | None = None
+    id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SearchHits(BaseModel):
+    """The job's inputs nearest to the query, best first."""
+
+    matches: list[SearchHit]

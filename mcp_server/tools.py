@@ -1,0 +1,289 @@
+"""The MCP tools: the pipeline for AI agents, one method per tool.
+
+Each tool validates with `pipeline.inputs`, calls the `Pipeline`, and returns
+a `CallToolResult` whose structured content matches the output model in its
+return annotation (the SDK publishes the schema and validates against it).
+Errors become MCP tool errors (`isError: true`) in one place, `tool_errors`:
+a `PipelineError` keeps its code and message, a lost Redis says so, and
+anything else is a bug the SDK logs and answers with a generic message.
+
+Deliberate choices, so nobody "fixes" them:
+
+- Results are built here rather than returned as models: the SDK would
+  render a model's text content as indented JSON (a line per float); here it
+  is compact JSON, the same data as the structured content, for clients that
+  read only text. Floats are written in float32's shortest form (see
+  `json_floats`), which nearly halves a reply full of vectors.
+- `embed`, `similarity` and `search_job` check first that a worker is alive,
+  so an agent hears "start a worker" at once instead of after the timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import numpy as np
+import orjson
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import Field
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mcp_server import tool_schemas as schema
+from mcp_server.auth import OWNER
+from mcp_server.job_updates import job_uri
+from mcp_server.tool_descriptions import DESCRIPTIONS
+from pipeline.errors import InvalidInput, PayloadTooLarge, PipelineError, Unavailable
+from pipeline.inputs import parse_item, parse_options
+from pipeline.results import MAX_PAGE
+from pipeline.service import Pipeline, ProgressCallback
+from pipeline.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+MAX_IDEMPOTENCY_KEY = 255
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+CREATES_JOB = ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                              idempotent_hint=False, open_world_hint=False)
+CANCELS_JOB = ToolAnnotations(read_only_hint=False, destructive_hint=True,
+                              idempotent_hint=True, open_world_hint=False)
+
+
+def tool_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Turn pipeline and Redis failures into MCP tool errors an agent can act on."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except PipelineError as error:
+            raise ToolError(f"{error.code}: {error.message}") from error
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise ToolError("unavailable: the server cannot reach Redis right now; "
+                            "retry in a moment") from error
+
+    return call
+
+
+def structured(data: dict[str, Any]) -> CallToolResult:
+    """A tool result carrying `data` as structured content and as compact JSON text."""
+    text = orjson.dumps(data).decode()
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
+
+
+class AgentTools:
+    """The tools, bound to the process's settings and Pipeline."""
+
+    def __init__(self, settings: Settings, get_pipeline: Callable[[], Pipeline]) -> None:
+        self.settings = settings
+        self.get_pipeline = get_pipeline
+
+    def register(self, mcp: MCPServer[Any]) -> None:
+        """Add every tool to `mcp`."""
+        tools: list[tuple[Callable[..., Any], str, ToolAnnotations]] = [
+            (self.embed, "Embed texts", READ_ONLY),
+            (self.similarity, "Rank texts by similarity", READ_ONLY),
+            (self.submit_job, "Submit a bulk embedding job", CREATES_JOB),
+            (self.job_status, "Job status", READ_ONLY),
+            (self.job_results, "Job results", READ_ONLY),
+            (self.search_job, "Search a job's inputs", READ_ONLY),
+            (self.cancel_job, "Cancel a job", CANCELS_JOB),
+        ]
+        limits = {"max_texts": self.settings.embed_max_texts,
+                  "max_inputs": self.settings.max_inputs, "top_k_max": schema.TOP_K_MAX,
+                  "page_max": MAX_PAGE, "page_default": schema.RESULTS_PAGE_DEFAULT}
+        for fn, title, hints in tools:
+            name = fn.__name__
+            mcp.add_tool(fn, name=name, title=title, annotations=hints,
+                         description=DESCRIPTIONS[name].format(**limits))
+
+    @tool_errors
+    async def embed(
+        self, ctx: Context[Any, Any],
+        inputs: Annotated[list[str], Field(description="The texts to embed, in order.")],
+        normalize: schema.Normalize = True, dimensions: schema.Dimensions = None,
+        truncate: schema.Truncate = True, model: schema.Model = None,
+        encoding: schema.Encoding = "float",
+    ) -> Annotated[CallToolResult, schema.Embeddings]:
+        """Embed a few texts through the queue and return their vectors."""
+        limit = self.settings.embed_max_texts
+        if len(inputs) > limit:
+            raise PayloadTooLarge(f"embed takes at most {limit} texts per call and got "
+                                  f"{len(inputs)}; use submit_job for bulk work")
+        items = [parse_item(text, i, max_chars=self.settings.max_text_chars)
+                 for i, text in enumerate(inputs)]
+        options = parse_options({"normalize": normalize, "dimensions": dimensions,
+                                 "truncate": truncate, "model": model})
+        pipeline = await self._pipeline_with_worker()
+        progress = _progress_reporter(ctx)
+        await progress(0, len(items))
+        job, rows = await pipeline.embed(items, options, owner=_owner(ctx), on_progress=progress)
+        vectors = _vectors(job, rows)
+        embeddings: list[Any] = (
+            json_floats(vectors) if encoding == "float"
+            else [base64.b64encode(row.tobytes()).decode() for row in vectors])
+        return structured({"model": job["model"], "dimensions": job["dimensions"],
+                           "embeddings": embeddings,
+                           "truncated": [row["index"] for row in rows if row["truncated"]]})
+
+    @tool_errors
+    async def similarity(
+        self, ctx: Context[Any, Any],
+        query: schema.QueryText,
+        candidates: Annotated[list[str], Field(description="The texts to rank.")],
+        dimensions: schema.Dimensions = None, truncate: schema.Truncate = True,
+        model: schema.Model = None,
+    ) -> Annotated[CallToolResult, schema.Ranking]:
+        """Rank candidates by cosine similarity to the query, best first."""
+        limit = self.settings.embed_max_texts - 1
+        if len(candidates) > limit:
+            raise PayloadTooLarge(f"similarity ranks at most {limit} candidates per call and "
+                                  f"got {len(candidates)}; for a larger collection use "
+                                  "submit_job, then search_job")
+        _check_texts("query", [query], self.settings.max_text_chars)
+        _check_texts("candidates", candidates, self.settings.max_text_chars)
+        options = parse_options({"dimensions": dimensions, "truncate": truncate, "model": model})
+        pipeline = await self._pipeline_with_worker()
+        progress = _progress_reporter(ctx)
+        await progress(0, len(candidates) + 1)
+        matches = await pipeline.similarity(query, candidates, options, owner=_owner(ctx),
+                                            on_progress=progress)
+        return structured({"matches": matches})
+
+    @tool_errors
+    async def submit_job(
+        self, ctx: Context[Any, Any],
+        inputs: schema.BulkInputs,
+        normalize: schema.Normalize = True, dimensions: schema.Dimensions = None,
+        truncate: schema.Truncate = True, model: schema.Model = None,
+        idempotency_key: schema.IdempotencyKey = None,
+    ) -> Annotated[CallToolResult, schema.JobHandle]:
+        """Queue a bulk job and return its id at once."""
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        max_chars = self.settings.max_text_chars
+        items = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
+        options = parse_options({"normalize": normalize, "dimensions": dimensions,
+                                 "truncate": truncate, "model": model})
+        job = await self.get_pipeline().submit(items, options, owner=_owner(ctx),
+                                               idempotency_key=idempotency_key)
+        return structured({"job_id": job["id"], "total": job["total"], "status": job["status"],
+                           "resource": job_uri(job["id"])})
+
+    @tool_errors
+    async def job_status(self, job_id: schema.JobId) -> Annotated[CallToolResult, schema.JobStatus]:
+        """A job's status and progress."""
+        return structured(await self.get_pipeline().job(job_id))
+
+    @tool_errors
+    async def job_results(
+        self, job_id: schema.JobId, cursor: schema.Cursor = None,
+        limit: schema.Limit = schema.RESULTS_PAGE_DEFAULT, encoding: schema.Encoding = "float",
+    ) -> Annotated[CallToolResult, schema.ResultsPage]:
+        """One page of a job's results, in input order."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be from 1 to {MAX_PAGE}, got {limit}")
+        page = await self.get_pipeline().results(job_id, cursor or None, limit, encoding)
+        rows = [_plain_row(row) for row in page["results"]]
+        return structured({"results": rows, "next_cursor": page["next_cursor"]})
+
+    @tool_errors
+    async def search_job(
+        self, ctx: Context[Any, Any], job_id: schema.JobId, query: schema.QueryText,
+        top_k: schema.TopK = 10,
+    ) -> Annotated[CallToolResult, schema.SearchHits]:
+        """The inputs of a completed job nearest to a query text."""
+        if not 1 <= top_k <= schema.TOP_K_MAX:
+            raise InvalidInput(f"top_k must be from 1 to {schema.TOP_K_MAX}, got {top_k}")
+        _check_texts("query", [query], self.settings.max_text_chars)
+        pipeline = self.get_pipeline()
+        if (await pipeline.job(job_id))["status"] == "completed":
+            # Only then is a worker needed (for the query); search() explains other states.
+            await self._require_worker(pipeline)
+        matches = await pipeline.search(job_id, query, top_k, owner=_owner(ctx))
+        return structured({"matches": matches})
+
+    @tool_errors
+    async def cancel_job(self, job_id: schema.JobId) -> Annotated[CallToolResult, schema.JobStatus]:
+        """Cancel a job; results already made stay readable."""
+        return structured(await self.get_pipeline().cancel(job_id))
+
+    async def _pipeline_with_worker(self) -> Pipeline:
+        pipeline = self.get_pipeline()
+        await self._require_worker(pipeline)
+        return pipeline
+
+    @staticmethod
+    async def _require_worker(pipeline: Pipeline) -> None:
+        if not (await pipeline.ready())["workers"]:
+            raise Unavailable("no worker is running, so nothing would embed these texts: start "
+                              "`embedstream up` (or `embedstream worker`) against this Redis, "
+                              "then retry")
+
+
+def _owner(ctx: Context[Any, Any]) -> str:
+    """The API-key owner the HTTP middleware put on the request ("" on stdio)."""
+    scope = getattr(ctx.request_context.request, "scope", None)
+    return str(scope.get(OWNER, "")) if isinstance(scope, dict) else ""
+
+
+def _progress_reporter(ctx: Context[Any, Any]) -> ProgressCallback:
+    """A progress callback that passes on increases only, so the client sees a rising count."""
+    last = -1
+
+    async def report(done: int, total: int) -> None:
+        nonlocal last
+        if done > last:
+            last = done
+            await ctx.report_progress(done, total, f"{done} of {total} texts embedded")
+
+    return report
+
+
+def _check_texts(field: str, texts: list[str], max_chars: int) -> None:
+    for i, text in enumerate(texts):
+        where = field if field == "query" else f"{field}[{i}]"
+        if not text.strip():
+            raise InvalidInput(f"{where} is empty or whitespace only; give it text")
+        if len(text) > max_chars:
+            raise InvalidInput(f"{where} has {len(text)} characters; the limit is {max_chars}")
+
+
+def _vectors(
+    job: dict[str, Any], rows: list[dict[str, Any]]
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The rows' vectors as one little-endian float32 matrix, or an error naming failed inputs."""
+    failed = [row for row in rows if row.get("embedding") is None]
+    if failed:
+        indexes = [row["index"] for row in failed]
+        raise InvalidInput(f"inputs {indexes[:20]} could not be embedded: {failed[0].get('error')}",
+                           indexes=indexes)
+    if job["status"] != "completed" or not rows:
+        raise Unavailable(f"the embedding job ended {job['status']} before every input was "
+                          "embedded; retry")
+    return np.vstack([row["embedding"] for row in rows]).astype("<f4", copy=False)
+
+
+def _plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row with its numpy vector as a list of floats."""
+    embedding = row["embedding"]
+    if isinstance(embedding, np.ndarray):
+        return {**row, "embedding": json_floats(embedding)}
+    return row
+
+
+def json_floats(vectors: np.ndarray[Any, np.dtype[np.float32]]) -> Any:
+    """float32 values as Python floats that print in float32's shortest form.
+
+    `tolist()` would print each as the float64 it widens to (0.10000000149011612
+    for 0.1), nearly doubling the JSON; these read back to the same float32.
+    """
+    return orjson.loads(orjson.dumps(np.ascontiguousarray(vectors),
+                                     option=orjson.OPT_SERIALIZE_NUMPY))
