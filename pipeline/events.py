@@ -68,13 +68,16 @@ async def follow_job(
     while True:
         reply = await blocking.xread({stream: cursor}, count=READ_COUNT, block=block_ms)
         if not reply:
-            # The end entry may lie at or before the cursor (a client resuming
-            # after it): a finished job with nothing newer ends here.
             record = await load_job(redis, keys, job_id)
-            if record["status"] in TERMINAL:
+            if record["status"] not in TERMINAL:
+                continue
+            # The job may have finished between the read and the status check:
+            # read once more, so its last results are not skipped.
+            reply = await redis.xread({stream: cursor}, count=READ_COUNT)
+            if not reply:
+                # Nothing after the cursor: the client resumed after `end`.
                 yield Event(cursor, "end", public_job(record))
                 return
-            continue
         for entry_id, fields in reply[0][1]:
             cursor = entry_id.decode()
             kind = fields[b"type"]

@@ -1,0 +1,77 @@
+"""A job that finishes while its follower's blocking read times out loses no result.
+
+The follower's XREAD times out, then the job's last chunk is committed and
+the job finishes, then the follower checks the status. The wrapper below
+makes that interleaving certain; Redis itself is real.
+"""
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.connections import connect
+from pipeline.events import follow_job
+from pipeline.inputs import Item, JobOptions
+from pipeline.jobs import JobWriter
+from pipeline.keys import Keys
+from pipeline.models import ModelInfo
+from pipeline.results import ChunkResult, queue_commit
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+KEYS = Keys("es")
+INFO = ModelInfo("fake-model", 4, 16)
+
+
+class FinishDuringTimeout:
+    """A blocking client whose first timed-out read lets the job finish meanwhile."""
+
+    def __init__(self, real: Any, finish: Any) -> None:
+        self.real = real
+        self.finish = finish
+        self.timeouts = 0
+
+    async def xread(self, streams: dict[str, str], **kwargs: Any) -> Any:
+        reply = await self.real.xread(streams, **{**kwargs, "block": 1})
+        if not reply and self.finish is not None:
+            self.timeouts += 1
+            finish, self.finish = self.finish, None
+            await finish()
+        return reply
+
+
+async def test_results_committed_between_a_read_timeout_and_the_status_check_are_delivered(
+    any_redis_url: str,
+) -> None:
+    redis = connect(any_redis_url)
+    try:
+        settings = Settings(redis_url=any_redis_url, chunk_size=2)
+        writer = JobWriter(redis, KEYS, settings, JobOptions(), INFO)
+        await writer.add_many(Item(f"text {i}") for i in range(4))
+        job_id = (await writer.commit())["id"]
+
+        async def commit(chunk: int) -> None:
+            result = ChunkResult(job_id, chunk, np.ones((2, 4), np.float32), [None, None],
+                                 [], {}, 4)
+            async with redis.pipeline(transaction=False) as pipe:
+                queue_commit(pipe, KEYS, result, 3600)
+                await pipe.execute()
+
+        async def finish() -> None:
+            await commit(1)
+
+        await commit(0)
+        blocking = FinishDuringTimeout(redis, None)
+        events = []
+        async for event in follow_job(redis, blocking, KEYS, job_id, block_ms=1):
+            events.append(event)
+            if event.name == "progress" and event.data["done"] == 2:
+                blocking.finish = finish  # the next read times out, then the job ends
+        indexes = [row["index"] for e in events if e.name == "result" for row in e.data]
+        assert blocking.timeouts == 1
+        assert indexes == [0, 1, 2, 3]
+        assert events[-1].name == "end" and events[-1].data["status"] == "completed"
+    finally:
+        await redis.aclose()
