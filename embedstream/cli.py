@@ -171,7 +171,8 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes to start")] =
 
     with redis_for(settings) as url:
         settings = settings.replace(redis_url=url)
-        children = [_spawn_worker(settings, log_level) for _ in range(workers)]
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        children = [_spawn_worker(settings, log_level, threads) for _ in range(workers)]
         try:
             base = f"http://{settings.host}:{settings.port}"
             typer.echo(f"redis:     {url}", err=True)
@@ -184,8 +185,11 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes to start")] =
             _stop_children(children)
 
 
-def _spawn_worker(settings: Settings, log_level: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EMBEDSTREAM_REDIS_URL": settings.redis_url or "",
+def _spawn_worker(settings: Settings, log_level: str, threads: str) -> subprocess.Popen[bytes]:
+    # Workers on one machine share its cores: without a thread cap each
+    # would start one compute thread per core and they would oversubscribe.
+    env = {"OMP_NUM_THREADS": threads, **os.environ,
+           "EMBEDSTREAM_REDIS_URL": settings.redis_url or "",
            "EMBEDSTREAM_MODEL": settings.model, "EMBEDSTREAM_BACKEND": settings.backend,
            "EMBEDSTREAM_DEVICE": settings.device}
     return subprocess.Popen([sys.executable, "-m", "embedstream", "worker",
