@@ -17,9 +17,10 @@ Deliberate choices, so nobody "fixes" them:
 - Host and Origin are checked by `HostGuard` from the settings; the SDK's
   own check is switched off on both transports so there is one policy.
   Bearer API keys are the host app's middleware's business; stdio has none.
-- Legacy SSE sessions live in the process that opened them: several server
-  replicas need sticky routing for /sse. Streamable HTTP at the current
-  protocol revision is stateless per request and needs nothing of the kind.
+- Legacy SSE sessions, and Streamable HTTP sessions of handshake-era clients
+  (Mcp-Session-Id), live in the process that opened them: several server
+  replicas need sticky routing for them. Requests at the 2026-07-28 revision
+  are stateless and need nothing of the kind.
 """
 
 from __future__ import annotations

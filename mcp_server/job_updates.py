@@ -98,6 +98,11 @@ class JobUpdates(InMemorySubscriptionBus):
             except (PipelineError, RedisError):
                 logger.warning("job update relay lost the feed; retrying", exc_info=True)
                 await anyio.sleep(RETRY_S)
+            except Exception:
+                # The relay shares a task group with every MCP session: a bug here
+                # must cost subscribers their updates, not end the sessions.
+                logger.exception("job update relay failed; retrying")
+                await anyio.sleep(RETRY_S)
             if self._listeners_open == 0:
                 self._wanted = anyio.Event()
 

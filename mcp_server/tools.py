@@ -40,7 +40,7 @@ from mcp_server.auth import OWNER
 from mcp_server.job_updates import job_uri
 from mcp_server.tool_descriptions import DESCRIPTIONS
 from pipeline.errors import InvalidInput, PayloadTooLarge, PipelineError, Unavailable
-from pipeline.inputs import parse_item, parse_options
+from pipeline.inputs import JobOptions, parse_item, parse_options
 from pipeline.results import MAX_PAGE
 from pipeline.service import Pipeline, ProgressCallback
 from pipeline.settings import Settings
@@ -114,6 +114,8 @@ class AgentTools:
     ) -> Annotated[CallToolResult, schema.Embeddings]:
         """Embed a few texts through the queue and return their vectors."""
         limit = self.settings.embed_max_texts
+        if not inputs:
+            raise InvalidInput("'inputs' is empty: give at least one text")
         if len(inputs) > limit:
             raise PayloadTooLarge(f"embed takes at most {limit} texts per call and got "
                                   f"{len(inputs)}; use submit_job for bulk work")
@@ -121,7 +123,7 @@ class AgentTools:
                  for i, text in enumerate(inputs)]
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
                                  "truncate": truncate, "model": model})
-        pipeline = await self._pipeline_with_worker()
+        pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(items))
         job, rows = await pipeline.embed(items, options, owner=_owner(ctx), on_progress=progress)
@@ -143,6 +145,8 @@ class AgentTools:
     ) -> Annotated[CallToolResult, schema.Ranking]:
         """Rank candidates by cosine similarity to the query, best first."""
         limit = self.settings.embed_max_texts - 1
+        if not candidates:
+            raise InvalidInput("'candidates' is empty: give at least one text to rank")
         if len(candidates) > limit:
             raise PayloadTooLarge(f"similarity ranks at most {limit} candidates per call and "
                                   f"got {len(candidates)}; for a larger collection use "
@@ -150,7 +154,7 @@ class AgentTools:
         _check_texts("query", [query], self.settings.max_text_chars)
         _check_texts("candidates", candidates, self.settings.max_text_chars)
         options = parse_options({"dimensions": dimensions, "truncate": truncate, "model": model})
-        pipeline = await self._pipeline_with_worker()
+        pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(candidates) + 1)
         matches = await pipeline.similarity(query, candidates, options, owner=_owner(ctx),
@@ -215,8 +219,10 @@ class AgentTools:
         """Cancel a job; results already made stay readable."""
         return structured(await self.get_pipeline().cancel(job_id))
 
-    async def _pipeline_with_worker(self) -> Pipeline:
+    async def _pipeline_with_worker(self, options: JobOptions) -> Pipeline:
+        """The Pipeline, once the options suit the model and a worker is alive."""
         pipeline = self.get_pipeline()
+        await pipeline.model(options)
         await self._require_worker(pipeline)
         return pipeline
 
