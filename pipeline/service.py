@@ -142,6 +142,11 @@ class Pipeline:
                                           event.data["total"])
                     elif event.name == "end":
                         job = event.data
+        except asyncio.CancelledError:
+            # The caller went away (an MCP client cancelled, an HTTP client
+            # hung up): its texts need not be embedded any more.
+            await asyncio.shield(self.cancel(job["id"]))
+            raise
         except TimeoutError:
             await self.cancel(job["id"])
             raise Unavailable("no worker finished the embedding in time; is a worker "
