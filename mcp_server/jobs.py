@@ -56,8 +56,17 @@ async def create_job(request: Request) -> Response:
         writer = await pipeline.writer(options, owner_of(request))
 
         async def items() -> AsyncIterator[Item]:
+            # Blank lines are skipped, so an input's index is its count of
+            # inputs before it, not its line number; errors name both.
+            index = 0
             async for line_no, value in ndjson_values(request):
-                yield parse_item(value, line_no - 1, max_chars=max_chars)
+                try:
+                    item = parse_item(value, index, max_chars=max_chars)
+                except InvalidInput as exc:
+                    raise InvalidInput(f"line {line_no}: {exc.message}", line=line_no,
+                                       **exc.detail) from None
+                index += 1
+                yield item
 
         job = await pipeline.commit(writer, items(), key)
     else:

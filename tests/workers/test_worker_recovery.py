@@ -27,7 +27,6 @@ from fakes import (
     expected_vector,
 )
 
-from pipeline.connections import connect
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
 from pipeline.models import DEFAULT_MODEL
@@ -162,7 +161,7 @@ async def assert_every_index_once(pipeline: Pipeline, job_id: str, texts: list[s
     assert kinds == {b"result": -(-len(texts) // chunk_size), b"end": 1}
 
 
-async def poll(check: Callable[[], Any], timeout_s: float = 10, what: str = "") -> Any:
+async def poll(check: Callable[[], Any], timeout_s: float = 10) -> Any:
     """Await `check()` until it returns something truthy, within a deadline."""
     with anyio.fail_after(timeout_s):
         while True:
@@ -290,8 +289,8 @@ async def test_a_worker_killed_mid_batch_is_recovered_by_another(
     finally:
         doomed_embedder.open()
     await assert_every_index_once(pipeline, job_id, texts)
-    assert Counter(survivor_embedder.embedded_texts) == Counter(texts)
-    assert set(in_hand) <= set(texts)
+    # The survivor redid the batch the dead worker held, and everything else, once each.
+    assert in_hand and Counter(survivor_embedder.embedded_texts) == Counter(texts)
 
 
 async def test_a_dead_worker_is_announced_once_by_its_survivors(
