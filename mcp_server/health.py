@@ -7,7 +7,10 @@ share of them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,11 +38,24 @@ async def readyz(request: Request) -> Response:
                          200 if ready else 503)
 
 
+class _TextsCounter:
+    """A counter whose value is read from Redis, not counted in this process."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("embedstream_texts_embedded",
+                                  "Texts embedded since the Redis data began", value=self.value)
+
+
 class Metrics:
-    """Prometheus gauges filled from Redis on each scrape."""
+    """Prometheus metrics filled from Redis on each scrape."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.texts = _TextsCounter()
+        self.registry.register(self.texts)
         self.gauges = {
             "queued_chunks": Gauge("embedstream_queued_chunks", "Chunks waiting in the queue",
                                    registry=self.registry),
@@ -47,9 +63,6 @@ class Metrics:
                                     "Chunks claimed by a worker, not yet acked",
                                     registry=self.registry),
             "workers": Gauge("embedstream_workers", "Live workers", registry=self.registry),
-            "texts_total": Gauge("embedstream_texts_embedded_total",
-                                 "Texts embedded since the Redis data began",
-                                 registry=self.registry),
             "texts_per_s": Gauge("embedstream_texts_per_second",
                                  "Texts embedded per second since the previous scrape",
                                  registry=self.registry),
@@ -63,7 +76,9 @@ async def metrics(request: Request) -> Response:
     pipeline = pipeline_of(request)
     if state.sampler is None:
         state.sampler = StatsSampler(pipeline.redis, pipeline.keys)
-    for name, value in (await state.sampler.sample()).items():
+    stats = await state.sampler.sample()
+    state.texts.value = stats.pop("texts_total")
+    for name, value in stats.items():
         state.gauges[name].set(value)
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 

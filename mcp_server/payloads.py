@@ -14,7 +14,7 @@ import orjson
 from starlette.requests import Request
 
 from mcp_server.auth import OWNER
-from pipeline.errors import InvalidInput, InvalidRequest, PayloadTooLarge
+from pipeline.errors import InvalidInput, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 
@@ -55,7 +55,7 @@ async def json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx naming what is wrong with it."""
     kind = media_type(request)
     if kind and kind != "application/json" and not kind.endswith("+json"):
-        raise InvalidRequest(f"unsupported Content-Type {kind!r}: send application/json, "
+        raise UnsupportedMediaType(f"unsupported Content-Type {kind!r}: send application/json, "
                              "or application/x-ndjson for line-delimited uploads")
     declared = request.headers.get("content-length")
     if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_JSON_BYTES:

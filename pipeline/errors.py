@@ -9,7 +9,9 @@
     ├── Unauthorized                 missing or wrong API key (401)
     ├── JobNotFound                  no such job, or it expired (404)
     ├── JobNotFinished               the operation needs a finished job (409)
+    ├── Conflict                     the same Idempotency-Key is being submitted now (409)
     ├── PayloadTooLarge              too many inputs or bytes (413)
+    ├── UnsupportedMediaType         a body type we do not read (415)
     └── Unavailable                  Redis unreachable, or no answer in time (503/504)
 
 The HTTP server maps these to status codes in one place (`mcp_server.errors`),
@@ -71,6 +73,16 @@ class JobNotFound(PipelineError):
 class JobNotFinished(PipelineError):
     code = "job_not_finished"
     status = 409
+
+
+class Conflict(PipelineError):
+    code = "conflict"
+    status = 409
+
+
+class UnsupportedMediaType(PipelineError):
+    code = "unsupported_media_type"
+    status = 415
 
 
 class PayloadTooLarge(PipelineError):

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline import events, jobs, results
 from pipeline.connections import connect
-from pipeline.errors import InvalidInput, JobNotFinished, Unavailable
+from pipeline.errors import Conflict, InvalidInput, JobNotFinished, JobNotFound, Unavailable
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
 from pipeline.models import ModelInfo, resolve_model
@@ -77,7 +77,12 @@ class Pipeline:
                 IDEMPOTENCY_TTL_S)
             if existing is not None:
                 await writer.abort()
-                return await self.job(existing)
+                try:
+                    return await self.job(existing)
+                except JobNotFound:
+                    raise Conflict(
+                        "a submission with this Idempotency-Key is still being written; "
+                        "retry in a moment to get its job") from None
         try:
             if isinstance(items, AsyncIterable):
                 async for item in items:

@@ -35,6 +35,7 @@ from pipeline.keys import GROUP, Keys
 from pipeline.results import parse_committed, queue_commit, queue_mark_started
 from workers.batch import (
     Entry,
+    Work,
     chunk_result,
     embed_work,
     failed_result,
@@ -144,22 +145,24 @@ class Worker:
         return entries
 
     async def process(self, entries: list[Entry]) -> None:
-        """Embed and commit one batch of claimed entries."""
+        """Embed and commit claimed entries, at most `batch_max_texts` texts a model call."""
         assert self.redis is not None and self.upkeep is not None
         work, skip = await load_work(self.redis, self.keys, entries)
         if skip:
             await self._ack(skip)
         if not work:
             return
-        started = time.perf_counter()
         await self._mark_started({w.entry.job_id for w in work})
-        with self.upkeep.leasing(w.entry for w in work):
-            await embed_work(self.embedder, work)
         max_seq = self.embedder.info.max_seq_length
-        await self.commit([chunk_result(w, max_seq) for w in work], [w.entry for w in work])
-        n = sum(len(w.texts) for w in work)
-        logger.info("embedded %d texts of %d chunks in %.3fs", n, len(work),
-                    time.perf_counter() - started)
+        with self.upkeep.leasing(w.entry for w in work):
+            for group in batches(work, self.settings.batch_max_texts):
+                started = time.perf_counter()
+                await embed_work(self.embedder, group)
+                await self.commit([chunk_result(w, max_seq) for w in group],
+                                  [w.entry for w in group])
+                logger.info("embedded %d texts of %d chunks in %.3fs",
+                            sum(len(w.texts) for w in group), len(group),
+                            time.perf_counter() - started)
 
     async def give_up(self, entries: list[Entry]) -> None:
         """Commit poison chunks as failed, so their jobs can still finish."""
@@ -167,8 +170,8 @@ class Worker:
         work, skip = await load_work(self.redis, self.keys, entries)
         if skip:
             await self._ack(skip)
-        reason = (f"gave up after {self.settings.max_deliveries} deliveries: "
-                  "a worker stopped while embedding this input each time")
+        reason = (f"gave up after {self.settings.max_deliveries} deliveries: no attempt to "
+                  "embed this input produced a result (a worker crashed or failed on it)")
         dims = self.embedder.info.dimensions
         logger.error("giving up on %d poison chunks", len(work))
         results = [failed_result(w, reason, w.dimensions or dims) for w in work]
@@ -217,6 +220,20 @@ class Worker:
             for job_id in job_ids:
                 queue_mark_started(pipe, self.keys, job_id)
             await pipe.execute()
+
+
+def batches(work: list[Work], max_texts: int) -> list[list[Work]]:
+    """Split chunks into model calls of at most `max_texts` texts (a chunk is never split)."""
+    groups: list[list[Work]] = []
+    size = 0
+    for item in work:
+        if groups and size + len(item.texts) <= max_texts:
+            groups[-1].append(item)
+            size += len(item.texts)
+        else:
+            groups.append([item])
+            size = len(item.texts)
+    return groups
 
 
 def _entries(reply: Any) -> list[Entry]:

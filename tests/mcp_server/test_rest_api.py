@@ -298,7 +298,7 @@ async def test_an_unsupported_content_type_is_refused(
 ) -> None:
     response = await client.post("/v1/jobs", content=b'{"inputs": ["a"]}',
                                  headers={"content-type": content_type})
-    error = assert_error(response, 400, None, "Content-Type")
+    error = assert_error(response, 415, "unsupported_media_type", "Content-Type")
     assert content_type.split(";")[0] in error["message"]
     await assert_nothing_queued(redis)
 
@@ -716,7 +716,7 @@ async def test_bad_embeddings_requests_are_4xx(
 
 async def test_embeddings_refuse_a_non_json_body(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/embeddings", content=b'"a"\n', headers=NDJSON)
-    assert_error(response, 400, None, "Content-Type")
+    assert_error(response, 415, "unsupported_media_type", "Content-Type")
     response = await client.post("/v1/embeddings", content=b'{"input": "caf\xe9"}',
                                  headers={"content-type": "application/json"})
     assert_error(response, 400, None, "malformed JSON")

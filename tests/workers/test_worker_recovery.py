@@ -236,10 +236,6 @@ async def test_the_fast_lane_is_read_before_the_bulk_lane(
     assert len(embedder.calls[0]) <= fast_settings.batch_max_texts
 
 
-@pytest.mark.xfail(strict=True, reason="Worker._claim reads the fast lane with COUNT "
-                   "batch_max_texts (a count of entries, each up to chunk_size texts) and the "
-                   "blocking read applies COUNT per stream, so a batch can hold far more than "
-                   "batch_max_texts texts")
 async def test_a_batch_never_holds_more_than_batch_max_texts(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:
