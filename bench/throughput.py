@@ -49,7 +49,9 @@ def direct(texts: list[str], model: Any) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
-def through_pipeline(texts: list[str], workers: int, root: Path) -> tuple[float, float]:
+def through_pipeline(
+    texts: list[str], workers: int, root: Path, encoding: str
+) -> tuple[float, float]:
     with EmbeddedRedis(root / "redis") as redis_server:
         procs = [start_worker(redis_server.url, root, str(i)) for i in range(workers)]
         server, base = start_server(redis_server.url, root)
@@ -65,6 +67,7 @@ def through_pipeline(texts: list[str], workers: int, root: Path) -> tuple[float,
             first = None
             count = 0
             with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events",
+                              params={"encoding": encoding},
                               timeout=httpx.Timeout(10, read=600)) as response:
                 for event in read_events(response):
                     if event.event == "result":
@@ -82,6 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--encoding", choices=["float", "base64"], default="float",
+                        help="how the SSE stream carries vectors")
     args = parser.parse_args()
     texts = sentences(args.texts)
     from sentence_transformers import SentenceTransformer
@@ -90,13 +95,14 @@ def main() -> None:
     model.encode(texts[:64])
     before = direct(texts, model)
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline_rate, first_s = through_pipeline(texts, args.workers, Path(tmp))
+        pipeline_rate, first_s = through_pipeline(texts, args.workers, Path(tmp), args.encoding)
     after = direct(texts, model)
     baseline = (before + after) / 2
     print(f"texts:                 {len(texts)} STS-B train sentences")
     print(f"direct encode:         {baseline:8.1f} texts/s  (baseline: mean of {before:.1f} "
           f"before and {after:.1f} after, same run)")
-    print(f"pipeline REST+SSE:     {pipeline_rate:8.1f} texts/s  ({args.workers} worker(s))")
+    print(f"pipeline REST+SSE:     {pipeline_rate:8.1f} texts/s  ({args.workers} worker(s), "
+          f"{args.encoding} vectors)")
     print(f"ratio pipeline/direct: {pipeline_rate / baseline:8.3f}")
     print(f"first result after:    {first_s * 1000:8.0f} ms")
 
