@@ -41,7 +41,7 @@ class Settings:
     max_inputs: int = 1_000_000
     max_text_chars: int = 100_000
     block_ms: int = 2_000
-    visibility_timeout_s: float = 60.0
+    visibility_timeout_s: float = 30.0
     max_deliveries: int = 3
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 15.0

@@ -149,3 +149,24 @@ def test_sse_client_resuming_with_last_event_id_gets_the_rest_exactly_once(stack
     assert set(again) == set(after)
     rest, names, end, _ = stream_results(stack, job_id, after=end_id)
     assert rest == {} and names == ["end"] and end is not None
+
+
+def test_the_official_openai_client_gets_the_same_vectors_as_rest(stack: str) -> None:
+    from openai import OpenAI
+
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply today."]
+    with OpenAI(base_url=f"{stack}/v1", api_key="unused", max_retries=0) as client:
+        # The client asks for base64 unless told otherwise, and decodes it itself.
+        default = client.embeddings.create(input=texts, model="all-MiniLM-L6-v2")
+        floats = client.embeddings.create(input=texts[0], model="all-MiniLM-L6-v2",
+                                          encoding_format="float", dimensions=128)
+    assert [d.index for d in default.data] == [0, 1]
+    assert default.usage.prompt_tokens > 0 and default.model == "all-MiniLM-L6-v2"
+    assert len(floats.data[0].embedding) == 128
+
+    job_id = submit(stack, texts)
+    rows, _, _, _ = stream_results(stack, job_id)
+    for i, item in enumerate(default.data):
+        assert np.allclose(item.embedding, rows[i], atol=1e-6)
+    truncated = np.asarray(rows[0][:128]) / np.linalg.norm(rows[0][:128])
+    assert np.allclose(floats.data[0].embedding, truncated, atol=1e-6)
