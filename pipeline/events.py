@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
 MAX_ID_PART = 2**64 - 1
 READ_COUNT = 64
+FEED_REPLAY = 100
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,22 @@ async def follow_job(
                 return
 
 
-async def last_feed_id(redis: RedisClient, keys: Keys) -> str:
-    """The id of the newest feed event, or "0" when there is none."""
-    newest = await redis.xrevrange(keys.feed, count=1)
-    return newest[0][0].decode() if newest else "0"
+async def feed_replay_start(redis: RedisClient, keys: Keys, replay: int) -> str:
+    """A cursor just before the newest `replay` feed events ("0" if there are fewer)."""
+    newest = await redis.xrevrange(keys.feed, count=replay + 1)
+    return newest[-1][0].decode() if len(newest) > replay else "0"
 
 
 async def follow_feed(
     redis: RedisClient, blocking: RedisClient, keys: Keys,
-    *, after: str | None = None, stats_interval_s: float = 2.0,
+    *, after: str | None = None, stats_interval_s: float = 2.0, replay: int = FEED_REPLAY,
 ) -> AsyncIterator[Event]:
-    """Feed events after `after` (or from now), with a `stats` event every interval."""
-    cursor = check_event_id(after) if after else await last_feed_id(redis, keys)
+    """Feed events after `after` (else the last `replay` ones), with `stats` every interval.
+
+    A dashboard that connects without a cursor is shown the recent past (the
+    jobs it would otherwise never see) before live events.
+    """
+    cursor = check_event_id(after) if after else await feed_replay_start(redis, keys, replay)
     sampler = StatsSampler(redis, keys)
     next_stats = 0.0
     while True:

@@ -170,3 +170,33 @@ def test_the_official_openai_client_gets_the_same_vectors_as_rest(stack: str) ->
         assert np.allclose(item.embedding, rows[i], atol=1e-6)
     truncated = np.asarray(rows[0][:128]) / np.linalg.norm(rows[0][:128])
     assert np.allclose(floats.data[0].embedding, truncated, atol=1e-6)
+
+
+def feed_until(base: str, job_id: str, headers: dict[str, str] | None = None) -> list[Any]:
+    """Live-feed events until `job_id` completes."""
+    seen = []
+    with httpx.stream("GET", f"{base}/v1/events", headers=headers or {},
+                      timeout=httpx.Timeout(10, read=60)) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in read_events(response):
+            seen.append(event)
+            if event.event == "job.completed" and event.data["id"] == job_id:
+                break
+    return seen
+
+
+def test_the_live_feed_shows_a_job_with_stats_and_resumes_without_repeats(stack: str) -> None:
+    job_id = submit(stack, [f"feed sentence {i}" for i in range(100)])
+    seen = feed_until(stack, job_id)
+    mine = [e for e in seen if e.event.startswith("job.") and e.data["id"] == job_id]
+    assert mine[0].event == "job.created" and mine[-1].event == "job.completed"
+    assert mine[-1].data["done"] == 100
+    stats = [e for e in seen if e.event == "stats"]
+    assert stats and stats[0].data["workers"] == 2
+    assert {"queued_chunks", "running_chunks", "texts_total", "texts_per_s"} <= set(stats[0].data)
+    assert all("embedding" not in str(e.data) for e in seen)
+
+    created = mine[0]
+    resumed = feed_until(stack, job_id, {"Last-Event-ID": created.id})
+    expected = [e.id for e in seen[seen.index(created) + 1:] if e.event != "stats"]
+    assert [e.id for e in resumed if e.event != "stats"] == expected
