@@ -55,12 +55,22 @@ class Upkeep:
         self.worker_id = worker_id
         self.model = model
         self.streams = streams
+        self.info = {"id": worker_id, "model": model.name, "host": socket.gethostname(),
+                     "pid": os.getpid(), "started_at": time.time()}
         self._leased: dict[str, set[bytes]] = {}
         self._next_reclaim = 0.0
         self._next_janitor = 0.0
 
     async def register(self) -> None:
         """Create the consumer groups, register the model and this worker, say hello."""
+        await self.create_groups()
+        await self.beat()
+        await feed.publish(self.redis, self.keys, "worker.up", self.info,
+                           maxlen=self.settings.feed_maxlen)
+        logger.info("worker %s up for model %s", self.worker_id, self.model.name)
+
+    async def create_groups(self) -> None:
+        """Create the queue streams' consumer group where it does not exist."""
         for stream in self.streams:
             try:
                 # At 0, not $: a group made after jobs were queued must still see them.
@@ -68,14 +78,6 @@ class Upkeep:
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        info = {"id": self.worker_id, "model": self.model.name, "host": socket.gethostname(),
-                "pid": os.getpid(), "started_at": time.time()}
-        await self.redis.hset(self.keys.models, self.model.name, self.model.to_json())
-        await self.redis.hset(self.keys.workers, self.worker_id, orjson.dumps(info))
-        await self.beat()
-        await feed.publish(self.redis, self.keys, "worker.up", info,
-                           maxlen=self.settings.feed_maxlen)
-        logger.info("worker %s up for model %s", self.worker_id, self.model.name)
 
     async def deregister(self) -> None:
         """Leave cleanly: drop the heartbeat and the worker entry, say goodbye."""
@@ -88,10 +90,20 @@ class Upkeep:
             await self._forget_consumer(self.worker_id)
         logger.info("worker %s down", self.worker_id)
 
-    async def beat(self) -> None:
-        """Refresh the heartbeat key."""
+    async def beat(self) -> bool:
+        """Refresh the heartbeat, and the worker and model entries; True if the entry was new.
+
+        Rewriting the entries each beat (not only at start) means a Redis that
+        lost its data, or a peer that took this worker for dead, learns again
+        within one beat who is alive and serving.
+        """
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        await self.redis.set(self.keys.heartbeat(self.worker_id), b"1", px=ttl_ms)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.heartbeat(self.worker_id), b"1", px=ttl_ms)
+            pipe.hset(self.keys.workers, self.worker_id, orjson.dumps(self.info))
+            pipe.hset(self.keys.models, self.model.name, self.model.to_json())
+            replies = await pipe.execute()
+        return bool(replies[1])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Heartbeat and lease renewal every interval; the janitor now and then."""
@@ -99,7 +111,10 @@ class Upkeep:
                        self.settings.visibility_timeout_s / 3)
         while not stop.is_set():
             try:
-                await self.beat()
+                if await self.beat():
+                    await feed.publish(self.redis, self.keys, "worker.up",
+                                       {**self.info, "reason": "back"},
+                                       maxlen=self.settings.feed_maxlen)
                 await self.renew_leases()
                 if time.monotonic() >= self._next_janitor:
                     self._next_janitor = time.monotonic() + JANITOR_EVERY_S

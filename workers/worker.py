@@ -27,7 +27,9 @@ import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import feed
 from pipeline.connections import connect
@@ -102,9 +104,17 @@ class Worker:
                 entries = await self._claim(stop)
                 if entries:
                     await self.process(entries)
-            except (ConnectionError, TimeoutError):
+            except (RedisConnectionError, RedisTimeoutError):
                 logger.warning("lost Redis; retrying in 1s", exc_info=True)
                 await _wait(stop, 1.0)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis lost its data (restarted without persistence, or flushed):
+                # make the groups again and carry on.
+                logger.warning("consumer groups are gone; creating them again")
+                assert self.upkeep is not None
+                await self.upkeep.create_groups()
             except Exception:
                 # A bug in one batch must not take the worker down: its entries
                 # stay pending and are retried, then given up on as poison.

@@ -581,3 +581,43 @@ async def test_two_survivors_sweeping_at_once_announce_a_dead_worker_once(
     assert downs == [{"id": "dead", "reason": "heartbeat expired"}]
     assert sorted(w.decode() for w in await client.hkeys(KEYS.workers)) == ["alive-1",
                                                                              "alive-2"]
+
+
+# Redis losing its data or restarting under a running worker
+
+
+async def test_a_worker_recovers_when_redis_loses_its_data(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    embedder = HashEmbedder(fast_settings)
+    async with running(fast_settings, embedder):
+        await pipeline.redis.flushall()  # groups, worker entries, models: all gone
+        with anyio.fail_after(10):
+            while not (await pipeline.ready())["workers"]:
+                await asyncio.sleep(0.05)
+        texts = texts_of(7, 10)
+        job_id = await submit(pipeline, texts)
+        end = await wait_end(pipeline, job_id)
+    assert end["status"] == "completed" and end["done"] == 10
+
+
+async def test_a_worker_carries_on_after_redis_restarts(tmp_path: Any) -> None:
+    from pipeline.embedded import EmbeddedRedis
+
+    data = tmp_path / "redis"
+    with EmbeddedRedis(data, binary="valkey") as server:
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        settings = quick(Settings(redis_url=server.url, data_dir=tmp_path))
+        pipeline = Pipeline(settings)
+        try:
+            async with running(settings, HashEmbedder(settings)):
+                first = await submit(pipeline, texts_of(8, 6))
+                await wait_end(pipeline, first)
+                server.stop()
+                with EmbeddedRedis(data, binary="valkey", port=port):
+                    second = await submit(pipeline, texts_of(9, 6))
+                    end = await wait_end(pipeline, second)
+                    assert end["status"] == "completed" and end["done"] == 6
+                    assert (await pipeline.job(first))["status"] == "completed"
+        finally:
+            await pipeline.close()
