@@ -107,7 +107,8 @@ class JobUpdates(InMemorySubscriptionBus):
                 self._wanted = anyio.Event()
 
     async def _follow_feed(self) -> None:
-        feed = cast(AsyncGenerator[Event, None], self._get_pipeline().follow_feed())
+        # From now: replaying past events would announce changes nobody missed.
+        feed = cast(AsyncGenerator[Event, None], self._get_pipeline().follow_feed(replay=0))
         async with aclosing(feed):
             async for event in feed:
                 if event.name.startswith("job.") and isinstance(event.data, dict):

@@ -119,10 +119,13 @@ class Pipeline:
         return events.follow_job(self.redis, self.blocking, self.keys, job_id, after=after,
                                  encoding=encoding, block_ms=self.settings.block_ms)
 
-    def follow_feed(self, after: str | None = None) -> AsyncIterator[events.Event]:
-        """The live feed after `after` (or from now), with periodic stats."""
+    def follow_feed(
+        self, after: str | None = None, replay: int = events.FEED_REPLAY
+    ) -> AsyncIterator[events.Event]:
+        """The live feed after `after` (else after the last `replay` events), with stats."""
         return events.follow_feed(self.redis, self.blocking, self.keys, after=after,
-                                  stats_interval_s=self.settings.stats_interval_s)
+                                  stats_interval_s=self.settings.stats_interval_s,
+                                  replay=replay)
 
     async def ready(self) -> dict[str, Any]:
         """Whether Redis answers and at least one worker is alive."""
