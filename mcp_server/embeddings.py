@@ -7,10 +7,8 @@ otherwise, so base64 (little-endian float32) is first-class. Token arrays as
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -51,22 +49,18 @@ async def create_embeddings(request: Request) -> Response:
     items = _inputs(body, settings.max_text_chars, settings.embed_max_texts * 4)
     options = parse_options({"model": body.get("model"), "dimensions": body.get("dimensions")})
     pipeline = pipeline_of(request)
-    job, rows = await pipeline.embed(items, options, owner=owner_of(request))
+    job, rows = await pipeline.embed(items, options, owner=owner_of(request), encoding=encoding)
     record = await load_job(pipeline.redis, pipeline.keys, job["id"])
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:
         raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "
                            f"{failed[0].get('error')}")
-    data = [{"object": "embedding", "index": row["index"],
-             "embedding": row["embedding"] if encoding == "float"
-             else _base64(row["embedding"])} for row in rows]
+    data = [{"object": "embedding", "index": row["index"], "embedding": row["embedding"]}
+            for row in rows]
     tokens = int(record.get("tokens", 0))
     return json_response({"object": "list", "data": data, "model": job["model"],
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-
-def _base64(vector: Any) -> str:
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 routes = [Route("/v1/embeddings", create_embeddings, methods=["POST"])]

@@ -21,17 +21,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EVENT_TYPES = (
-    "job.created",
-    "job.progress",
-    "job.completed",
-    "job.failed",
-    "job.cancelled",
-    "worker.up",
-    "worker.down",
-)
-
-
 async def publish(
     redis: RedisClient, keys: Keys, event: str, data: dict[str, Any], *, maxlen: int = 10_000
 ) -> None:
@@ -46,8 +35,3 @@ async def publish(
     except RedisError:
         logger.warning("could not publish %s to the feed", event, exc_info=True)
 
-
-def feed_pipeline_add(pipe: Any, keys: Keys, event: str, data: dict[str, Any], maxlen: int) -> None:
-    """Queue a feed event on an open pipeline (for callers that batch commands)."""
-    pipe.xadd(keys.feed, {"type": event, "data": orjson.dumps(data)},
-              maxlen=maxlen, approximate=True)

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from pipeline.keys import Keys
 
 MAX_PAGE = 1000
-ENCODINGS = ("float", "base64")
 
 # KEYS: job, inputs, vectors, events.
 # ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.

@@ -136,13 +136,14 @@ class Pipeline:
     async def embed(
         self, items: list[Item], options: JobOptions, *, owner: str = "",
         on_progress: ProgressCallback | None = None, timeout_s: float | None = None,
+        encoding: str = "float",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Embed a few texts through the queue and wait: (job, rows in index order)."""
         job = await self.submit(items, options, owner=owner)
         rows: list[dict[str, Any]] = []
         try:
             async with asyncio.timeout(timeout_s or self.settings.embed_timeout_s):
-                async for event in self.follow(job["id"]):
+                async for event in self.follow(job["id"], encoding=encoding):
                     if event.name == "result":
                         rows.extend(event.data)
                     elif event.name == "progress" and on_progress is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class Settings:
     feed_maxlen: int = 10_000
     embed_timeout_s: float = 300.0
     embed_max_texts: int = 512
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -60,7 +59,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(PREFIX + f.name.upper())
-            if raw is not None and f.name != "extra":
+            if raw is not None:
                 values[f.name] = _coerce(f.name, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -68,10 +67,6 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with some fields changed."""
         return dataclasses.replace(self, **changes)
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
 
 
 def _coerce(name: str, raw: str) -> Any:

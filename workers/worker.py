@@ -73,7 +73,6 @@ class Worker:
         self.redis: RedisClient | None = None
         self.blocking: RedisClient | None = None
         self.upkeep: Upkeep | None = None
-        self.texts_done = 0
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; finish the batch in hand, then deregister."""
@@ -101,7 +100,7 @@ class Worker:
         await self._drain_own_pending()
         while not stop.is_set():
             try:
-                entries = await self._claim(stop)
+                entries = await self._claim()
                 if entries:
                     await self.process(entries)
             except (RedisConnectionError, RedisTimeoutError):
@@ -131,7 +130,7 @@ class Worker:
             logger.info("resuming %d entries left pending by a previous run", len(entries))
             await self.process(entries)
 
-    async def _claim(self, stop: asyncio.Event) -> list[Entry]:
+    async def _claim(self) -> list[Entry]:
         """Reclaimed stale entries first, then the fast lane, then the bulk lane."""
         assert self.redis is not None and self.blocking is not None and self.upkeep
         stale, poison = await self.upkeep.reclaim_stale()
@@ -200,7 +199,6 @@ class Worker:
         written = sum(len(r.vectors) for r, c in zip(results, committed, strict=True)
                       if c.written)
         if written:
-            self.texts_done += written
             await self.redis.incrby(self.keys.texts_counter, written)
         await self._publish(results, committed)
 
