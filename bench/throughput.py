@@ -32,7 +32,7 @@ from sse_client import read_events  # noqa: E402
 from pipeline.embedded import EmbeddedRedis  # noqa: E402
 from pipeline.models import bundled_model_dir  # noqa: E402
 
-STS = ROOT.parent / "shared" / "data" / "stsbenchmark" / "sts-train.csv"
+STS = ROOT / "tests" / "data" / "stsbenchmark" / "sts-train.csv"
 
 
 def sentences(count: int) -> list[str]:

@@ -18,10 +18,11 @@ import pytest
 from processes import Process, start_server, start_worker, wait_for_workers
 from scipy.stats import spearmanr
 from sse_client import read_events
+from sts_data import STS_DIR
 
 from pipeline.embedded import EmbeddedRedis
 
-STS = Path(__file__).resolve().parents[3] / "shared" / "data" / "stsbenchmark"
+STS = STS_DIR
 
 pytestmark = pytest.mark.slow
 

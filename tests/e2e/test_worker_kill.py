@@ -9,10 +9,11 @@ import httpx
 import pytest
 from processes import start_server, start_worker, wait_for_workers, wait_until
 from sse_client import read_events
+from sts_data import STS_DIR
 
 from pipeline.embedded import EmbeddedRedis
 
-STS = Path(__file__).resolve().parents[3] / "shared" / "data" / "stsbenchmark"
+STS = STS_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import anyio
 import numpy as np
 from mcp import Client
 from mcp_types import CallToolResult
+from sts_data import STS_DEV
 
-STS_DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "stsbenchmark" / "sts-dev.csv"
 TOOLS = {"embed", "similarity", "submit_job", "job_status", "job_results", "search_job",
          "cancel_job"}
 JOB_TEMPLATE = "embedstream://jobs/{job_id}"
