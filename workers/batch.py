@@ -41,6 +41,7 @@ class Entry:
     job_id: str
     chunk: int
     size: int = 1
+    deliveries: int = 1  # times the queue handed it out, this one included
 
 
 @dataclass

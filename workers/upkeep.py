@@ -2,22 +2,34 @@
 
 - Heartbeat: `keys.heartbeat(id)` is refreshed with a TTL; when it expires the
   worker is dead. Whichever worker first notices (HDEL returns 1) announces
-  `worker.down` and removes the dead consumer from the groups once it holds
-  no pending entries (XGROUP DELCONSUMER would orphan them otherwise).
+  `worker.down`. Its consumer is then forgotten lane by lane, by a script that
+  deletes it only while it holds no pending entry (`workers.lanes`): XGROUP
+  DELCONSUMER would orphan them otherwise. The heartbeat and the worker entry
+  live in other slots than the lanes, so "is it dead" and "forget it" cannot
+  be one script; the order makes that safe: a worker wrongly taken for dead
+  (paused past its TTL) loses at most an empty consumer, made again by its
+  next read, and says `worker.up` "back" on its next beat.
 - Leases: while a batch is being embedded, its entries' idle time is reset
   with `XCLAIM ... JUSTID` (no delivery-count bump), so a slow batch is not
   reclaimed from a live worker.
 - Reclaim: entries idle longer than `visibility_timeout_s` belong to a dead
-  worker; XAUTOCLAIM takes them. Past `max_deliveries` they are poison and
-  are given up on (committed as failed) rather than retried forever.
+  worker; XAUTOCLAIM takes them. It scans a bounded stretch of the pending
+  list per call, so the walk goes on from the cursor it returned, call after
+  call, until it wraps: behind a long run of leased entries a dead worker's
+  are still found. Past `max_deliveries` entries are poison and are given up
+  on (committed as failed) rather than retried forever.
 - Trim: XACK never deletes, so the queue streams are trimmed with MINID below
-  the oldest entry still pending or not yet delivered, never past it.
+  the oldest entry still pending or not yet delivered, never past it, in one
+  script (`workers.lanes`).
+- Drain: a stopping worker releases the entries it claimed but will not start
+  (`Lanes.release`), so peers take them at once instead of after a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -31,6 +43,7 @@ from redis.exceptions import RedisError, ResponseError
 from pipeline import feed
 from pipeline.keys import GROUP
 from workers.batch import Entry, parse_entry
+from workers.lanes import Forgotten, Lanes
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
@@ -41,7 +54,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JANITOR_EVERY_S = 10.0
-RECLAIM_COUNT = 64
+RECLAIM_COUNT = 64  # XAUTOCLAIM scans at most ten times this many pending entries a call
+RECLAIM_PAGES = 16  # calls per reclaim pass before the walk resumes on the next pass
 
 
 class Upkeep:
@@ -55,11 +69,13 @@ class Upkeep:
         self.worker_id = worker_id
         self.model = model
         self.streams = streams
+        self.lanes = Lanes(redis, streams)
         self.info = {"id": worker_id, "model": model.name, "host": socket.gethostname(),
                      "pid": os.getpid(), "started_at": time.time()}
         self._leased: dict[str, set[bytes]] = {}
         self._next_reclaim = 0.0
         self._next_janitor = 0.0
+        self._cursors: dict[str, bytes] = {}
 
     async def register(self) -> None:
         """Create the consumer groups, register the model and this worker, say hello."""
@@ -148,31 +164,53 @@ class Upkeep:
         self._next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
         retry: list[Entry] = []
         poison: list[Entry] = []
-        min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         for stream in self.streams:
-            reply = await self.redis.xautoclaim(stream, GROUP, self.worker_id, min_idle_ms,
-                                                count=RECLAIM_COUNT)
-            claimed = [e for e in (parse_entry(stream, i, f) for i, f in _claimed(reply)) if e]
-            if not claimed:
-                continue
-            counts = await self._delivery_counts(stream, [e.entry_id for e in claimed])
-            for entry in claimed:
-                too_many = counts.get(entry.entry_id, 0) > self.settings.max_deliveries
+            claimed = await self._walk(stream)
+            for entry in await self.with_deliveries(claimed):
+                too_many = entry.deliveries > self.settings.max_deliveries
                 (poison if too_many else retry).append(entry)
         if retry or poison:
             logger.warning("reclaimed %d stale entries (%d poison)", len(retry) + len(poison),
                            len(poison))
         return retry, poison
 
-    async def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
-        # XAUTOCLAIM does not report delivery counts; XPENDING does.
-        counts: dict[bytes, int] = {}
-        for entry_id in ids:
-            rows = await self.redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id,
-                                                   count=1)
-            for row in rows:
-                counts[entry_id] = int(row["times_delivered"])
-        return counts
+    async def _walk(self, stream: str) -> list[Entry]:
+        """Claim stale entries from the last walk's cursor, until some are found or it wraps."""
+        min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        for _ in range(RECLAIM_PAGES):
+            start = self._cursors.get(stream, b"0-0")
+            reply = await self.redis.xautoclaim(stream, GROUP, self.worker_id, min_idle_ms,
+                                                start_id=start, count=RECLAIM_COUNT)
+            cursor = _cursor(reply)
+            self._cursors[stream] = cursor
+            claimed = [e for e in (parse_entry(stream, i, f) for i, f in _claimed(reply)) if e]
+            if claimed or cursor == b"0-0":
+                return claimed
+        return []
+
+    async def with_deliveries(self, entries: list[Entry]) -> list[Entry]:
+        """The entries with their delivery counts (from XPENDING: XAUTOCLAIM has none)."""
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xpending_range(entry.stream, GROUP, min=entry.entry_id,
+                                    max=entry.entry_id, count=1)
+            replies = await pipe.execute()
+        counted: list[Entry] = []
+        for entry, rows in zip(entries, replies, strict=True):
+            count = max([int(row["times_delivered"]) for row in rows], default=1)
+            counted.append(dataclasses.replace(entry, deliveries=count))
+        return counted
+
+    async def release(self, entries: list[Entry]) -> int:
+        """Hand entries this worker will not start back to its peers, at once."""
+        idle_ms = int(self.settings.visibility_timeout_s * 1000) + 1
+        released = await self.lanes.release(self.worker_id,
+                                            [(e.stream, e.entry_id) for e in entries], idle_ms)
+        if released:
+            logger.info("released %d entries to other workers", released)
+        return released
 
     async def sweep_dead_workers(self) -> None:
         """Announce and forget workers whose heartbeat expired."""
@@ -186,17 +224,14 @@ class Upkeep:
                                    {"id": worker_id, "reason": "heartbeat expired"},
                                    maxlen=self.settings.feed_maxlen)
         live = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
-        for stream in self.streams:
-            for consumer in await self._consumers(stream):
-                name = _text(consumer["name"])
-                if name not in live and int(consumer["pending"]) == 0:
-                    await self.redis.xgroup_delconsumer(stream, GROUP, name)
+        gone = {_text(c["name"]) for stream in self.streams for c in await self._consumers(stream)}
+        for name in sorted(gone - live):
+            await self._forget_consumer(name)
 
     async def _forget_consumer(self, name: str) -> None:
-        for stream in self.streams:
-            for consumer in await self._consumers(stream):
-                if _text(consumer["name"]) == name and int(consumer["pending"]) == 0:
-                    await self.redis.xgroup_delconsumer(stream, GROUP, name)
+        outcome = await self.lanes.forget(name)
+        if Forgotten.FORGOTTEN in outcome.values():
+            logger.info("forgot consumer %s", name)
 
     async def _consumers(self, stream: str) -> list[dict[str, Any]]:
         try:
@@ -207,21 +242,9 @@ class Upkeep:
 
     async def trim_queues(self) -> None:
         """Drop acked entries: everything below the oldest pending or undelivered one."""
-        for stream in self.streams:
-            floor = await self._trim_floor(stream)
-            if floor:
-                await self.redis.xtrim(stream, minid=floor, approximate=False)
-
-    async def _trim_floor(self, stream: str) -> str | None:
-        summary = await self.redis.xpending(stream, GROUP)
-        if summary and int(summary["pending"]) > 0:
-            return _text(summary["min"])
-        for group in await self.redis.xinfo_groups(stream):
-            if _text(group["name"]) == GROUP:
-                last = _text(group["last-delivered-id"])
-                # Entries after last-delivered are not delivered yet; keep them.
-                return last if last != "0-0" else None
-        return None
+        for trimmed in await self.lanes.trim():
+            if trimmed.deleted:
+                logger.debug("trimmed %d entries from %s", trimmed.deleted, trimmed.lane)
 
 
 def _claimed(reply: Any) -> list[tuple[bytes, Any]]:
@@ -230,6 +253,13 @@ def _claimed(reply: Any) -> list[tuple[bytes, Any]]:
     if not reply or len(reply) < 2:
         return []
     return [(item[0], item[1]) for item in reply[1] if item and item[0] is not None]
+
+
+def _cursor(reply: Any) -> bytes:
+    # The next start id; "0-0" once the scan reached the end of the pending list.
+    if not reply:
+        return b"0-0"
+    return reply[0] if isinstance(reply[0], bytes) else str(reply[0]).encode()
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,152 @@
+"""The atomic operations on one model's queue lanes: trim, forget a consumer, release.
+
+Each is one Lua script over both lanes of the model (`{q:<model>}:fast` and
+`:bulk` share a hash slot, so this also holds on Redis Cluster), registered
+once and returning a typed outcome. They are scripts because each decides
+from the pending-entry list and then acts on it: done in two round trips, a
+peer's XREADGROUP in between changes what the decision was based on.
+
+- Trim: XTRIM MINID to the oldest entry still pending, or, with none pending,
+  to the group's last-delivered id (what follows it is not delivered yet).
+  Read apart from the trim, a peer's read between XPENDING and XINFO moved
+  the floor past its own unacked entries, which were then deleted.
+- Forget: XGROUP DELCONSUMER only when the consumer holds no pending entry
+  at that instant; DELCONSUMER drops a consumer's pending entries, and a
+  worker wrongly taken for dead may have read some since it was checked.
+  Forgetting a live consumer that holds nothing is harmless: its next read
+  or claim makes it again.
+- Release: a draining worker hands back entries it claimed but never
+  started. XCLAIM to itself with IDLE past the visibility timeout makes them
+  reclaimable by any peer at once, and RETRYCOUNT one less undoes the
+  delivery that never was an attempt, so a rolling restart does not push
+  healthy chunks towards the poison limit.
+
+Inside Lua, replies come in RESP2 shapes on Redis 7.0 and Valkey 9 alike:
+the XPENDING summary is `{count, min|false, max|false, consumers|false}`,
+XINFO GROUPS a list of flat name/value lists, a missing stream or group an
+error table (`redis.pcall`) that becomes the `no-group` outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.keys import GROUP
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from pipeline.connections import RedisClient
+
+NO_GROUP = -1
+
+# KEYS: the lanes. ARGV: group. Returns, per lane, entries deleted or -1 (no group).
+_TRIM = """
+local out = {}
+for i, lane in ipairs(KEYS) do
+  local summary = redis.pcall('XPENDING', lane, ARGV[1])
+  if type(summary) == 'table' and summary.err then
+    out[i] = -1
+  else
+    local floor = summary[2]
+    if not floor then
+      for _, group in ipairs(redis.call('XINFO', 'GROUPS', lane)) do
+        local fields = {}
+        for j = 1, #group, 2 do fields[group[j]] = group[j + 1] end
+        if fields['name'] == ARGV[1] then floor = fields['last-delivered-id'] end
+      end
+      if floor == '0-0' then floor = false end
+    end
+    out[i] = floor and redis.call('XTRIM', lane, 'MINID', floor) or 0
+  end
+end
+return out
+"""
+
+# KEYS: the lanes. ARGV: group, consumer.
+# Returns, per lane: 1 forgotten, 0 kept (it holds pending entries), -1 no group.
+_FORGET = """
+local out = {}
+for i, lane in ipairs(KEYS) do
+  local held = redis.pcall('XPENDING', lane, ARGV[1], '-', '+', 1, ARGV[2])
+  if type(held) == 'table' and held.err then
+    out[i] = -1
+  elseif #held > 0 then
+    out[i] = 0
+  else
+    redis.call('XGROUP', 'DELCONSUMER', lane, ARGV[1], ARGV[2])
+    out[i] = 1
+  end
+end
+return out
+"""
+
+# KEYS: the lanes. ARGV: group, consumer, idle_ms, then lane number and entry id pairs.
+# Returns the number of entries released (those the consumer still held).
+_RELEASE = """
+local released = 0
+for i = 4, #ARGV, 2 do
+  local lane = KEYS[tonumber(ARGV[i])]
+  local row = redis.pcall('XPENDING', lane, ARGV[1], ARGV[i + 1], ARGV[i + 1], 1)
+  if type(row) == 'table' and not row.err and row[1] and row[1][2] == ARGV[2] then
+    local count = math.max(tonumber(row[1][4]) - 1, 0)
+    redis.call('XCLAIM', lane, ARGV[1], ARGV[2], 0, ARGV[i + 1],
+               'IDLE', ARGV[3], 'RETRYCOUNT', count, 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"""
+
+
+class Forgotten(enum.Enum):
+    """What forgetting a consumer did on one lane."""
+
+    FORGOTTEN = 1
+    KEPT = 0  # it holds pending entries: they must be reclaimed first
+    NO_GROUP = -1
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    """What trimming did on one lane: entries deleted, or no group there."""
+
+    lane: str
+    deleted: int
+    no_group: bool = False
+
+
+class Lanes:
+    """One model's queue lanes and the scripts that keep them, registered once."""
+
+    def __init__(self, redis: RedisClient, lanes: tuple[str, ...]) -> None:
+        self.redis = redis
+        self.lanes = lanes
+        self._trim = redis.register_script(_TRIM)
+        self._forget = redis.register_script(_FORGET)
+        self._release = redis.register_script(_RELEASE)
+
+    async def trim(self) -> list[Trimmed]:
+        """Drop acked entries: everything below the oldest pending or undelivered one."""
+        replies = await self._trim(keys=list(self.lanes), args=[GROUP])
+        return [Trimmed(lane, max(int(n), 0), int(n) == NO_GROUP)
+                for lane, n in zip(self.lanes, replies, strict=True)]
+
+    async def forget(self, consumer: str) -> dict[str, Forgotten]:
+        """Delete `consumer` from each lane's group where it holds nothing pending."""
+        replies = await self._forget(keys=list(self.lanes), args=[GROUP, consumer])
+        return {lane: Forgotten(int(n)) for lane, n in zip(self.lanes, replies, strict=True)}
+
+    async def release(self, consumer: str, entries: Iterable[tuple[str, bytes]],
+                      idle_ms: int) -> int:
+        """Make entries `consumer` holds reclaimable by peers now; returns how many."""
+        number = {lane: i + 1 for i, lane in enumerate(self.lanes)}
+        args: list[Any] = [GROUP, consumer, idle_ms]
+        for lane, entry_id in entries:
+            args += [number[lane], entry_id]
+        if len(args) == 3:
+            return 0
+        return int(await self._release(keys=list(self.lanes), args=args))
+
