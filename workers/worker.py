@@ -5,7 +5,9 @@ Order of a batch, and why it is crash-safe at every step:
 1. XREADGROUP claims entries (they enter this consumer's pending list).
 2. The model embeds them (in a thread; the event loop keeps renewing the
    lease on the claimed entries so nobody reclaims a slow batch).
-3. One pipeline sends each chunk's commit script, then XACK for every entry.
+3. One pipeline sends each chunk's commit script; once all have answered, a
+   second one sends XACK for every entry (on a cluster one pipeline would
+   run the nodes' parts in parallel, acking before committing).
    A crash before 3 leaves the entries pending: another worker reclaims them
    after `visibility_timeout_s` (XAUTOCLAIM) and redoes the work. A crash in
    the middle of 3 leaves some chunks committed but not acked: on redelivery
@@ -187,15 +189,17 @@ class Worker:
         await self.commit(results, [w.entry for w in work])
 
     async def commit(self, results: list[ChunkResult], entries: list[Entry]) -> None:
-        """Commit each chunk, then ack every entry, in one round trip."""
+        """Commit each chunk, then ack every entry once every commit has answered."""
         assert self.redis is not None
+        # Two round trips, not one pipeline: on a cluster a pipeline's commands
+        # for different nodes run in parallel, so an XACK could land before
+        # the commit of its chunk on another node, and a crash then would lose it.
         async with self.redis.pipeline(transaction=False) as pipe:
             for result in results:
                 queue_commit(pipe, self.keys, result, self.settings.result_ttl_s)
-            for stream, ids in _by_stream(entries).items():
-                pipe.xack(stream, GROUP, *ids)
             replies = await pipe.execute()
-        committed = [parse_committed(r) for r in replies[:len(results)]]
+        await self._ack(entries)
+        committed = [parse_committed(r) for r in replies]
         written = sum(len(r.vectors) for r, c in zip(results, committed, strict=True)
                       if c.written)
         if written:

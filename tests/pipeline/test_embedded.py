@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from pipeline.connections import connect_sync, is_cluster
 from pipeline.embedded import EmbeddedRedis, find_running, find_server_binary, redis_for
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
@@ -199,6 +200,9 @@ def test_works_with_redis_server_7_too(tmp_path: Path, redis7_binary: str) -> No
 
 @pytest.mark.parametrize("attempt", [1, 2])
 def test_session_servers_are_flushed_between_tests(any_redis_url: str, attempt: int) -> None:
-    with client_for(any_redis_url) as client:
-        assert client.dbsize() == 0
-        client.set("left-behind", "1")
+    with connect_sync(any_redis_url) as client:
+        # A cluster client's DBSIZE asks one node; every primary must be empty.
+        every = {"target_nodes": redis.RedisCluster.PRIMARIES} if is_cluster(client) else {}
+        assert client.dbsize(**every) == 0
+        for key in ("left-behind", "left-behind-too", "{other}left-behind"):
+            client.set(key, "1")

@@ -103,3 +103,20 @@ def test_model_slugs_are_key_safe_short_and_distinct() -> None:
         assert not set(slug) & set("{}: ")
         assert len(slug) <= 48 + 1 + 8
     assert model_slug(MODEL) == model_slug(MODEL)
+
+
+def test_jobs_spread_over_every_third_of_the_slots() -> None:
+    # A three-primary cluster gives each node a third of the slots (tests/cluster.py).
+    thirds = {key_slot(Keys("es").job(new_job_id())) * 3 // 16384 for _ in range(60)}
+    assert thirds == {0, 1, 2}
+
+
+def test_keys_shared_across_jobs_have_slots_of_their_own() -> None:
+    # No key of one job shares a slot with a global key by design, so no script
+    # can be written that needs both; these pin which keys are single-slot.
+    keys = Keys("es")
+    job_slot = key_slot(keys.job(JOB))
+    shared = [*keys.queues(MODEL), keys.feed, keys.workers, keys.models,
+              keys.heartbeat("w"), keys.idempotency("", "k"), keys.texts_counter]
+    assert job_slot not in {key_slot(name) for name in shared}
+    assert key_slot(keys.queue(MODEL, "fast")) == key_slot(keys.queue(MODEL, "bulk"))
