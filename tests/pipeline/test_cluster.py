@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,23 @@ async def test_a_registered_script_runs_in_a_pipeline_over_every_node_even_after
     assert await bump(keys=[KEYS.job(job_ids[0]), KEYS.events(job_ids[0])], args=[9])
 
 
-async def test_a_blocking_read_waits_for_an_entry_on_its_streams_node(cluster_url: str) -> None:
+async def test_a_blocking_read_waits_for_an_entry_on_its_streams_node(
+    valkey_cluster: ValkeyCluster, cluster_url: str
+) -> None:
     blocking = connect(cluster_url, blocking=True)
     writer = connect(cluster_url)
     stream = KEYS.events("ab" * 16)
+    first = await writer.xadd(stream, {"type": "result"})
     try:
-        reader = asyncio.create_task(blocking.xread({stream: "$"}, count=1, block=20_000))
-        await asyncio.sleep(0)  # let the read reach the server
-        await writer.xadd(stream, {"type": "result"})
+        reader = asyncio.create_task(blocking.xread({stream: first}, count=1, block=30_000))
+        with valkey_cluster.node(valkey_cluster.node_of_key(stream)) as home:
+            deadline = time.monotonic() + 10
+            while int(home.info("clients")["blocked_clients"]) < 1:
+                assert time.monotonic() < deadline and not reader.done(), "the read never blocked"
+                await asyncio.sleep(0.02)
+        second = await writer.xadd(stream, {"type": "end"})
         reply = await asyncio.wait_for(reader, 10)
-        assert reply[0][0] == stream.encode()
+        assert reply[0][0] == stream.encode() and reply[0][1][0][0] == second
     finally:
         await blocking.aclose()
         await writer.aclose()
