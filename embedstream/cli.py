@@ -149,10 +149,14 @@ async def _work(settings: Settings, name: str | None) -> None:
 
 
 def _stopper(stop: asyncio.Event) -> Any:
+    """SIGINT/SIGTERM: drain (finish the batch in hand, commit, ack, deregister); twice: exit."""
     def handle() -> None:
-        if stop.is_set():  # a second Ctrl-C: leave now; pending work is reclaimed later
+        if stop.is_set():
+            # Leave now, without a word to Redis: the entries in hand stay
+            # pending and peers reclaim them after the visibility timeout.
+            logger.warning("second stop signal: exiting at once")
             os._exit(130)
-        logger.info("stopping after the current batch (Ctrl-C again to quit at once)")
+        logger.info("draining: finishing the batch in hand (signal again to exit at once)")
         stop.set()
     return handle
 

@@ -15,6 +15,14 @@ Order of a batch, and why it is crash-safe at every step:
 
 The fast lane is read before the bulk lane, and a batch mixes chunks of
 several jobs up to `batch_max_texts`.
+
+Draining: once `stop` is set, the worker finishes the model call in hand,
+commits and acks it, releases the entries it claimed but has not started
+(peers reclaim them at once, see `workers.lanes`), deregisters and returns.
+Heartbeat and lease renewal go on until then, so a long last batch is neither
+reclaimed nor its worker announced dead. Exiting at once on a second signal
+is the CLI's: the entries in hand stay pending and are reclaimed after the
+visibility timeout.
 """
 
 from __future__ import annotations
@@ -75,22 +83,27 @@ class Worker:
         self.redis: RedisClient | None = None
         self.blocking: RedisClient | None = None
         self.upkeep: Upkeep | None = None
+        self.stopping = asyncio.Event()
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; finish the batch in hand, then deregister."""
         assert self.settings.redis_url, "the worker needs a Redis URL"
+        self.stopping = stop
         self.redis = connect(self.settings.redis_url)
         self.blocking = connect(self.settings.redis_url, blocking=True, max_connections=4)
         self.upkeep = Upkeep(self.redis, self.keys, self.settings, self.worker_id,
                              self.embedder.info, self.streams)
         try:
             await self.upkeep.register()
-            upkeep_task = asyncio.create_task(self.upkeep.run(stop))
+            # Upkeep has its own stop: it must outlive the drain of the last batch.
+            upkeep_stop = asyncio.Event()
+            upkeep_task = asyncio.create_task(self.upkeep.run(upkeep_stop))
             if ready is not None:
                 ready.set()
             try:
                 await self._loop(stop)
             finally:
+                upkeep_stop.set()
                 upkeep_task.cancel()
                 await asyncio.gather(upkeep_task, return_exceptions=True)
                 await self.upkeep.deregister()
@@ -158,6 +171,9 @@ class Worker:
     async def process(self, entries: list[Entry]) -> None:
         """Embed and commit claimed entries, at most `batch_max_texts` texts a model call."""
         assert self.redis is not None and self.upkeep is not None
+        if self.stopping.is_set():  # claimed as the stop came: not started, so handed back
+            await self.upkeep.release(entries)
+            return
         work, skip = await load_work(self.redis, self.keys, entries)
         if skip:
             await self._ack(skip)
@@ -166,7 +182,11 @@ class Worker:
         await self._mark_started({w.entry.job_id for w in work})
         max_seq = self.embedder.info.max_seq_length
         with self.upkeep.leasing(w.entry for w in work):
-            for group in batches(work, self.settings.batch_max_texts):
+            groups = batches(work, self.settings.batch_max_texts)
+            for number, group in enumerate(groups):
+                if number and self.stopping.is_set():
+                    await self.upkeep.release([w.entry for g in groups[number:] for w in g])
+                    return
                 started = time.perf_counter()
                 await embed_work(self.embedder, group)
                 await self.commit([chunk_result(w, max_seq) for w in group],
