@@ -1,1 +1,10 @@
-"""The embedstream command line: starts the pipeline's processes."""
+"""embedstream: the CLI that starts the pipeline, and the Python client.
+
+    from embedstream import Client, AsyncClient
+"""
+
+from embedstream.client import AsyncClient, AsyncJob, Client, Job, Update
+from embedstream.protocol import EmbedstreamError, Result, ServerUnreachable
+
+__all__ = ["AsyncClient", "AsyncJob", "Client", "EmbedstreamError", "Job", "Result",
+           "ServerUnreachable", "Update"]

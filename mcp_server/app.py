@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute
 from mcp_server import dashboard, embeddings, health, jobs, streams
 from mcp_server.auth import APIKeyMiddleware
 from mcp_server.errors import EXCEPTION_HANDLERS
-from mcp_server.health import Metrics
+from mcp_server.health import Metrics, RequestMetrics
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 
@@ -35,11 +35,13 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
         mcp_server = build_mcp(settings, lambda: app_ref["app"].state.pipeline)
         routes += mcp_routes(mcp_server, settings)
 
+    metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.pipeline = Pipeline(settings)
-        app.state.metrics = Metrics()
+        app.state.metrics = metrics
         try:
             if mcp_server is not None:
                 from mcp_server.agents import mcp_lifespan
@@ -53,7 +55,8 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
 
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(APIKeyMiddleware, api_keys=settings.api_keys)],
+        middleware=[Middleware(RequestMetrics, metrics=metrics),
+                    Middleware(APIKeyMiddleware, api_keys=settings.api_keys)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

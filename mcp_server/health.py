@@ -1,24 +1,58 @@
 """Probes and metrics: /healthz (alive), /readyz (Redis and a worker), /metrics.
 
-Metrics are read from Redis at scrape time into a registry of this app's
-own, so every server replica reports the pipeline's numbers, not its own
-share of them.
+Pipeline-wide figures (queues, workers, texts embedded, and what workers
+record in `keys.metrics`: batch sizes, embedding durations, inputs given up
+on, cache hits and misses) are read from Redis at scrape time, so every
+server replica reports the same numbers. Figures of the serving process
+itself (requests by route and status, SSE subscribers) are counted here, per
+replica, as Prometheus expects of a per-instance scrape target.
+
+Every name starts with `embedstream_`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_server.jobs import json_response
 from mcp_server.payloads import pipeline_of
-from pipeline.stats import StatsSampler
+from pipeline.keys import GROUP, LANES, Keys
+from pipeline.metrics import Histogram, read_metrics
+from pipeline.stats import live_workers
+
+COUNTER_HELP = {
+    "batches": "Model calls made by workers",
+    "inputs_given_up": "Inputs failed as poison after too many deliveries",
+    "cache_hits": "Texts served from the embedding cache",
+    "cache_misses": "Texts the embedding cache did not hold",
+}
+HISTOGRAM_HELP = {
+    "batch_texts": "Texts per model call",
+    "batch_tokens": "Tokens per model call",
+    "embed_seconds": "Seconds per model call",
+}
+SSE_PATHS = {"/v1/events": "feed", "/v1/jobs/{job_id}/events": "job"}
 
 
 async def healthz(request: Request) -> Response:
@@ -38,49 +72,165 @@ async def readyz(request: Request) -> Response:
                          200 if ready else 503)
 
 
-class _TextsCounter:
-    """A counter whose value is read from Redis, not counted in this process."""
+class _Snapshot:
+    """The pipeline-wide figures of one scrape, rendered as metric families."""
 
     def __init__(self) -> None:
-        self.value = 0.0
+        self.families: list[Metric] = []
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("embedstream_texts_embedded",
-                                  "Texts embedded since the Redis data began", value=self.value)
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
 
 
 class Metrics:
-    """Prometheus metrics filled from Redis on each scrape."""
+    """This app's registry: per-process counters, plus a snapshot refilled from Redis."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.texts = _TextsCounter()
-        self.registry.register(self.texts)
-        self.gauges = {
-            "queued_chunks": Gauge("embedstream_queued_chunks", "Chunks waiting in the queue",
-                                   registry=self.registry),
-            "running_chunks": Gauge("embedstream_running_chunks",
-                                    "Chunks claimed by a worker, not yet acked",
-                                    registry=self.registry),
-            "workers": Gauge("embedstream_workers", "Live workers", registry=self.registry),
-            "texts_per_s": Gauge("embedstream_texts_per_second",
-                                 "Texts embedded per second since the previous scrape",
-                                 registry=self.registry),
-        }
-        self.sampler: StatsSampler | None = None
+        self.snapshot = _Snapshot()
+        self.registry.register(self.snapshot)
+        self.requests = Counter("embedstream_http_requests", "HTTP requests answered",
+                                ["route", "method", "status"], registry=self.registry)
+        self.subscribers = Gauge("embedstream_sse_subscribers", "Open SSE streams",
+                                 ["stream"], registry=self.registry)
+        for stream in SSE_PATHS.values():
+            self.subscribers.labels(stream)
+        self._last_rate: tuple[float, float] | None = None
+
+    async def refresh(self, redis: Any, keys: Keys) -> None:
+        """Read the pipeline-wide figures from Redis into the snapshot."""
+        families: list[Metric] = []
+        families += await _queue_families(redis, keys)
+        workers = await live_workers(redis, keys)
+        families.append(GaugeMetricFamily("embedstream_workers", "Live workers",
+                                          value=len(workers)))
+        texts = float(await redis.get(keys.texts_counter) or 0)
+        families.append(CounterMetricFamily("embedstream_texts_embedded",
+                                            "Texts embedded since the Redis data began",
+                                            value=texts))
+        families.append(GaugeMetricFamily("embedstream_texts_per_second",
+                                          "Texts embedded per second since the previous scrape",
+                                          value=self._rate(texts)))
+        counters, histograms = await read_metrics(redis, keys)
+        for name, help_text in COUNTER_HELP.items():
+            families.append(CounterMetricFamily(f"embedstream_{name}", help_text,
+                                                value=counters.get(name, 0.0)))
+        for name, extra in counters.items():
+            if name not in COUNTER_HELP:  # recorded by a newer worker: still shown
+                families.append(CounterMetricFamily(f"embedstream_{name}", name, value=extra))
+        for name, help_text in HISTOGRAM_HELP.items():
+            families.append(_histogram(f"embedstream_{name}", help_text, histograms[name]))
+        self.snapshot.families = families
+
+    def _rate(self, texts: float) -> float:
+        now = time.monotonic()
+        rate = 0.0
+        if self._last_rate is not None and now > self._last_rate[0]:
+            rate = max(0.0, (texts - self._last_rate[1]) / (now - self._last_rate[0]))
+        self._last_rate = (now, texts)
+        return round(rate, 1)
+
+
+def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [(repr(float(bound)), value) for bound, value in histogram.buckets]
+    buckets.append(("+Inf", histogram.count))
+    return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=histogram.sum)
+
+
+async def _queue_families(redis: Any, keys: Keys) -> list[Metric]:
+    waiting = GaugeMetricFamily("embedstream_queue_waiting_chunks",
+                                "Chunks not yet delivered to any worker",
+                                labels=["model", "lane"])
+    running = GaugeMetricFamily("embedstream_queue_running_chunks",
+                                "Chunks delivered to a worker and not yet acked",
+                                labels=["model", "lane"])
+    lag = GaugeMetricFamily("embedstream_queue_lag_seconds",
+                            "Age of the oldest chunk not yet delivered (0 when none waits)",
+                            labels=["model", "lane"])
+    totals = [0, 0]
+    for model in sorted(m.decode() for m in await redis.hkeys(keys.models)):
+        for lane in LANES:
+            depth, pending, age = await _lane(redis, keys.queue(model, lane))
+            waiting.add_metric([model, lane], depth)
+            running.add_metric([model, lane], pending)
+            lag.add_metric([model, lane], age)
+            totals[0] += depth
+            totals[1] += pending
+    return [waiting, running, lag,
+            GaugeMetricFamily("embedstream_queued_chunks", "Chunks waiting, all lanes",
+                              value=totals[0]),
+            GaugeMetricFamily("embedstream_running_chunks", "Chunks being embedded, all lanes",
+                              value=totals[1])]
+
+
+async def _lane(redis: Any, stream: str) -> tuple[int, int, float]:
+    """(waiting, pending, age in seconds of the oldest waiting entry) of one lane."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except RedisError:  # no such stream yet
+        return 0, 0, 0.0
+    group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+    if group is None:
+        return int(await redis.xlen(stream)), 0, 0.0
+    depth = int(group["lag"]) if group.get("lag") is not None else 0
+    if depth == 0:
+        return 0, int(group["pending"]), 0.0
+    last = group["last-delivered-id"]
+    last = last.decode() if isinstance(last, bytes) else str(last)
+    oldest = await redis.xrange(stream, min=f"({last}", count=1)
+    age = 0.0
+    if oldest:
+        ms = int(oldest[0][0].decode().split("-")[0])
+        age = max(0.0, time.time() - ms / 1000)
+    return depth, int(group["pending"]), round(age, 3)
 
 
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     state: Metrics = request.app.state.metrics
     pipeline = pipeline_of(request)
-    if state.sampler is None:
-        state.sampler = StatsSampler(pipeline.redis, pipeline.keys)
-    stats = await state.sampler.sample()
-    state.texts.value = stats.pop("texts_total")
-    for name, value in stats.items():
-        state.gauges[name].set(value)
+    await state.refresh(pipeline.redis, pipeline.keys)
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts answered requests by route template, and open SSE streams."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+        gauge: Any = None
+
+        async def sending(message: Message) -> None:
+            nonlocal gauge
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+                stream = SSE_PATHS.get(_route(scope))
+                if stream is not None and status["code"] == 200:
+                    gauge = self.metrics.subscribers.labels(stream)
+                    gauge.inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if gauge is not None:
+                gauge.dec()
+            self.metrics.requests.labels(_route(scope), scope["method"],
+                                         str(status["code"])).inc()
+
+
+def _route(scope: Scope) -> str:
+    """The matched route's template (never the raw path: ids would explode the labels)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
 
 
 routes = [

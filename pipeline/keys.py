@@ -17,6 +17,7 @@ reads both.
     <p>:models             hash    model name -> description registered by workers
     <p>:idem:<key>         string  idempotency key -> job id
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
+    <p>:metrics            hash    worker-side counters and histograms for /metrics
 """
 
 from __future__ import annotations
@@ -92,3 +93,7 @@ class Keys:
     @property
     def texts_counter(self) -> str:
         return f"{self.prefix}:stats:texts"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}:metrics"

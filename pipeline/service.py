@@ -10,6 +10,7 @@ can share one Redis.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from pipeline.stats import live_workers
 if TYPE_CHECKING:
     from pipeline.settings import Settings
 
+logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], Awaitable[None]]
 IDEMPOTENCY_TTL_S = 24 * 3600
 
@@ -90,6 +92,9 @@ class Pipeline:
             elif items is not None:
                 await writer.add_many(items)
             record = await writer.commit()
+            logger.info("job %s created: %s texts, model %s", record["id"], record["total"],
+                        record["model"], extra={"event": "job.created", "job_id": record["id"],
+                                                "total": record["total"]})
         except BaseException:
             await writer.abort()
             if idempotency_key:
@@ -110,7 +115,10 @@ class Pipeline:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job; returns its status afterwards."""
-        return await jobs.cancel_job(self.redis, self.keys, self.settings, job_id)
+        job = await jobs.cancel_job(self.redis, self.keys, self.settings, job_id)
+        logger.info("job %s cancel asked: now %s", job_id, job["status"],
+                    extra={"event": "job.cancelled", "job_id": job_id, "status": job["status"]})
+        return job
 
     def follow(
         self, job_id: str, after: str | None = None, encoding: str = "float"

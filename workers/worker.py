@@ -41,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline import feed
+from pipeline import feed, metrics
 from pipeline.connections import connect
 from pipeline.keys import GROUP, Keys
 from pipeline.results import parse_committed, queue_commit, queue_mark_started
@@ -189,10 +189,12 @@ class Worker:
                     return
                 started = time.perf_counter()
                 await embed_work(self.embedder, group)
+                embed_s = time.perf_counter() - started
                 await self.commit([chunk_result(w, max_seq) for w in group],
                                   [w.entry for w in group])
-                logger.info("embedded %d texts of %d chunks in %.3fs",
-                            sum(len(w.texts) for w in group), len(group),
+                texts = sum(len(w.texts) for w in group)
+                await metrics.record_batch(self.redis, self.keys, texts, _tokens(group), embed_s)
+                logger.info("embedded %d texts of %d chunks in %.3fs", texts, len(group),
                             time.perf_counter() - started)
 
     async def give_up(self, entries: list[Entry]) -> None:
@@ -207,6 +209,7 @@ class Worker:
         logger.error("giving up on %d poison chunks", len(work))
         results = [failed_result(w, reason, w.dimensions or dims) for w in work]
         await self.commit(results, [w.entry for w in work])
+        await metrics.record_given_up(self.redis, self.keys, sum(len(w.texts) for w in work))
 
     async def commit(self, results: list[ChunkResult], entries: list[Entry]) -> None:
         """Commit each chunk, then ack every entry once every commit has answered."""
@@ -236,6 +239,11 @@ class Worker:
             data = {"id": job_id, "status": outcome.status, "done": outcome.done,
                     "failed": outcome.failed, "total": outcome.total}
             event = f"job.{outcome.status}" if outcome.finished else "job.progress"
+            if outcome.finished:
+                logger.info("job %s %s: %d done, %d failed", job_id, outcome.status,
+                            outcome.done, outcome.failed,
+                            extra={"event": event, "job_id": job_id, "done": outcome.done,
+                                   "failed": outcome.failed, "worker_id": self.worker_id})
             await feed.publish(self.redis, self.keys, event, data,
                                maxlen=self.settings.feed_maxlen)
 
@@ -248,10 +256,15 @@ class Worker:
 
     async def _mark_started(self, job_ids: set[str]) -> None:
         assert self.redis is not None
+        ordered = sorted(job_ids)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
+            for job_id in ordered:
                 queue_mark_started(pipe, self.keys, job_id)
-            await pipe.execute()
+            started = await pipe.execute()
+        for job_id, changed in zip(ordered, started, strict=True):
+            if changed == 1:
+                logger.info("job %s running", job_id, extra={
+                    "event": "job.running", "job_id": job_id, "worker_id": self.worker_id})
 
 
 def batches(work: list[Work], max_texts: int) -> list[list[Work]]:
@@ -266,6 +279,10 @@ def batches(work: list[Work], max_texts: int) -> list[list[Work]]:
             groups.append([item])
             size = len(item.texts)
     return groups
+
+
+def _tokens(group: list[Work]) -> int:
+    return sum(int(w.tokens.sum()) for w in group if w.tokens is not None)
 
 
 def _entries(reply: Any) -> list[Entry]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import Process, free_port, wait_for_http, wait_for_workers
+from processes import Process, free_port, wait_for_http, wait_for_workers, wait_until
 from sse_client import read_events
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def test_up_runs_the_pipeline_and_a_second_up_finds_the_first_ones_jobs(tmp_path
     process, base = start_up(data_dir, tmp_path / "up-1.log")
     try:
         assert f"{base}/v1/jobs" in process.log()
+        wait_until(lambda: "ready:     1 worker(s) up" in process.log(), 30, "the ready line")
         embedded = json.loads((data_dir / "embedded.json").read_text())
         reply = httpx.post(f"{base}/v1/jobs", json={"inputs": ["a cat", "a dog", "a car"]})
         assert reply.status_code == 202

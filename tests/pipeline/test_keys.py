@@ -58,6 +58,7 @@ def test_every_key_name_is_pinned() -> None:
     assert keys.workers == "es:workers"
     assert keys.heartbeat("host-1-abc") == "es:worker:host-1-abc"
     assert keys.models == "es:models"
+    assert keys.metrics == "es:metrics"
     digest = hashlib.sha256(b"owner\0retry-1").hexdigest()[:32]
     assert keys.idempotency("owner", "retry-1") == f"es:idem:{digest}"
     assert keys.texts_counter == "es:stats:texts"
