@@ -192,9 +192,12 @@ def worker(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = 
 
 async def _work(settings: Settings, name: str | None) -> None:
     from pipeline.embedder import load_embedder
+    from workers.calibration import calibrate
     from workers.worker import Worker
 
     embedder = await asyncio.to_thread(load_embedder, settings)
+    if settings.calibrate:
+        await calibrate(settings, embedder)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

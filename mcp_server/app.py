@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from mcp_server import dashboard, embeddings, health, jobs, streams
+from mcp_server import dashboard, embeddings, health, jobs, models, streams
 from mcp_server.auth import APIKeyMiddleware
 from mcp_server.errors import EXCEPTION_HANDLERS
 from mcp_server.health import Metrics, RequestMetrics
@@ -25,7 +25,8 @@ from pipeline.settings import Settings
 def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
     """Build the app for `settings` (which must name a Redis URL)."""
     routes: list[BaseRoute] = [
-        *health.routes, *jobs.routes, *streams.routes, *embeddings.routes, *dashboard.routes,
+        *health.routes, *jobs.routes, *streams.routes, *embeddings.routes, *models.routes,
+        *dashboard.routes,
     ]
     mcp_server = None
     if with_mcp:

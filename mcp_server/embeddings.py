@@ -2,7 +2,10 @@
 
 The official OpenAI client asks for `encoding_format="base64"` unless told
 otherwise, so base64 (little-endian float32) is first-class. Token arrays as
-`input` are not supported: send text.
+`input` are not supported: send text. Beyond OpenAI's fields, embedstream's
+job options (`chunk`, `chunk_overlap`, `prompt`, `prompt_name`, `normalize`,
+`truncate`) are accepted as extra fields (the client's `extra_body`), and
+`encoding_format` also takes `int8`, `uint8`, `binary` and `ubinary`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from mcp_server.payloads import json_body, owner_of, pipeline_of, settings_of
 from pipeline.errors import InvalidInput, PayloadTooLarge
 from pipeline.inputs import Item, parse_item, parse_options
 from pipeline.jobs import load_job
+from pipeline.quantize import ENCODINGS
 
 OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+EXTRA_FIELDS = ("normalize", "truncate", "chunk", "chunk_overlap", "prompt", "prompt_name")
 
 
 def _inputs(body: dict[str, Any], max_chars: int, limit: int) -> list[Item]:
@@ -39,15 +44,16 @@ def _inputs(body: dict[str, Any], max_chars: int, limit: int) -> list[Item]:
 async def create_embeddings(request: Request) -> Response:
     """Embed `input` and answer in the OpenAI shape, with token usage."""
     body = await json_body(request)
-    unknown = sorted(set(body) - set(OPENAI_FIELDS))
+    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(EXTRA_FIELDS))
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(unknown)}")
     encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise InvalidInput("'encoding_format' must be 'float' or 'base64'")
+    if encoding not in ENCODINGS:
+        raise InvalidInput(f"'encoding_format' must be one of {', '.join(ENCODINGS)}")
     settings = settings_of(request)
     items = _inputs(body, settings.max_text_chars, settings.embed_max_texts * 4)
-    options = parse_options({"model": body.get("model"), "dimensions": body.get("dimensions")})
+    options = parse_options({name: body.get(name)
+                             for name in ("model", "dimensions", *EXTRA_FIELDS)})
     pipeline = pipeline_of(request)
     job, rows = await pipeline.embed(items, options, owner=owner_of(request), encoding=encoding)
     record = await load_job(pipeline.redis, pipeline.keys, job["id"])

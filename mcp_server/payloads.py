@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from mcp_server.auth import OWNER
 from pipeline.errors import InvalidInput, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from pipeline.quantize import ENCODINGS
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 
@@ -113,8 +114,8 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 def query_encoding(request: Request) -> str:
-    """The `encoding` query parameter: float (default) or base64."""
+    """The `encoding` query parameter: float (default), base64 or a quantized encoding."""
     encoding = request.query_params.get("encoding", "float")
-    if encoding not in ("float", "base64"):
-        raise InvalidRequest("query parameter 'encoding' must be 'float' or 'base64'")
+    if encoding not in ENCODINGS:
+        raise InvalidRequest(f"query parameter 'encoding' must be one of {', '.join(ENCODINGS)}")
     return encoding

@@ -43,10 +43,10 @@ async def job_events(request: Request) -> EventSourceResponse:
     pipeline = pipeline_of(request)
     job_id = request.path_params["job_id"]
     after = resume_cursor(request)
-    encoding = query_encoding(request)
-    await pipeline.job(job_id)  # 404/400 before the stream opens
+    # 404/400 (and a missing calibration) before the stream opens
+    view = await pipeline.view(job_id, query_encoding(request))
     return EventSourceResponse(
-        _sse(pipeline.follow(job_id, after, encoding)),
+        _sse(pipeline.follow(job_id, after, view)),
         ping=settings_of(request).sse_ping_s, send_timeout=SEND_TIMEOUT_S, headers=HEADERS,
     )
 

@@ -13,7 +13,11 @@ Pick the tool by size and purpose:
 - vectors for up to a few hundred texts, now: `embed`;
 - a larger collection, or one you want to search: `submit_job`, then poll `job_status` until \
 it is completed, then `search_job` (semantic search) or `job_results` (vectors, page by page);
-- stop a job: `cancel_job`.
+- stop a job: `cancel_job`;
+- which models are served (sizes, token limits, prompts): `list_models`.
+Every tool that embeds takes `model` (one that list_models shows), `prompt` or `prompt_name` \
+(instruction models want e.g. "query: " for queries), and `chunk: true` to embed texts longer \
+than the model's token limit whole instead of truncating them.
 Each job is also the resource embedstream://jobs/{job_id} (its status as JSON). Vectors are \
 large: ask for encoding "base64" and small pages unless you need the numbers themselves."""
 
@@ -25,8 +29,9 @@ Use it for a handful of queries or passages whose vectors you need now. For more
 {max_texts} texts, or a collection you will search later, use submit_job. To compare texts, \
 use similarity instead: it returns scores, not vectors.
 Returns {{model, dimensions, embeddings (one per input, in input order), truncated (indexes \
-of inputs cut at the model's token limit)}}. A float vector is several KB of JSON; \
-encoding "base64" (little-endian float32) is about half that.""",
+of inputs cut at the model's token limit), chunks (with chunk=true: windows per input)}}. A \
+float vector is several KB of JSON; encoding "base64" (little-endian float32) is about half \
+that, "int8" a quarter, "ubinary" (sign bits) a thirty-second.""",
     "similarity": """\
 Rank candidate texts by cosine similarity to a query, best first.
 Use it to find which of up to {max_texts} texts (query included) are closest in meaning to a \
@@ -64,6 +69,10 @@ Use it after submit_job once job_status says "completed"; a job still running is
 (poll job_status first). top_k is 1 to {top_k_max} (default 10).
 Returns {{matches: [{{index, score, text, id, metadata}}]}}; score is the cosine similarity \
 and id/metadata are what you submitted.""",
+    "list_models": """\
+The models that live workers serve now; any of them can be passed as `model` to the other tools.
+Returns {{object: "list", data: [{{id, dimensions, max_tokens, backend, prompts}}]}}; prompts \
+maps each prompt_name to the prefix it puts before texts.""",
     "cancel_job": """\
 Cancel a queued or running job: inputs not yet embedded are skipped, results already made \
 stay readable with job_results. A finished job is left as it is.

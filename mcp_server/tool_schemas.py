@@ -27,10 +27,24 @@ Truncate = Annotated[bool, Field(
     description="Cut texts longer than the model's token limit and mark them truncated; "
                 "false rejects such texts instead.")]
 Model = Annotated[str | None, Field(description="Model name; null for the server's default model.")]
-Encoding = Annotated[Literal["float", "base64"], Field(
+Encoding = Annotated[Literal["float", "base64", "int8", "uint8", "binary", "ubinary"], Field(
     description="'float': vectors as JSON number arrays. 'base64': each vector as base64 of "
                 "little-endian float32, about half the size; use it when you only pass vectors "
-                "on, to keep your context small.")]
+                "on, to keep your context small. 'int8'/'uint8': one integer per dimension, "
+                "scaled with the model's fixed per-dimension ranges. 'binary'/'ubinary': sign "
+                "bits packed 8 to an integer (signed/unsigned byte), 32 times smaller than "
+                "float.")]
+Chunk = Annotated[bool, Field(
+    description="Split a text longer than the model's token limit into overlapping windows and "
+                "average their vectors (weighted by tokens) instead of truncating it.")]
+ChunkOverlap = Annotated[int, Field(
+    description="Tokens shared by consecutive windows when chunk is true.",
+    json_schema_extra={"minimum": 0})]
+Prompt = Annotated[str | None, Field(
+    description="A literal prefix put before every text (e.g. 'query: '); null for none.")]
+PromptName = Annotated[str | None, Field(
+    description="The name of one of the model's configured prompts (list_models shows them); "
+                "null for the model's default.")]
 BulkInputs = Annotated[list[Any], WithJsonSchema({
     "type": "array",
     "minItems": 1,
@@ -62,10 +76,13 @@ class Embeddings(BaseModel):
 
     model: str
     dimensions: int
-    embeddings: list[list[float] | str] = Field(
-        description="One vector per input, in input order (base64 strings with encoding=base64).")
+    embeddings: list[list[int] | list[float] | str] = Field(
+        description="One vector per input, in input order (base64 strings with encoding=base64, "
+                    "integers with int8/uint8/binary/ubinary).")
     truncated: list[int] = Field(
         description="Indexes of inputs cut at the model's token limit (empty if none).")
+    chunks: list[int] | None = Field(
+        default=None, description="With chunk=true: windows embedded per input (1 if it fit).")
 
 
 class Match(BaseModel):
@@ -112,9 +129,12 @@ class ResultRow(BaseModel):
 
     index: int
     id: str | None
-    embedding: list[float] | str | None = Field(
-        description="The vector (base64 string with encoding=base64); null if the input failed.")
+    embedding: list[int] | list[float] | str | None = Field(
+        description="The vector (base64 string with encoding=base64, integers with the integer "
+                    "encodings); null if the input failed.")
     truncated: bool
+    chunks: int | None = Field(
+        default=None, description="With chunk=true: windows embedded for this input.")
     error: str | None = None
 
 
@@ -141,3 +161,22 @@ class SearchHits(BaseModel):
     """The job's inputs nearest to the query, best first."""
 
     matches: list[SearchHit]
+
+
+class ServedModel(BaseModel):
+    """A model that a live worker serves."""
+
+    id: str
+    object: str = "model"
+    owned_by: str = "embedstream"
+    dimensions: int
+    max_tokens: int = Field(description="Tokens per text (and per window with chunk=true).")
+    backend: str | None
+    prompts: dict[str, str] = Field(description="prompt_name -> the prefix it puts before texts.")
+
+
+class ModelList(BaseModel):
+    """The models live workers serve now."""
+
+    object: str = "list"
+    data: list[ServedModel]

@@ -20,7 +20,6 @@ Deliberate choices, so nobody "fixes" them:
 
 from __future__ import annotations
 
-import base64
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -38,9 +37,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from mcp_server import tool_schemas as schema
 from mcp_server.auth import OWNER
 from mcp_server.job_updates import job_uri
+from mcp_server.models import model_object
 from mcp_server.tool_descriptions import DESCRIPTIONS
 from pipeline.errors import InvalidInput, PayloadTooLarge, PipelineError, Unavailable
-from pipeline.inputs import JobOptions, parse_item, parse_options
+from pipeline.inputs import DEFAULT_CHUNK_OVERLAP, JobOptions, parse_item, parse_options
+from pipeline.quantize import check_encoding
 from pipeline.results import MAX_PAGE
 from pipeline.service import Pipeline, ProgressCallback
 from pipeline.settings import Settings
@@ -95,6 +96,7 @@ class AgentTools:
             (self.job_results, "Job results", READ_ONLY),
             (self.search_job, "Search a job's inputs", READ_ONLY),
             (self.cancel_job, "Cancel a job", CANCELS_JOB),
+            (self.list_models, "List the served models", READ_ONLY),
         ]
         limits = {"max_texts": self.settings.embed_max_texts,
                   "max_inputs": self.settings.max_inputs, "top_k_max": schema.TOP_K_MAX,
@@ -110,7 +112,9 @@ class AgentTools:
         inputs: Annotated[list[str], Field(description="The texts to embed, in order.")],
         normalize: schema.Normalize = True, dimensions: schema.Dimensions = None,
         truncate: schema.Truncate = True, model: schema.Model = None,
-        encoding: schema.Encoding = "float",
+        encoding: schema.Encoding = "float", chunk: schema.Chunk = False,
+        chunk_overlap: schema.ChunkOverlap = DEFAULT_CHUNK_OVERLAP,
+        prompt: schema.Prompt = None, prompt_name: schema.PromptName = None,
     ) -> Annotated[CallToolResult, schema.Embeddings]:
         """Embed a few texts through the queue and return their vectors."""
         limit = self.settings.embed_max_texts
@@ -122,18 +126,22 @@ class AgentTools:
         items = [parse_item(text, i, max_chars=self.settings.max_text_chars)
                  for i, text in enumerate(inputs)]
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
-                                 "truncate": truncate, "model": model})
+                                 "truncate": truncate, "model": model, "chunk": chunk,
+                                 "chunk_overlap": chunk_overlap, "prompt": prompt,
+                                 "prompt_name": prompt_name})
         pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(items))
-        job, rows = await pipeline.embed(items, options, owner=_owner(ctx), on_progress=progress)
-        vectors = _vectors(job, rows)
-        embeddings: list[Any] = (
-            json_floats(vectors) if encoding == "float"
-            else [base64.b64encode(row.tobytes()).decode() for row in vectors])
-        return structured({"model": job["model"], "dimensions": job["dimensions"],
-                           "embeddings": embeddings,
-                           "truncated": [row["index"] for row in rows if row["truncated"]]})
+        job, rows = await pipeline.embed(items, options, owner=_owner(ctx), on_progress=progress,
+                                         encoding=encoding)
+        values = _embeddings(job, rows)
+        embeddings: list[Any] = values if encoding == "base64" else json_floats(np.vstack(values))
+        reply: dict[str, Any] = {
+            "model": job["model"], "dimensions": job["dimensions"], "embeddings": embeddings,
+            "truncated": [row["index"] for row in rows if row["truncated"]]}
+        if chunk:
+            reply["chunks"] = [row.get("chunks", 1) for row in rows]
+        return structured(reply)
 
     @tool_errors
     async def similarity(
@@ -141,7 +149,8 @@ class AgentTools:
         query: schema.QueryText,
         candidates: Annotated[list[str], Field(description="The texts to rank.")],
         dimensions: schema.Dimensions = None, truncate: schema.Truncate = True,
-        model: schema.Model = None,
+        model: schema.Model = None, chunk: schema.Chunk = False,
+        prompt: schema.Prompt = None, prompt_name: schema.PromptName = None,
     ) -> Annotated[CallToolResult, schema.Ranking]:
         """Rank candidates by cosine similarity to the query, best first."""
         limit = self.settings.embed_max_texts - 1
@@ -153,7 +162,8 @@ class AgentTools:
                                   "submit_job, then search_job")
         _check_texts("query", [query], self.settings.max_text_chars)
         _check_texts("candidates", candidates, self.settings.max_text_chars)
-        options = parse_options({"dimensions": dimensions, "truncate": truncate, "model": model})
+        options = parse_options({"dimensions": dimensions, "truncate": truncate, "model": model,
+                                 "chunk": chunk, "prompt": prompt, "prompt_name": prompt_name})
         pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(candidates) + 1)
@@ -167,7 +177,9 @@ class AgentTools:
         inputs: schema.BulkInputs,
         normalize: schema.Normalize = True, dimensions: schema.Dimensions = None,
         truncate: schema.Truncate = True, model: schema.Model = None,
-        idempotency_key: schema.IdempotencyKey = None,
+        idempotency_key: schema.IdempotencyKey = None, chunk: schema.Chunk = False,
+        chunk_overlap: schema.ChunkOverlap = DEFAULT_CHUNK_OVERLAP,
+        prompt: schema.Prompt = None, prompt_name: schema.PromptName = None,
     ) -> Annotated[CallToolResult, schema.JobHandle]:
         """Queue a bulk job and return its id at once."""
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -175,7 +187,9 @@ class AgentTools:
         max_chars = self.settings.max_text_chars
         items = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
-                                 "truncate": truncate, "model": model})
+                                 "truncate": truncate, "model": model, "chunk": chunk,
+                                 "chunk_overlap": chunk_overlap, "prompt": prompt,
+                                 "prompt_name": prompt_name})
         job = await self.get_pipeline().submit(items, options, owner=_owner(ctx),
                                                idempotency_key=idempotency_key)
         return structured({"job_id": job["id"], "total": job["total"], "status": job["status"],
@@ -194,7 +208,8 @@ class AgentTools:
         """One page of a job's results, in input order."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be from 1 to {MAX_PAGE}, got {limit}")
-        page = await self.get_pipeline().results(job_id, cursor or None, limit, encoding)
+        page = await self.get_pipeline().results(job_id, cursor or None, limit,
+                                                 check_encoding(encoding))
         rows = [_plain_row(row) for row in page["results"]]
         return structured({"results": rows, "next_cursor": page["next_cursor"]})
 
@@ -213,6 +228,12 @@ class AgentTools:
             await self._require_worker(pipeline)
         matches = await pipeline.search(job_id, query, top_k, owner=_owner(ctx))
         return structured({"matches": matches})
+
+    @tool_errors
+    async def list_models(self) -> Annotated[CallToolResult, schema.ModelList]:
+        """The models live workers serve, with their sizes and prompts."""
+        models = await self.get_pipeline().models()
+        return structured({"object": "list", "data": [model_object(m) for m in models]})
 
     @tool_errors
     async def cancel_job(self, job_id: schema.JobId) -> Annotated[CallToolResult, schema.JobStatus]:
@@ -262,10 +283,8 @@ def _check_texts(field: str, texts: list[str], max_chars: int) -> None:
             raise InvalidInput(f"{where} has {len(text)} characters; the limit is {max_chars}")
 
 
-def _vectors(
-    job: dict[str, Any], rows: list[dict[str, Any]]
-) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """The rows' vectors as one little-endian float32 matrix, or an error naming failed inputs."""
+def _embeddings(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[Any]:
+    """The rows' embeddings in input order, or an error naming failed inputs."""
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:
         indexes = [row["index"] for row in failed]
@@ -274,11 +293,11 @@ def _vectors(
     if job["status"] != "completed" or not rows:
         raise Unavailable(f"the embedding job ended {job['status']} before every input was "
                           "embedded; retry")
-    return np.vstack([row["embedding"] for row in rows]).astype("<f4", copy=False)
+    return [row["embedding"] for row in rows]
 
 
 def _plain_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A result row with its numpy vector as a list of floats."""
+    """A result row with its numpy vector as a list of numbers."""
     embedding = row["embedding"]
     if isinstance(embedding, np.ndarray):
         return {**row, "embedding": json_floats(embedding)}

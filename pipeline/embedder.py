@@ -63,7 +63,9 @@ class SentenceTransformerEmbedder:
                          or self.model.get_sentence_embedding_dimension)
         dimensions = get_dimension() or 0
         max_seq = int(self.model.max_seq_length or 512)
-        self.info = ModelInfo(name, int(dimensions), max_seq)
+        prompts = {str(k): str(v) for k, v in (self.model.prompts or {}).items()}
+        self.info = ModelInfo(name, int(dimensions), max_seq, prompts,
+                              self.model.default_prompt_name or None, "torch")
         self.batch_size = batch_size
         self._tokenizer = _counting_tokenizer(self.model.tokenizer)
         logger.info(
@@ -72,9 +74,12 @@ class SentenceTransformerEmbedder:
         )
 
     def embed(self, texts: Sequence[str]) -> Embedded:
-        """Embed texts; rows keep the order of `texts`."""
+        """Embed texts as given; rows keep the order of `texts`."""
         vectors = self.model.encode(
             list(texts),
+            # The job's prompt is already in the texts (the worker prepends it):
+            # "" stops encode() from adding the model's default prompt again.
+            prompt="",
             batch_size=self.batch_size,
             convert_to_numpy=True,
             show_progress_bar=False,

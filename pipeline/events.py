@@ -28,6 +28,7 @@ from pipeline.stats import StatsSampler
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
     from pipeline.keys import Keys
+    from pipeline.quantize import VectorView
 
 STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
 MAX_ID_PART = 2**64 - 1
@@ -59,7 +60,7 @@ def check_event_id(value: str | None) -> str:
 
 async def follow_job(
     redis: RedisClient, blocking: RedisClient, keys: Keys, job_id: str,
-    *, after: str | None = None, encoding: str = "float", block_ms: int = 2000,
+    *, after: str | None = None, encoding: str | VectorView = "float", block_ms: int = 2000,
 ) -> AsyncIterator[Event]:
     """The job's result, progress and end events after `after`, until the end."""
     cursor = check_event_id(after)

@@ -6,6 +6,10 @@ names the field or the input index so a client can fix it.
 
 Empty and whitespace-only texts are rejected (422), never embedded: the model
 would turn `""` into a meaningless unit vector.
+
+`prompt_name` is only checked for shape here; whether the model knows it is
+checked against the model's prompts when the job's model is resolved
+(`pipeline.prompts`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from typing import Any
 
 from pipeline.errors import InvalidInput
 
-OPTION_FIELDS = ("normalize", "dimensions", "truncate", "model")
+OPTION_FIELDS = ("normalize", "dimensions", "truncate", "model", "chunk", "chunk_overlap",
+                 "prompt", "prompt_name")
 ITEM_FIELDS = ("id", "text", "metadata")
 MAX_ID_CHARS = 256
+MAX_PROMPT_CHARS = 1000
+DEFAULT_CHUNK_OVERLAP = 32
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,10 @@ class JobOptions:
     dimensions: int | None = None
     truncate: bool = True
     model: str | None = None
+    chunk: bool = False
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    prompt: str | None = None
+    prompt_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,22 +62,50 @@ def parse_options(raw: dict[str, Any], *, allowed_extra: tuple[str, ...] = ()) -
     model = raw.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise InvalidInput("'model' must be a non-empty string or null")
+    prompt, prompt_name = _prompt(raw)
     return JobOptions(
         normalize=_bool(raw, "normalize", True),
         dimensions=dimensions,
         truncate=_bool(raw, "truncate", True),
         model=model,
+        chunk=_bool(raw, "chunk", False),
+        chunk_overlap=_overlap(raw),
+        prompt=prompt,
+        prompt_name=prompt_name,
     )
+
+
+def _overlap(raw: dict[str, Any]) -> int:
+    overlap = raw.get("chunk_overlap")
+    if overlap is None:
+        return DEFAULT_CHUNK_OVERLAP
+    if type(overlap) is not int or overlap < 0:
+        raise InvalidInput("'chunk_overlap' must be a non-negative integer (tokens) or null")
+    return overlap
+
+
+def _prompt(raw: dict[str, Any]) -> tuple[str | None, str | None]:
+    prompt, name = raw.get("prompt"), raw.get("prompt_name")
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS):
+        raise InvalidInput(f"'prompt' must be a string of at most {MAX_PROMPT_CHARS} "
+                           "characters or null")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise InvalidInput("'prompt_name' must be a non-empty string or null")
+    if prompt is not None and name is not None:
+        raise InvalidInput("give 'prompt' or 'prompt_name', not both")
+    return prompt, name
 
 
 def parse_query_options(query: dict[str, str]) -> JobOptions:
     """Options given as query parameters (for NDJSON uploads)."""
     raw: dict[str, Any] = {}
     for name, value in query.items():
-        if name in ("normalize", "truncate"):
+        if name in ("normalize", "truncate", "chunk"):
             raw[name] = _query_bool(name, value)
-        elif name == "dimensions":
+        elif name in ("dimensions", "chunk_overlap"):
             raw[name] = _query_int(name, value) if value not in ("", "null") else None
+        elif name == "prompt_name":
+            raw[name] = value or None
         else:
             raw[name] = value
     return parse_options(raw)

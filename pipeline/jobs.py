@@ -23,6 +23,7 @@ import orjson
 
 from pipeline import feed, tokens
 from pipeline.errors import InvalidInput, InvalidJobId, JobNotFound, PayloadTooLarge
+from pipeline.prompts import resolve_prompt, with_prompt
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -111,7 +112,7 @@ class JobWriter:
     async def _flush(self) -> None:
         if not self._buffer:
             return
-        if not self.options.truncate:
+        if not self.options.truncate and not self.options.chunk:
             self._check_lengths(self._buffer, self.total - len(self._buffer))
         await self.redis.hset(self.keys.inputs(self.job_id), str(self._chunks),
                               pack_chunk(self._buffer))
@@ -120,7 +121,9 @@ class JobWriter:
         self._buffer = []
 
     def _check_lengths(self, items: list[Item], first_index: int) -> None:
-        counts = tokens.count_tokens(self.model.name, [item.text for item in items])
+        prompt = resolve_prompt(self.options, self.model)
+        texts = with_prompt(prompt, [item.text for item in items])
+        counts = tokens.count_tokens(self.model.name, texts)
         limit = self.model.max_seq_length
         self._too_long.extend(first_index + i for i, n in enumerate(counts) if n > limit)
 
@@ -164,6 +167,9 @@ class JobWriter:
             "model_dimensions": self.model.dimensions,
             "normalize": int(self.options.normalize),
             "truncate": int(self.options.truncate),
+            "chunk": int(self.options.chunk),
+            "chunk_overlap": self.options.chunk_overlap,
+            "prompt": resolve_prompt(self.options, self.model),
             "chunk_size": self.settings.chunk_size,
             "chunks": self._chunks,
             "lane": lane,
@@ -188,6 +194,18 @@ def check_dimensions(options: JobOptions, model: ModelInfo) -> None:
             f"'dimensions' is {options.dimensions}, but {model.name} gives at most "
             f"{model.dimensions}; use a value from 1 to {model.dimensions}"
         )
+
+
+def check_model_options(options: JobOptions, model: ModelInfo) -> None:
+    """Reject options this model cannot honour: dimensions, prompt_name, chunk_overlap."""
+    check_dimensions(options, model)
+    resolve_prompt(options, model)
+    most = model.max_seq_length // 2
+    if options.chunk and options.chunk_overlap > most:
+        raise InvalidInput(f"'chunk_overlap' is {options.chunk_overlap} tokens; with "
+                           f"{model.name}'s {model.max_seq_length}-token windows use 0 to {most}")
+    if options.chunk:
+        tokens.tokenizer(model.name)  # windows need the tokenizer: fail now, not in a worker
 
 
 async def load_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ reads both.
     <p>:workers            hash    worker id -> worker description
     <p>:worker:<id>        string  heartbeat, expires when the worker dies
     <p>:models             hash    model name -> description registered by workers
+    <p>:calibration:<model> string float32 vectors of the calibration corpus (int8/uint8 ranges)
     <p>:idem:<key>         string  idempotency key -> job id
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
     <p>:metrics            hash    worker-side counters and histograms for /metrics
@@ -85,6 +86,9 @@ class Keys:
     @property
     def models(self) -> str:
         return f"{self.prefix}:models"
+
+    def calibration(self, model: str) -> str:
+        return f"{self.prefix}:calibration:{model_slug(model)}"
 
     def idempotency(self, scope: str, key: str) -> str:
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]

@@ -10,7 +10,7 @@ the model (`keys.models`). The default model is served from the files the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,18 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODE
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a model produces: its canonical name, vector size and token limit."""
+    """What a model produces: its name, vector size, token limit, prompts and backend.
+
+    `prompts` and `default_prompt_name` are the model's sentence-transformers
+    prompt configuration; `backend` is how the worker that registered it runs it.
+    """
 
     name: str
     dimensions: int
     max_seq_length: int
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    backend: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -32,7 +39,10 @@ class ModelInfo:
     @classmethod
     def from_json(cls, raw: str | bytes) -> ModelInfo:
         data = json.loads(raw)
-        return cls(str(data["name"]), int(data["dimensions"]), int(data["max_seq_length"]))
+        prompts = data.get("prompts") or {}
+        return cls(str(data["name"]), int(data["dimensions"]), int(data["max_seq_length"]),
+                   {str(k): str(v) for k, v in prompts.items()},
+                   data.get("default_prompt_name") or None, str(data.get("backend") or ""))
 
 
 def canonical_model_name(name: str) -> str:
@@ -71,7 +81,11 @@ def describe_local_model(name: str) -> ModelInfo | None:
     max_seq = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
     if max_seq is None:
         max_seq = _read_json(folder / "config.json").get("max_position_embeddings", 512)
-    return ModelInfo(canonical, int(dimensions), int(max_seq))
+    st_config = _read_json(folder / "config_sentence_transformers.json")
+    prompts = st_config.get("prompts") or {}
+    return ModelInfo(canonical, int(dimensions), int(max_seq),
+                     {str(k): str(v) for k, v in prompts.items()},
+                     st_config.get("default_prompt_name") or None)
 
 
 def _output_dimensions(folder: Path) -> int:
@@ -103,27 +117,37 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
 
 
 async def resolve_model(
-    redis: Any, models_key: str, default: str, requested: str | None
+    redis: Any, models_key: str, default: str, requested: str | None,
+    served: list[ModelInfo] | None = None,
 ) -> ModelInfo:
     """The model a job will use, checked against what the workers serve.
 
-    A model is accepted when a worker registered it (it loaded it), or when it
-    is the configured default and its files are local; any other name would
-    sit in a queue no worker reads.
+    A model is accepted when a live worker serves it (`served`, when given;
+    else any worker that ever registered it), or when it is the configured
+    default and its files are local (its jobs wait for a worker); any other
+    name would sit in a queue no worker reads.
     """
     from pipeline.errors import UnknownModel
 
     name = canonical_model_name(requested or default)
+    if served is not None:
+        for model in served:
+            if model.name == name:
+                return model
     raw = await redis.hget(models_key, name)
-    if raw is not None:
+    is_default = name == canonical_model_name(default)
+    if raw is not None and (served is None or is_default):
         return ModelInfo.from_json(raw)
-    if name == canonical_model_name(default):
+    if is_default:
         info = describe_local_model(name)
         if info is not None:
             return info
-    served = sorted(k.decode() if isinstance(k, bytes) else str(k)
-                    for k in await redis.hkeys(models_key))
+    if served is not None:
+        names = sorted(model.name for model in served)
+    else:
+        names = sorted(k.decode() if isinstance(k, bytes) else str(k)
+                       for k in await redis.hkeys(models_key))
     raise UnknownModel(
-        f"model {name!r} is not served here; available: {', '.join(served) or default}",
+        f"model {name!r} is not served here; available: {', '.join(names) or default}",
         model=name,
     )

@@ -15,7 +15,6 @@ only references (`chunk`), never a second copy of the vectors.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ import orjson
 
 from pipeline.errors import InvalidCursor
 from pipeline.jobs import TERMINAL, load_job, now_iso
+from pipeline.quantize import FLOAT, VectorView
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
@@ -86,14 +86,18 @@ class ChunkResult:
     truncated: list[int]
     errors: dict[int, str]
     tokens: int
+    chunks: list[int] | None = None  # windows per input, for a job with `chunk: true`
 
     def meta(self) -> bytes:
         ids = self.ids if any(i is not None for i in self.ids) else None
-        return orjson.dumps({
+        meta: dict[str, Any] = {
             "n": len(self.vectors), "dims": int(self.vectors.shape[1]), "ids": ids,
             "truncated": self.truncated, "errors": {str(k): v for k, v in self.errors.items()},
             "tokens": self.tokens,
-        })
+        }
+        if self.chunks is not None:
+            meta["chunks"] = self.chunks
+        return orjson.dumps(meta)
 
 
 @dataclass(frozen=True)
@@ -140,20 +144,26 @@ def queue_mark_started(pipe: Any, keys: Keys, job_id: str) -> None:
 
 
 def render_rows(
-    first_index: int, vectors_raw: bytes, meta_raw: bytes, encoding: str
+    first_index: int, vectors_raw: bytes, meta_raw: bytes, encoding: str | VectorView = FLOAT
 ) -> list[dict[str, Any]]:
-    """Turn one stored chunk into result objects (`index`, `id`, `embedding`, `truncated`)."""
+    """Turn one stored chunk into result objects (`index`, `id`, `embedding`, `truncated`).
+
+    Rows of a job submitted with `chunk: true` also carry `chunks` (windows embedded).
+    """
     meta = orjson.loads(meta_raw)
     n, dims = int(meta["n"]), int(meta["dims"])
     vectors = np.frombuffer(vectors_raw, dtype="<f4").reshape(n, dims)
     ids = meta.get("ids") or [None] * n
     truncated = set(meta.get("truncated") or ())
     errors: dict[str, str] = meta.get("errors") or {}
+    chunks: list[int] | None = meta.get("chunks")
+    encoded = as_view(encoding).encode(vectors)
     rows: list[dict[str, Any]] = []
     for i in range(n):
         row: dict[str, Any] = {"index": first_index + i, "id": ids[i],
-                               "embedding": _encode(vectors[i], encoding),
-                               "truncated": i in truncated}
+                               "embedding": encoded[i], "truncated": i in truncated}
+        if chunks is not None:
+            row["chunks"] = chunks[i]
         if str(i) in errors:
             row["embedding"] = None
             row["error"] = errors[str(i)]
@@ -161,10 +171,9 @@ def render_rows(
     return rows
 
 
-def _encode(vector: np.ndarray[Any, np.dtype[np.float32]], encoding: str) -> Any:
-    if encoding == "base64":
-        return base64.b64encode(vector.tobytes()).decode()
-    return vector  # orjson serializes numpy rows natively (OPT_SERIALIZE_NUMPY)
+def as_view(encoding: str | VectorView) -> VectorView:
+    """A view from an encoding name (float or base64; int8/uint8 need a view with ranges)."""
+    return encoding if isinstance(encoding, VectorView) else VectorView(encoding)
 
 
 def parse_cursor(cursor: str | None, total: int) -> int:
@@ -179,7 +188,8 @@ def parse_cursor(cursor: str | None, total: int) -> int:
 
 async def read_page(
     redis: RedisClient, keys: Keys, job_id: str,
-    cursor: str | None = None, limit: int = 100, encoding: str = "float",
+    cursor: str | None = None, limit: int = 100, encoding: str | VectorView = FLOAT,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One page of a job's results in index order, from `cursor`.
 
@@ -187,7 +197,7 @@ async def read_page(
     `next_cursor` points there; once the job is finished, chunks never made
     (a cancelled job's) are skipped. `next_cursor` is null at the end.
     """
-    record = await load_job(redis, keys, job_id)
+    record = record or await load_job(redis, keys, job_id)
     total, chunk_size = int(record["total"]), int(record["chunk_size"])
     start = parse_cursor(cursor, total)
     limit = max(1, min(limit, MAX_PAGE))
@@ -213,7 +223,8 @@ async def read_page(
 
 
 async def read_chunk_rows(
-    redis: RedisClient, keys: Keys, job_id: str, chunk: int, chunk_size: int, encoding: str
+    redis: RedisClient, keys: Keys, job_id: str, chunk: int, chunk_size: int,
+    encoding: str | VectorView = FLOAT,
 ) -> list[dict[str, Any]]:
     """The results of one committed chunk (empty if it has expired)."""
     vec, meta = await redis.hmget(keys.vectors(job_id), [f"v:{chunk}", f"m:{chunk}"])

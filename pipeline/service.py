@@ -18,11 +18,19 @@ import numpy as np
 
 from pipeline import events, jobs, results
 from pipeline.connections import connect
-from pipeline.errors import Conflict, InvalidInput, JobNotFinished, JobNotFound, Unavailable
+from pipeline.errors import (
+    Conflict,
+    InvalidInput,
+    JobNotFinished,
+    JobNotFound,
+    PipelineError,
+    Unavailable,
+)
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
 from pipeline.models import ModelInfo, resolve_model
-from pipeline.stats import live_workers
+from pipeline.quantize import VectorView, Views
+from pipeline.stats import live_workers, served_models
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -42,6 +50,7 @@ class Pipeline:
         self.keys = Keys(settings.key_prefix)
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking=True)
+        self.views = Views(self.redis, self.keys)
 
     async def close(self) -> None:
         """Close both Redis clients."""
@@ -51,8 +60,8 @@ class Pipeline:
     async def model(self, options: JobOptions) -> ModelInfo:
         """The model a job with these options will use; raises for unknown models."""
         info = await resolve_model(self.redis, self.keys.models, self.settings.model,
-                                   options.model)
-        jobs.check_dimensions(options, info)
+                                   options.model, await self.models())
+        jobs.check_model_options(options, info)
         return info
 
     async def writer(self, options: JobOptions, owner: str = "") -> jobs.JobWriter:
@@ -110,8 +119,20 @@ class Pipeline:
     async def results(
         self, job_id: str, cursor: str | None = None, limit: int = 100, encoding: str = "float"
     ) -> dict[str, Any]:
-        """One page of results in index order."""
-        return await results.read_page(self.redis, self.keys, job_id, cursor, limit, encoding)
+        """One page of results in index order, delivered in `encoding`."""
+        record = await jobs.load_job(self.redis, self.keys, job_id)
+        view = await self.views.for_job(encoding, record)
+        return await results.read_page(self.redis, self.keys, job_id, cursor, limit, view,
+                                       record)
+
+    async def view(self, job_id: str, encoding: str) -> VectorView:
+        """How this job's vectors are delivered in `encoding` (raises for an unknown job)."""
+        return await self.views.for_job(encoding, await jobs.load_job(self.redis, self.keys,
+                                                                      job_id))
+
+    async def models(self) -> list[ModelInfo]:
+        """The models that live workers serve, by name."""
+        return await served_models(self.redis, self.keys)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job; returns its status afterwards."""
@@ -120,12 +141,16 @@ class Pipeline:
                     extra={"event": "job.cancelled", "job_id": job_id, "status": job["status"]})
         return job
 
-    def follow(
-        self, job_id: str, after: str | None = None, encoding: str = "float"
+    async def follow(
+        self, job_id: str, after: str | None = None, encoding: str | VectorView = "float"
     ) -> AsyncIterator[events.Event]:
         """The job's events after `after`, until its end."""
-        return events.follow_job(self.redis, self.blocking, self.keys, job_id, after=after,
-                                 encoding=encoding, block_ms=self.settings.block_ms)
+        view = encoding if isinstance(encoding, VectorView) else await self.view(job_id,
+                                                                                 encoding)
+        async for event in events.follow_job(self.redis, self.blocking, self.keys, job_id,
+                                             after=after, encoding=view,
+                                             block_ms=self.settings.block_ms):
+            yield event
 
     def follow_feed(
         self, after: str | None = None, replay: int = events.FEED_REPLAY
@@ -150,8 +175,13 @@ class Pipeline:
         job = await self.submit(items, options, owner=owner)
         rows: list[dict[str, Any]] = []
         try:
+            view = await self.view(job["id"], encoding)
+        except PipelineError:
+            await self.cancel(job["id"])
+            raise
+        try:
             async with asyncio.timeout(timeout_s or self.settings.embed_timeout_s):
-                async for event in self.follow(job["id"], encoding=encoding):
+                async for event in self.follow(job["id"], encoding=view):
                     if event.name == "result":
                         rows.extend(event.data)
                     elif event.name == "progress" and on_progress is not None:

@@ -51,6 +51,8 @@ class Settings:
     feed_maxlen: int = 10_000
     embed_timeout_s: float = 300.0
     embed_max_texts: int = 512
+    # Whether `embedstream worker` records its model's int8/uint8 calibration at start.
+    calibrate: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -8,11 +8,14 @@ numbers. Throughput comes from a counter the workers increment on each commit
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from redis.exceptions import ResponseError
 
 from pipeline.keys import GROUP, LANES
+from pipeline.models import ModelInfo
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
@@ -29,6 +32,25 @@ async def live_workers(redis: RedisClient, keys: Keys) -> list[str]:
             pipe.exists(keys.heartbeat(worker_id))
         alive = await pipe.execute()
     return [w for w, ok in zip(worker_ids, alive, strict=True) if ok]
+
+
+async def served_models(redis: RedisClient, keys: Keys) -> list[ModelInfo]:
+    """The models live workers serve (sorted by name), with the backend a worker runs."""
+    alive = await live_workers(redis, keys)
+    if not alive:
+        return []
+    backends: dict[str, str] = {}
+    for raw in await redis.hmget(keys.workers, alive):
+        if raw is not None:
+            info = orjson.loads(raw)
+            backends.setdefault(str(info.get("model")), str(info.get("backend") or ""))
+    names = sorted(backends)
+    found: list[ModelInfo] = []
+    for name, raw in zip(names, await redis.hmget(keys.models, names), strict=True):
+        if raw is not None:
+            model = ModelInfo.from_json(raw)
+            found.append(replace(model, backend=model.backend or backends[name]))
+    return found
 
 
 async def lane_depth(redis: RedisClient, stream: str) -> tuple[int, int]:

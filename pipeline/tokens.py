@@ -27,8 +27,9 @@ def _tokenizer(model: str) -> Any:
         try:
             tokenizer = Tokenizer.from_pretrained(model)
         except Exception as exc:  # a hub error of any kind
-            raise Unavailable(f"cannot load the tokenizer of {model!r} to check lengths; "
-                              "submit with truncate=true instead") from exc
+            raise Unavailable(f"cannot load the tokenizer of {model!r} to check lengths or "
+                              "cut windows; submit with truncate=true and without chunk "
+                              "instead") from exc
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
@@ -38,3 +39,8 @@ def count_tokens(model: str, texts: Sequence[str]) -> list[int]:
     """Tokens of each text, special tokens included, before any truncation."""
     encodings = _tokenizer(model).encode_batch(list(texts))
     return [len(e.ids) for e in encodings]
+
+
+def tokenizer(model: str) -> Any:
+    """The model's fast tokenizer (no truncation, no padding), loaded once per process."""
+    return _tokenizer(model)

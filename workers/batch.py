@@ -21,15 +21,18 @@ import orjson
 from pipeline.embedder import Embedded, shape_vectors
 from pipeline.jobs import TERMINAL
 from pipeline.results import ChunkResult
+from pipeline.windows import Plan, plan_texts
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
     from pipeline.embedder import Embedder
     from pipeline.keys import Keys
+    from pipeline.models import ModelInfo
 
 logger = logging.getLogger(__name__)
 
-JOB_FIELDS = ("status", "normalize", "dimensions", "model_dimensions", "chunk_size")
+JOB_FIELDS = ("status", "normalize", "dimensions", "model_dimensions", "chunk_size", "prompt",
+              "chunk", "chunk_overlap")
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,27 @@ class Work:
     ids: list[str | None]
     normalize: bool
     dimensions: int | None
+    prompt: str = ""
+    chunk: bool = False
+    chunk_overlap: int = 0
     vectors: np.ndarray[Any, np.dtype[np.float32]] | None = None
     tokens: np.ndarray[Any, np.dtype[np.int64]] | None = None
+    longest: np.ndarray[Any, np.dtype[np.int64]] | None = None
     errors: dict[int, str] = field(default_factory=dict)
+    plan: Plan | None = None
+
+    def planned(self, model: ModelInfo) -> Plan:
+        """What the model embeds for this chunk: prompted texts, or their windows."""
+        if self.plan is None:
+            self.plan = plan_texts(self.texts, self.prompt, chunk=self.chunk,
+                                   overlap=self.chunk_overlap, model=model.name,
+                                   max_seq_length=model.max_seq_length)
+        return self.plan
+
+    def take(self, plan: Plan, embedded: Embedded) -> None:
+        """Keep the embedded model texts, pooled back to one raw vector per input."""
+        self.vectors, self.tokens, self.longest = plan.pool(embedded.vectors,
+                                                            embedded.token_counts)
 
 
 def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
@@ -89,13 +110,16 @@ async def load_work(
         data = orjson.loads(packed)
         dims, model_dims = int(job[2]), int(job[3])
         work.append(Work(entry, data["texts"], data["ids"], normalize=job[1] == b"1",
-                         dimensions=dims if dims < model_dims else None))
+                         dimensions=dims if dims < model_dims else None,
+                         prompt=(job[5] or b"").decode(), chunk=job[6] == b"1",
+                         chunk_overlap=int(job[7] or 0)))
     return work, skip
 
 
 async def embed_work(embedder: Embedder, work: list[Work]) -> None:
     """Embed every chunk in one model call, falling back to smaller calls on failure."""
-    texts = [text for item in work for text in item.texts]
+    plans = [item.planned(embedder.info) for item in work]
+    texts = [text for plan in plans for text in plan.texts]
     try:
         embedded = await asyncio.to_thread(embedder.embed, texts)
     except Exception:
@@ -106,10 +130,10 @@ async def embed_work(embedder: Embedder, work: list[Work]) -> None:
         await _embed_apart(embedder, work)
         return
     offset = 0
-    for item in work:
-        n = len(item.texts)
-        item.vectors = embedded.vectors[offset:offset + n]
-        item.tokens = embedded.token_counts[offset:offset + n]
+    for item, plan in zip(work, plans, strict=True):
+        n = len(plan.texts)
+        item.take(plan, Embedded(embedded.vectors[offset:offset + n],
+                                 embedded.token_counts[offset:offset + n]))
         offset += n
 
 
@@ -126,10 +150,16 @@ async def _embed_apart(embedder: Embedder, work: list[Work]) -> None:
 
 
 async def _embed_texts_alone(embedder: Embedder, item: Work) -> None:
+    # One model call per input (all of its windows when chunked), so one bad
+    # input fails alone.
+    plan = item.planned(embedder.info)
     rows: list[Embedded | None] = []
-    for i, text in enumerate(item.texts):
+    for i in range(len(item.texts)):
         try:
-            rows.append(await asyncio.to_thread(embedder.embed, [text]))
+            alone = plan.part(i)
+            embedded = await asyncio.to_thread(embedder.embed, alone.texts)
+            vectors, counts, longest = alone.pool(embedded.vectors, embedded.token_counts)
+            rows.append(Embedded(vectors, np.concatenate([counts, longest])))
         except Exception as exc:
             logger.exception("input %d of chunk %s/%d failed", i, item.entry.job_id,
                              item.entry.chunk)
@@ -138,12 +168,14 @@ async def _embed_texts_alone(embedder: Embedder, item: Work) -> None:
     dims = next((r.vectors.shape[1] for r in rows if r is not None), embedder.info.dimensions)
     item.vectors = np.vstack([r.vectors if r is not None else np.zeros((1, dims), np.float32)
                               for r in rows])
+    # Each row's token_counts holds (tokens in all, tokens that count for truncation).
     item.tokens = np.array([int(r.token_counts[0]) if r is not None else 0 for r in rows])
+    item.longest = np.array([int(r.token_counts[1]) if r is not None else 0 for r in rows])
 
 
 def chunk_result(item: Work, max_seq_length: int) -> ChunkResult:
     """Shape an embedded chunk's vectors and flag truncated or failed inputs."""
-    assert item.vectors is not None and item.tokens is not None
+    assert item.vectors is not None and item.tokens is not None and item.longest is not None
     vectors = shape_vectors(item.vectors, item.dimensions, item.normalize)
     errors = dict(item.errors)
     bad = ~np.isfinite(vectors).all(axis=1)
@@ -152,9 +184,10 @@ def chunk_result(item: Work, max_seq_length: int) -> ChunkResult:
     if errors:
         vectors = vectors.copy()
         vectors[list(errors)] = 0.0
-    truncated = [int(i) for i in np.flatnonzero(item.tokens > max_seq_length)]
+    truncated = [int(i) for i in np.flatnonzero(item.longest > max_seq_length)]
+    chunks = item.plan.sizes if item.plan is not None and item.plan.chunked else None
     return ChunkResult(item.entry.job_id, item.entry.chunk, vectors, item.ids, truncated,
-                       errors, int(item.tokens.sum()))
+                       errors, int(item.tokens.sum()), chunks)
 
 
 def failed_result(item: Work, reason: str, dims: int) -> ChunkResult:

@@ -70,7 +70,8 @@ class Upkeep:
         self.model = model
         self.streams = streams
         self.lanes = Lanes(redis, streams)
-        self.info = {"id": worker_id, "model": model.name, "host": socket.gethostname(),
+        self.info = {"id": worker_id, "model": model.name, "backend": model.backend,
+                     "host": socket.gethostname(),
                      "pid": os.getpid(), "started_at": time.time()}
         self._leased: dict[str, set[bytes]] = {}
         self._next_reclaim = 0.0

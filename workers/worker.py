@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -91,8 +92,10 @@ class Worker:
         self.stopping = stop
         self.redis = connect(self.settings.redis_url)
         self.blocking = connect(self.settings.redis_url, blocking=True, max_connections=4)
-        self.upkeep = Upkeep(self.redis, self.keys, self.settings, self.worker_id,
-                             self.embedder.info, self.streams)
+        info = self.embedder.info
+        info = dataclasses.replace(info, backend=info.backend or self.settings.backend)
+        self.upkeep = Upkeep(self.redis, self.keys, self.settings, self.worker_id, info,
+                             self.streams)
         try:
             await self.upkeep.register()
             # Upkeep has its own stop: it must outlive the drain of the last batch.

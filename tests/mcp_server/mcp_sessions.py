@@ -18,7 +18,7 @@ from mcp_types import CallToolResult
 from sts_data import STS_DEV
 
 TOOLS = {"embed", "similarity", "submit_job", "job_status", "job_results", "search_job",
-         "cancel_job"}
+         "cancel_job", "list_models"}
 JOB_TEMPLATE = "embedstream://jobs/{job_id}"
 POLL_S = 0.1
 

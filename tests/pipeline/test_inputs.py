@@ -204,3 +204,29 @@ def test_id_must_be_a_short_string(item_id: Any) -> None:
 def test_an_id_of_the_maximum_length_is_accepted() -> None:
     item = parse_item({"text": "a", "id": "i" * MAX_ID_CHARS}, 0, max_chars=MAX_CHARS)
     assert item.id == "i" * MAX_ID_CHARS
+
+
+# Chunking and prompts
+
+
+def test_chunk_and_prompt_options_are_read() -> None:
+    options = parse_options({"chunk": True, "chunk_overlap": 16, "prompt": "query: "})
+    assert (options.chunk, options.chunk_overlap, options.prompt) == (True, 16, "query: ")
+    assert parse_options({"prompt_name": "query"}).prompt_name == "query"
+    defaults = parse_options({})
+    assert (defaults.chunk, defaults.chunk_overlap, defaults.prompt) == (False, 32, None)
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"chunk": "yes"}, "'chunk'"), ({"chunk_overlap": -1}, "'chunk_overlap'"),
+    ({"chunk_overlap": 2.5}, "'chunk_overlap'"), ({"prompt": 3}, "'prompt'"),
+    ({"prompt_name": ""}, "'prompt_name'"), ({"prompt": "a", "prompt_name": "b"}, "not both"),
+])
+def test_bad_chunk_and_prompt_options_are_named(raw: dict[str, Any], field: str) -> None:
+    assert field in reject_options(raw).message
+
+
+def test_query_options_read_chunk_and_prompts() -> None:
+    options = parse_query_options({"chunk": "true", "chunk_overlap": "8", "prompt": "q: ",
+                                   "prompt_name": ""})
+    assert (options.chunk, options.chunk_overlap, options.prompt) == (True, 8, "q: ")

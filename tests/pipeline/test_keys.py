@@ -59,6 +59,7 @@ def test_every_key_name_is_pinned() -> None:
     assert keys.heartbeat("host-1-abc") == "es:worker:host-1-abc"
     assert keys.models == "es:models"
     assert keys.metrics == "es:metrics"
+    assert keys.calibration(MODEL) == f"es:calibration:{SLUG}"
     digest = hashlib.sha256(b"owner\0retry-1").hexdigest()[:32]
     assert keys.idempotency("owner", "retry-1") == f"es:idem:{digest}"
     assert keys.texts_counter == "es:stats:texts"
@@ -69,7 +70,8 @@ def test_every_key_name_is_pinned() -> None:
 def test_the_prefix_leads_every_key() -> None:
     keys = Keys("tenant7")
     names = [*keys.job_keys(JOB), *keys.queues(MODEL), keys.feed, keys.workers,
-             keys.heartbeat("w"), keys.models, keys.idempotency("", "k"), keys.texts_counter]
+             keys.heartbeat("w"), keys.models, keys.idempotency("", "k"), keys.texts_counter,
+             keys.calibration(MODEL)]
     assert all(name.startswith("tenant7:") for name in names)
 
 

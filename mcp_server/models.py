@@ -1,0 +1,29 @@
+"""GET /v1/models: the models live workers serve, in the OpenAI list shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mcp_server.jobs import json_response
+from mcp_server.payloads import pipeline_of
+from pipeline.models import ModelInfo
+
+
+def model_object(model: ModelInfo) -> dict[str, Any]:
+    """One model as /v1/models and the MCP `list_models` tool show it."""
+    return {"id": model.name, "object": "model", "owned_by": "embedstream",
+            "dimensions": model.dimensions, "max_tokens": model.max_seq_length,
+            "backend": model.backend or None, "prompts": model.prompts}
+
+
+async def list_models(request: Request) -> Response:
+    """The served models; a model appears while at least one live worker serves it."""
+    models = await pipeline_of(request).models()
+    return json_response({"object": "list", "data": [model_object(m) for m in models]})
+
+
+routes = [Route("/v1/models", list_models, methods=["GET"])]

@@ -1,0 +1,147 @@
+"""Delivery precision: float32 as stored, base64, or quantized integers, chosen per read.
+
+Vectors are stored as float32 once; every read picks its `encoding`, so one
+job can be read at any precision. The integer encodings compute exactly what
+sentence-transformers' `quantize_embeddings` computes (re-implemented here
+in numpy because the server never imports torch):
+
+- `int8`/`uint8`: per dimension, `floor((x - min) / ((max - min) / 255))`
+  clipped to 0..255 (minus 128 for int8). The ranges belong to the model:
+  a worker embeds the calibration corpus shipped in `pipeline/data/` once and
+  records the raw vectors in Redis (`SET NX`: the first worker's vectors win,
+  so every worker and every server uses the same ones, run after run). The
+  ranges for a job are the per-dimension min and max of those vectors shaped
+  as the job's are (`dimensions`, `normalize`), so they fit its vectors.
+- `binary`/`ubinary`: the sign bits (`x > 0`) packed 8 to a byte, as signed
+  (minus 128) or unsigned bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.embedder import shape_vectors
+from pipeline.errors import InvalidRequest, Unavailable
+
+if TYPE_CHECKING:
+    from pipeline.connections import RedisClient
+    from pipeline.keys import Keys
+
+FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
+ENCODINGS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
+CALIBRATED = ("int8", "uint8")
+CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
+
+
+def check_encoding(value: str | None, name: str = "encoding") -> str:
+    """The encoding asked for (float when unset), or a 4xx naming the choices."""
+    if value is None or value == "":
+        return "float"
+    if value not in ENCODINGS:
+        raise InvalidRequest(f"'{name}' must be one of {', '.join(ENCODINGS)}; "
+                             f"got {str(value)[:40]!r}")
+    return value
+
+
+@functools.cache
+def calibration_texts() -> tuple[str, ...]:
+    """The fixed calibration corpus (one sentence a line) shipped with embedstream."""
+    lines = CALIBRATION_FILE.read_text(encoding="utf-8").splitlines()
+    return tuple(line for line in lines if line.strip())
+
+
+def ranges_from(calibration: FloatMatrix, dimensions: int | None, normalize: bool) -> FloatMatrix:
+    """Per-dimension (min, max) of the calibration vectors shaped like a job's vectors."""
+    shaped = shape_vectors(calibration, dimensions, normalize)
+    return np.vstack([shaped.min(axis=0), shaped.max(axis=0)]).astype(np.float32)
+
+
+def quantize(vectors: FloatMatrix, encoding: str, ranges: FloatMatrix | None = None) -> Any:
+    """The integer form of float32 rows, as `quantize_embeddings` makes it."""
+    if encoding in CALIBRATED:
+        assert ranges is not None, "int8/uint8 need the model's ranges"
+        starts = ranges[0, :]
+        steps = (ranges[1, :] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        values = np.clip(np.floor((vectors - starts) / steps), 0, 255)
+        return values.astype(np.uint8) if encoding == "uint8" else (values - 128).astype(np.int8)
+    packed = np.packbits(vectors > 0, axis=-1)
+    return packed if encoding == "ubinary" else (packed - 128).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class VectorView:
+    """How stored float32 rows are delivered: an encoding, and ranges when it needs them."""
+
+    encoding: str = "float"
+    ranges: FloatMatrix | None = None
+
+    def encode(self, vectors: FloatMatrix) -> list[Any]:
+        """One JSON-able value per row (numpy rows are serialized by orjson)."""
+        if self.encoding == "float":
+            return list(vectors)
+        if self.encoding == "base64":
+            little = vectors.astype("<f4", copy=False)
+            return [base64.b64encode(row.tobytes()).decode() for row in little]
+        return list(quantize(vectors, self.encoding, self.ranges))
+
+
+FLOAT = VectorView()
+
+
+async def store_calibration(
+    redis: RedisClient, keys: Keys, model: str, vectors: FloatMatrix
+) -> bool:
+    """Record a model's calibration vectors unless some worker already did; True if ours won."""
+    return bool(await redis.set(keys.calibration(model),
+                                vectors.astype("<f4", copy=False).tobytes(), nx=True))
+
+
+async def has_calibration(redis: RedisClient, keys: Keys, model: str) -> bool:
+    """Whether the model's calibration vectors are recorded."""
+    return bool(await redis.exists(keys.calibration(model)))
+
+
+async def load_calibration(
+    redis: RedisClient, keys: Keys, model: str, model_dimensions: int
+) -> FloatMatrix:
+    """The model's recorded calibration vectors, or Unavailable if no worker recorded them."""
+    raw = await redis.get(keys.calibration(model))
+    if raw is None:
+        raise Unavailable(f"no int8/uint8 ranges are recorded for {model} yet: a worker serving "
+                          "it records them when it starts; start one, or read as float")
+    return np.frombuffer(raw, dtype="<f4").reshape(-1, model_dimensions)
+
+
+class Views:
+    """Builds VectorViews for jobs, caching each model's calibration vectors in memory.
+
+    The recorded vectors never change once written (SET NX), so caching them
+    for the life of the process is safe.
+    """
+
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._calibration: dict[str, FloatMatrix] = {}
+
+    async def for_job(self, encoding: str, record: dict[str, Any]) -> VectorView:
+        """The view of `encoding` for the job whose record is given."""
+        if encoding not in CALIBRATED:
+            return VectorView(encoding)
+        model = str(record["model"])
+        calibration = self._calibration.get(model)
+        if calibration is None:
+            calibration = await load_calibration(self.redis, self.keys, model,
+                                                 int(record["model_dimensions"]))
+            self._calibration[model] = calibration
+        dims, model_dims = int(record["dimensions"]), int(record["model_dimensions"])
+        ranges = ranges_from(calibration, dims if dims < model_dims else None,
+                             str(record.get("normalize", "1")) == "1")
+        return VectorView(encoding, ranges)

@@ -1,0 +1,59 @@
+"""Recording a model's calibration vectors, which fix its int8/uint8 ranges.
+
+The first worker of a model to start embeds the calibration corpus shipped
+in `pipeline/data/` and records the raw vectors (`SET NX`, so later workers,
+even on other hardware or backends, never replace them: every server then
+quantizes with the same ranges). A worker that finds them recorded does
+nothing. Failing to record is logged, not fatal: only int8/uint8 reads need
+them, and they say so.
+
+The `worker` command does this before its loop (unless
+`EMBEDSTREAM_CALIBRATE=0`); a `Worker` built in-process does not, so an
+embedder under test sees only the texts of its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pipeline.connections import connect
+from pipeline.keys import Keys
+from pipeline.quantize import calibration_texts, has_calibration, store_calibration
+
+if TYPE_CHECKING:
+    from pipeline.connections import RedisClient
+    from pipeline.embedder import Embedder
+    from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def ensure_calibration(redis: RedisClient, keys: Keys, embedder: Embedder) -> None:
+    """Embed and record the calibration corpus for the embedder's model, once per Redis."""
+    model = embedder.info.name
+    if await has_calibration(redis, keys, model):
+        return
+    started = time.perf_counter()
+    try:
+        embedded = await asyncio.to_thread(embedder.embed, list(calibration_texts()))
+    except Exception:
+        logger.exception("could not embed the calibration corpus for %s; int8/uint8 reads "
+                         "of its jobs will be refused until a worker records it", model)
+        return
+    won = await store_calibration(redis, keys, model, embedded.vectors)
+    logger.info("calibration vectors for %s %s in %.1fs", model,
+                "recorded" if won else "already recorded by another worker",
+                time.perf_counter() - started)
+
+
+async def calibrate(settings: Settings, embedder: Embedder) -> None:
+    """`ensure_calibration` on a connection of its own (the `worker` command's first step)."""
+    assert settings.redis_url, "calibration needs a Redis URL"
+    redis = connect(settings.redis_url)
+    try:
+        await ensure_calibration(redis, Keys(settings.key_prefix), embedder)
+    finally:
+        await redis.aclose()
