@@ -9,6 +9,8 @@ reads both.
     <p>:{<job>}:inputs     hash    chunk number -> packed inputs of that chunk
     <p>:{<job>}:vectors    hash    v:<chunk> float32 bytes, m:<chunk> meta; m: is the done marker
     <p>:{<job>}:events     stream  result / end events of the job (SSE source)
+    <p>:{<job>}:attempt:<chunk>  string  the input of a redelivered chunk being embedded
+                                         alone, so a crash names it (expires)
     <p>:{q:<model>}:fast   stream  chunks of small jobs (the fast lane)
     <p>:{q:<model>}:bulk   stream  chunks of large jobs
     <p>:feed               stream  lifecycle events for dashboards (capped)
@@ -65,6 +67,9 @@ class Keys:
             self.vectors(job_id),
             self.events(job_id),
         )
+
+    def attempt(self, job_id: str, chunk: int) -> str:
+        return f"{self.prefix}:{{{job_id}}}:attempt:{chunk}"
 
     def queue(self, model: str, lane: str) -> str:
         return f"{self.prefix}:{{q:{model_slug(model)}}}:{lane}"

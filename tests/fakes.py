@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ FAKE_MAX_SEQ_LENGTH = 16
 DELAY_ENV = "EMBEDSTREAM_FAKE_DELAY_S"
 POISON = "POISON"
 NAN = "NAN"
+CRASH = "CRASH"
 
 
 def fake_model_info(model: str) -> ModelInfo:
@@ -104,6 +106,14 @@ class PoisonEmbedder(HashEmbedder):
         for text in texts:
             if POISON in text:
                 raise ValueError("this text poisons the model")
+
+
+class CrashEmbedder(HashEmbedder):
+    """Kills its process with SIGSEGV when any text contains "CRASH", as native code may."""
+
+    def before_embed(self, texts: Sequence[str]) -> None:
+        if any(CRASH in text for text in texts):
+            os.kill(os.getpid(), signal.SIGSEGV)
 
 
 class NanEmbedder(HashEmbedder):

@@ -6,6 +6,18 @@ together from the queue. Each chunk is committed on its own (see
 bookkeeping. When a model call fails, the batch is retried chunk by chunk and
 then text by text, so one poison input fails alone, as data, and every other
 text still gets its vector.
+
+An input can also kill the process (a segfault in native code, the OOM
+killer) instead of raising. So a redelivered chunk, which may have done just
+that, is embedded alone and text by text (`embed_attempted`), and before each
+text its position is written to `keys.attempt(job, chunk)` (in the job's
+slot, with a TTL). If the process dies, the next delivery finds the record,
+fails the input it names with a reason and carries on with the others; each
+such death names one more input, so a chunk with several of them still ends.
+After the last text the record says no attempt is open, so a death later on
+(in the commit, say) blames no input. A kill in the instant between one
+text's success and the next record would blame that text: the price of one
+write per text rather than two.
 """
 
 from __future__ import annotations
@@ -33,6 +45,37 @@ logger = logging.getLogger(__name__)
 
 JOB_FIELDS = ("status", "normalize", "dimensions", "model_dimensions", "chunk_size", "prompt",
               "chunk", "chunk_overlap")
+DIED_ON_IT = ("the worker process died while embedding this input (it was being embedded "
+              "alone, after an earlier delivery of its chunk ended the same way)")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What the last delivery of a chunk recorded: the input in hand, and inputs given up."""
+
+    trying: int | None
+    given_up: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> Attempt | None:
+        """The stored record, or None when there is none (or it is unreadable)."""
+        if raw is None:
+            return None
+        try:
+            data = orjson.loads(raw)
+            trying = data["trying"]
+            return cls(None if trying is None else int(trying),
+                       frozenset(int(i) for i in data["given_up"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    def dump(self) -> bytes:
+        return orjson.dumps({"trying": self.trying, "given_up": sorted(self.given_up)})
+
+    @property
+    def suspects(self) -> frozenset[int]:
+        """Inputs not to try again: those given up, and the one a death interrupted."""
+        return self.given_up | ({self.trying} if self.trying is not None else set())
 
 
 @dataclass(frozen=True)
@@ -153,18 +196,56 @@ async def _embed_texts_alone(embedder: Embedder, item: Work) -> None:
     # One model call per input (all of its windows when chunked), so one bad
     # input fails alone.
     plan = item.planned(embedder.info)
+    rows = [await _embed_one(embedder, item, plan, i) for i in range(len(item.texts))]
+    _stack(embedder, item, rows)
+
+
+async def embed_attempted(redis: RedisClient, keys: Keys, embedder: Embedder, item: Work,
+                          ttl_s: int) -> None:
+    """Embed a redelivered chunk text by text, recording each attempt before it is made."""
+    key = keys.attempt(item.entry.job_id, item.entry.chunk)
+    last = Attempt.parse(await redis.get(key))
+    given_up = last.suspects if last else frozenset()
+    if given_up:
+        logger.warning("chunk %s/%d: giving up inputs %s, on which a worker died",
+                       item.entry.job_id, item.entry.chunk, sorted(given_up))
+    plan = item.planned(embedder.info)
     rows: list[Embedded | None] = []
     for i in range(len(item.texts)):
-        try:
-            alone = plan.part(i)
-            embedded = await asyncio.to_thread(embedder.embed, alone.texts)
-            vectors, counts, longest = alone.pool(embedded.vectors, embedded.token_counts)
-            rows.append(Embedded(vectors, np.concatenate([counts, longest])))
-        except Exception as exc:
-            logger.exception("input %d of chunk %s/%d failed", i, item.entry.job_id,
-                             item.entry.chunk)
-            item.errors[i] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
+        if i in given_up:
+            item.errors[i] = DIED_ON_IT
             rows.append(None)
+            continue
+        await redis.set(key, Attempt(i, given_up).dump(), ex=ttl_s)
+        rows.append(await _embed_one(embedder, item, plan, i))
+    await redis.set(key, Attempt(None, given_up).dump(), ex=ttl_s)
+    _stack(embedder, item, rows)
+
+
+async def open_attempts(redis: RedisClient, keys: Keys, work: list[Work]) -> list[Work]:
+    """The chunks whose last delivery died with an input in hand (so they make progress)."""
+    if not work:
+        return []
+    raw = await asyncio.gather(*(redis.get(keys.attempt(w.entry.job_id, w.entry.chunk))
+                                 for w in work))
+    records = [Attempt.parse(r) for r in raw]
+    return [w for w, r in zip(work, records, strict=True) if r and r.trying is not None]
+
+
+async def _embed_one(embedder: Embedder, item: Work, plan: Plan, i: int) -> Embedded | None:
+    try:
+        alone = plan.part(i)
+        embedded = await asyncio.to_thread(embedder.embed, alone.texts)
+        vectors, counts, longest = alone.pool(embedded.vectors, embedded.token_counts)
+        return Embedded(vectors, np.concatenate([counts, longest]))
+    except Exception as exc:
+        logger.exception("input %d of chunk %s/%d failed", i, item.entry.job_id,
+                         item.entry.chunk)
+        item.errors[i] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
+        return None
+
+
+def _stack(embedder: Embedder, item: Work, rows: list[Embedded | None]) -> None:
     dims = next((r.vectors.shape[1] for r in rows if r is not None), embedder.info.dimensions)
     item.vectors = np.vstack([r.vectors if r is not None else np.zeros((1, dims), np.float32)
                               for r in rows])

@@ -50,9 +50,11 @@ from workers.batch import (
     Entry,
     Work,
     chunk_result,
+    embed_attempted,
     embed_work,
     failed_result,
     load_work,
+    open_attempts,
     parse_entry,
 )
 from workers.upkeep import Upkeep
@@ -143,7 +145,8 @@ class Worker:
         assert self.redis is not None
         reply = await self.redis.xreadgroup(GROUP, self.worker_id,
                                             dict.fromkeys(self.streams, "0"), count=1000)
-        entries = _entries(reply)
+        assert self.upkeep is not None
+        entries = await self.upkeep.with_deliveries(_entries(reply))
         if entries:
             logger.info("resuming %d entries left pending by a previous run", len(entries))
             await self.process(entries)
@@ -183,22 +186,32 @@ class Worker:
         if not work:
             return
         await self._mark_started({w.entry.job_id for w in work})
-        max_seq = self.embedder.info.max_seq_length
+        # A redelivered chunk may have killed the worker that held it: alone it goes.
+        steps = [[w] for w in work if w.entry.deliveries > 1]
+        steps += batches([w for w in work if w.entry.deliveries == 1],
+                         self.settings.batch_max_texts)
         with self.upkeep.leasing(w.entry for w in work):
-            groups = batches(work, self.settings.batch_max_texts)
-            for number, group in enumerate(groups):
+            for number, group in enumerate(steps):
                 if number and self.stopping.is_set():
-                    await self.upkeep.release([w.entry for g in groups[number:] for w in g])
+                    await self.upkeep.release([w.entry for g in steps[number:] for w in g])
                     return
-                started = time.perf_counter()
-                await embed_work(self.embedder, group)
-                embed_s = time.perf_counter() - started
-                await self.commit([chunk_result(w, max_seq) for w in group],
-                                  [w.entry for w in group])
-                texts = sum(len(w.texts) for w in group)
-                await metrics.record_batch(self.redis, self.keys, texts, _tokens(group), embed_s)
-                logger.info("embedded %d texts of %d chunks in %.3fs", texts, len(group),
-                            time.perf_counter() - started)
+                await self._embed_and_commit(group)
+
+    async def _embed_and_commit(self, group: list[Work]) -> None:
+        assert self.redis is not None
+        started = time.perf_counter()
+        if group[0].entry.deliveries > 1:
+            await embed_attempted(self.redis, self.keys, self.embedder, group[0],
+                                  self.settings.result_ttl_s)
+        else:
+            await embed_work(self.embedder, group)
+        embed_s = time.perf_counter() - started
+        max_seq = self.embedder.info.max_seq_length
+        await self.commit([chunk_result(w, max_seq) for w in group], [w.entry for w in group])
+        texts = sum(len(w.texts) for w in group)
+        await metrics.record_batch(self.redis, self.keys, texts, _tokens(group), embed_s)
+        logger.info("embedded %d texts of %d chunks in %.3fs", texts, len(group),
+                    time.perf_counter() - started)
 
     async def give_up(self, entries: list[Entry]) -> None:
         """Commit poison chunks as failed, so their jobs can still finish."""
@@ -206,6 +219,14 @@ class Worker:
         work, skip = await load_work(self.redis, self.keys, entries)
         if skip:
             await self._ack(skip)
+        # A chunk whose last delivery died with an input in hand is not stuck: each
+        # such death names one more input to give up, so it goes on, alone.
+        progressing = await open_attempts(self.redis, self.keys, work)
+        if progressing:
+            await self.process([w.entry for w in progressing])
+            work = [w for w in work if all(w is not p for p in progressing)]
+        if not work:
+            return
         reason = (f"gave up after {self.settings.max_deliveries} deliveries: no attempt to "
                   "embed this input produced a result (a worker crashed or failed on it)")
         dims = self.embedder.info.dimensions

@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
-from fakes import DELAY_ENV, expected_vector
+from fakes import CRASH, DELAY_ENV, expected_vector
 from processes import Process, start_worker
 
 from pipeline.embedded import EmbeddedRedis
@@ -192,3 +192,34 @@ async def _running(pipeline: Pipeline, job_id: str) -> bool:
 
 async def _logged(process: Process, text: str) -> bool:
     return text in process.log()
+async def test_a_text_that_segfaults_the_worker_fails_alone(
+    redis_server: EmbeddedRedis, pipeline: Pipeline, tmp_path: Path
+) -> None:
+    texts = texts_of(24)
+    texts[13] = f"this one {CRASH}es the process"
+    job_id = await submit(pipeline, texts)
+    deaths: list[int] = []
+    current = worker(redis_server, tmp_path, "w0", "CrashEmbedder")
+    try:
+        with anyio.fail_after(90):
+            while not await finished(pipeline, job_id):
+                if not current.alive():  # the supervisor: restart what died
+                    deaths.append(current.stop())
+                    current = worker(redis_server, tmp_path, f"w{len(deaths)}",
+                                     "CrashEmbedder")
+                await anyio.sleep(0.1)
+    finally:
+        current.stop()
+    assert deaths and all(code == -signal.SIGSEGV for code in deaths)
+    job = await pipeline.job(job_id)
+    assert (job["status"], job["done"], job["failed"]) == ("completed", 23, 1)
+    rows = await rows_of(pipeline, job_id)
+    assert [row["index"] for row in rows] == list(range(24))
+    for row, text in zip(rows, texts, strict=True):
+        if row["index"] == 13:
+            assert row["embedding"] is None
+            assert "worker process died while embedding this input" in row["error"]
+        else:
+            assert row["embedding"] == pytest.approx(expected_vector(text, DIMS), abs=1e-6)
+    events = Counter(f[b"type"] for _, f in await pipeline.redis.xrange(KEYS.events(job_id)))
+    assert events == {b"result": 3, b"end": 1}

@@ -51,6 +51,7 @@ def test_every_key_name_is_pinned() -> None:
         f"es:{{{JOB}}}:job", f"es:{{{JOB}}}:inputs", f"es:{{{JOB}}}:vectors",
         f"es:{{{JOB}}}:events",
     )
+    assert keys.attempt(JOB, 7) == f"es:{{{JOB}}}:attempt:7"
     assert keys.queue(MODEL, "fast") == f"es:{{q:{SLUG}}}:fast"
     assert keys.queue(MODEL, "bulk") == f"es:{{q:{SLUG}}}:bulk"
     assert keys.queues(MODEL) == (f"es:{{q:{SLUG}}}:fast", f"es:{{q:{SLUG}}}:bulk")
@@ -77,7 +78,7 @@ def test_the_prefix_leads_every_key() -> None:
 
 def test_all_keys_of_one_job_hash_to_one_slot() -> None:
     for job_id in (JOB, new_job_id(), new_job_id()):
-        job_keys = Keys("es").job_keys(job_id)
+        job_keys = (*Keys("es").job_keys(job_id), Keys("es").attempt(job_id, 3))
         assert all(f"{{{job_id}}}" in key for key in job_keys)
         assert len({key_slot(key) for key in job_keys}) == 1
 

@@ -48,8 +48,8 @@ async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
 async def test_a_stopped_worker_commits_its_model_call_and_hands_back_the_rest(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:
-    # Six chunks of four in one claim (a resumed consumer's own pending entries),
-    # three model calls of eight texts: the stop comes during the first call.
+    # Six chunks of four in one claim: a resumed consumer's own pending entries,
+    # each redelivered, so each embedded alone. The stop comes during the first.
     patient = fast_settings.replace(visibility_timeout_s=60.0)
     client = pipeline.redis
     await create_groups(client)
@@ -66,12 +66,13 @@ async def test_a_stopped_worker_commits_its_model_call_and_hands_back_the_rest(
                 await run.task
     finally:
         gate.open()
-    assert gate.calls == [texts[:8]]
+    assert gate.calls == [[text] for text in texts[:4]]
     job = await pipeline.job(job_id)
-    assert (job["status"], job["done"]) == ("running", 8)
-    # The four chunks never started are pending, idle past the timeout, not redelivered.
+    assert (job["status"], job["done"]) == ("running", 4)
+    # The five chunks never started are pending, idle past the timeout, and the
+    # delivery that was no attempt is not counted.
     rows = await client.xpending_range(BULK, GROUP, "-", "+", 10)
-    assert [(r["consumer"], r["times_delivered"]) for r in rows] == [(b"worker-7", 1)] * 4
+    assert [(r["consumer"], r["times_delivered"]) for r in rows] == [(b"worker-7", 1)] * 5
     assert all(r["time_since_delivered"] >= 60_000 for r in rows)
     assert not await client.hexists(KEYS.workers, "worker-7")
     downs = [d for t, d in await feed_events(client) if t == "worker.down"]
@@ -81,4 +82,4 @@ async def test_a_stopped_worker_commits_its_model_call_and_hands_back_the_rest(
     async with running(patient, peer):
         await wait_end(pipeline, job_id, timeout_s=10)
     await assert_every_index_once(pipeline, job_id, texts)
-    assert Counter(peer.embedded_texts) == Counter(texts[8:])
+    assert Counter(peer.embedded_texts) == Counter(texts[4:])
