@@ -1,4 +1,8 @@
-"""GET /: the live dashboard, one static page fed by the /v1/events SSE feed."""
+"""GET /: the live dashboard, a static page fed by /v1/jobs and the /v1/events feed.
+
+The page and its scripts and styles live in `static/` and are served as they
+are (`/static/...`): no build step, nothing from a CDN, so it works offline.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-PAGE = Path(__file__).parent / "static" / "dashboard.html"
+STATIC = Path(__file__).parent / "static"
+PAGE = STATIC / "dashboard.html"
 
 
 async def index(request: Request) -> Response:
@@ -16,4 +22,5 @@ async def index(request: Request) -> Response:
     return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-routes = [Route("/", index, methods=["GET"])]
+routes = [Route("/", index, methods=["GET"]),
+          Mount("/static", StaticFiles(directory=STATIC), name="static")]

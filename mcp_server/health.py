@@ -37,9 +37,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_server.jobs import json_response
 from mcp_server.payloads import pipeline_of
-from pipeline.keys import GROUP, LANES, Keys
+from pipeline.keys import Keys
 from pipeline.metrics import Histogram, read_metrics
-from pipeline.stats import live_workers
+from pipeline.stats import lanes, live_workers
 
 COUNTER_HELP = {
     "batches": "Model calls made by workers",
@@ -147,42 +147,16 @@ async def _queue_families(redis: Any, keys: Keys) -> list[Metric]:
     lag = GaugeMetricFamily("embedstream_queue_lag_seconds",
                             "Age of the oldest chunk not yet delivered (0 when none waits)",
                             labels=["model", "lane"])
-    totals = [0, 0]
-    for model in sorted(m.decode() for m in await redis.hkeys(keys.models)):
-        for lane in LANES:
-            depth, pending, age = await _lane(redis, keys.queue(model, lane))
-            waiting.add_metric([model, lane], depth)
-            running.add_metric([model, lane], pending)
-            lag.add_metric([model, lane], age)
-            totals[0] += depth
-            totals[1] += pending
+    found = await lanes(redis, keys)
+    for lane in found:
+        waiting.add_metric([lane.model, lane.lane], lane.waiting)
+        running.add_metric([lane.model, lane.lane], lane.running)
+        lag.add_metric([lane.model, lane.lane], lane.lag_s)
     return [waiting, running, lag,
             GaugeMetricFamily("embedstream_queued_chunks", "Chunks waiting, all lanes",
-                              value=totals[0]),
+                              value=sum(x.waiting for x in found)),
             GaugeMetricFamily("embedstream_running_chunks", "Chunks being embedded, all lanes",
-                              value=totals[1])]
-
-
-async def _lane(redis: Any, stream: str) -> tuple[int, int, float]:
-    """(waiting, pending, age in seconds of the oldest waiting entry) of one lane."""
-    try:
-        groups = await redis.xinfo_groups(stream)
-    except RedisError:  # no such stream yet
-        return 0, 0, 0.0
-    group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
-    if group is None:
-        return int(await redis.xlen(stream)), 0, 0.0
-    depth = int(group["lag"]) if group.get("lag") is not None else 0
-    if depth == 0:
-        return 0, int(group["pending"]), 0.0
-    last = group["last-delivered-id"]
-    last = last.decode() if isinstance(last, bytes) else str(last)
-    oldest = await redis.xrange(stream, min=f"({last}", count=1)
-    age = 0.0
-    if oldest:
-        ms = int(oldest[0][0].decode().split("-")[0])
-        age = max(0.0, time.time() - ms / 1000)
-    return depth, int(group["pending"]), round(age, 3)
+                              value=sum(x.running for x in found))]
 
 
 async def metrics(request: Request) -> Response:

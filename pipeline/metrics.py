@@ -9,6 +9,7 @@ same, pipeline-wide figures.
 Fields of the hash:
 
     c:<name>                a counter (HINCRBY / HINCRBYFLOAT)
+    w:<worker id>:batches   model calls made by one worker
     h:<name>:le:<bound>     a histogram bucket, already cumulative: an
                             observation increments every bucket it fits in
     h:<name>:count, :sum    the histogram's count and sum
@@ -70,14 +71,17 @@ def count(pipe: Any, keys: Keys, name: str, amount: float = 1) -> None:
 
 
 async def record_batch(
-    redis: RedisClient, keys: Keys, texts: int, tokens: int, embed_s: float
+    redis: RedisClient, keys: Keys, worker_id: str, texts: int, tokens: int, embed_s: float
 ) -> None:
-    """One model call: its texts, tokens and duration."""
+    """One model call of a worker: its texts, tokens and duration."""
     async with redis.pipeline(transaction=False) as pipe:
         observe(pipe, keys, "batch_texts", texts)
         observe(pipe, keys, "batch_tokens", tokens)
         observe(pipe, keys, "embed_seconds", embed_s)
         count(pipe, keys, "batches")
+        # Per worker, for the dashboard's workers table. A dead worker's field
+        # stays behind (one small field a worker lifetime; the hash has no TTL).
+        pipe.hincrby(keys.metrics, f"w:{worker_id}:batches", 1)
         await _send(pipe)
 
 

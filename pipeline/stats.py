@@ -1,14 +1,18 @@
-"""Pipeline statistics: queue depth, live workers, throughput.
+"""Pipeline statistics: queue depth and lag per lane, live workers, throughput.
 
 Everything is read from Redis, so every server replica reports the same
 numbers. Throughput comes from a counter the workers increment on each commit
-(`keys.texts_counter`), sampled twice: texts/s is the difference over time.
+(`keys.texts_counter`), sampled twice: texts/s is the difference over time
+(None in the first sample, which has no earlier one: not a false 0).
+
+A lane's lag is the age of its oldest chunk not yet delivered to a worker
+(the entry after the group's last-delivered id), 0 when nothing waits.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,30 +57,76 @@ async def served_models(redis: RedisClient, keys: Keys) -> list[ModelInfo]:
     return found
 
 
-async def lane_depth(redis: RedisClient, stream: str) -> tuple[int, int]:
-    """(waiting, in progress) entries of one queue stream."""
+@dataclass(frozen=True)
+class Lane:
+    """One queue lane of one model: chunks waiting, chunks running, lag of the oldest."""
+
+    model: str
+    lane: str
+    waiting: int = 0
+    running: int = 0
+    lag_s: float = 0.0
+
+
+async def lane_state(redis: RedisClient, model: str, lane: str, stream: str) -> Lane:
+    """The state of one queue stream."""
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError:  # no such stream yet
-        return 0, 0
-    for group in groups:
-        if group["name"] in (GROUP, GROUP.encode()):
-            lag = group.get("lag")
-            waiting = int(lag) if lag is not None else await redis.xlen(stream)
-            return waiting, int(group["pending"])
-    return int(await redis.xlen(stream)), 0
+        return Lane(model, lane)
+    group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+    if group is None:
+        return Lane(model, lane, int(await redis.xlen(stream)))
+    lag = group.get("lag")
+    waiting = int(lag) if lag is not None else int(await redis.xlen(stream))
+    running = int(group["pending"])
+    if waiting == 0:
+        return Lane(model, lane, 0, running)
+    last = group["last-delivered-id"]
+    last = last.decode() if isinstance(last, bytes) else str(last)
+    oldest = await redis.xrange(stream, min=f"({last}", count=1)
+    age = 0.0
+    if oldest:
+        ms = int(oldest[0][0].decode().split("-")[0])
+        age = max(0.0, time.time() - ms / 1000)
+    return Lane(model, lane, waiting, running, round(age, 3))
+
+
+async def lanes(redis: RedisClient, keys: Keys) -> list[Lane]:
+    """Every lane of every registered model."""
+    models = sorted(m.decode() for m in await redis.hkeys(keys.models))
+    return [await lane_state(redis, model, lane, keys.queue(model, lane))
+            for model in models for lane in LANES]
 
 
 async def queue_depth(redis: RedisClient, keys: Keys) -> dict[str, int]:
     """Chunks waiting and in progress over every model's lanes."""
-    models = [m.decode() for m in await redis.hkeys(keys.models)]
-    waiting = in_progress = 0
-    for model in models:
-        for lane in LANES:
-            w, p = await lane_depth(redis, keys.queue(model, lane))
-            waiting += w
-            in_progress += p
-    return {"queued_chunks": waiting, "running_chunks": in_progress}
+    found = await lanes(redis, keys)
+    return {"queued_chunks": sum(x.waiting for x in found),
+            "running_chunks": sum(x.running for x in found)}
+
+
+async def worker_details(redis: RedisClient, keys: Keys) -> list[dict[str, Any]]:
+    """Live workers as they describe themselves, with batches made and when last seen."""
+    described = await redis.hgetall(keys.workers)
+    if not described:
+        return []
+    ids = sorted(w.decode() for w in described)
+    async with redis.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.pttl(keys.heartbeat(worker_id))
+            pipe.hget(keys.metrics, f"w:{worker_id}:batches")
+        replies = await pipe.execute()
+    now = time.time()
+    found: list[dict[str, Any]] = []
+    for i, worker_id in enumerate(ids):
+        ttl_ms, batches = replies[2 * i], replies[2 * i + 1]
+        if ttl_ms is None or int(ttl_ms) < 0:  # no heartbeat: dead, or gone
+            continue
+        info = orjson.loads(described[worker_id.encode()])
+        found.append({**info, "id": worker_id, "batches": int(batches or 0),
+                      "seen_s_ago": round(max(0.0, now - float(info.get("seen_at", now))), 1)})
+    return found
 
 
 class StatsSampler:
@@ -91,14 +141,18 @@ class StatsSampler:
         """One snapshot: queue depth, workers, texts embedded and texts/s."""
         texts = int(await self.redis.get(self.keys.texts_counter) or 0)
         now = time.monotonic()
-        rate = 0.0
+        rate: float | None = None
         if self._last is not None and now > self._last[0]:
-            rate = max(0.0, (texts - self._last[1]) / (now - self._last[0]))
+            rate = round(max(0.0, (texts - self._last[1]) / (now - self._last[0])), 1)
         self._last = (now, texts)
-        workers = await live_workers(self.redis, self.keys)
+        found = await lanes(self.redis, self.keys)
+        workers = await worker_details(self.redis, self.keys)
         return {
-            **await queue_depth(self.redis, self.keys),
+            "queued_chunks": sum(x.waiting for x in found),
+            "running_chunks": sum(x.running for x in found),
             "workers": len(workers),
             "texts_total": texts,
-            "texts_per_s": round(rate, 1),
+            "texts_per_s": rate,
+            "lanes": [asdict(x) for x in found],
+            "worker_list": workers,
         }

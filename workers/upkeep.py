@@ -117,7 +117,8 @@ class Upkeep:
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.heartbeat(self.worker_id), b"1", px=ttl_ms)
-            pipe.hset(self.keys.workers, self.worker_id, orjson.dumps(self.info))
+            pipe.hset(self.keys.workers, self.worker_id,
+                      orjson.dumps({**self.info, "seen_at": time.time()}))
             pipe.hset(self.keys.models, self.model.name, self.model.to_json())
             replies = await pipe.execute()
         return bool(replies[1])

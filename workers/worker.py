@@ -209,7 +209,8 @@ class Worker:
         max_seq = self.embedder.info.max_seq_length
         await self.commit([chunk_result(w, max_seq) for w in group], [w.entry for w in group])
         texts = sum(len(w.texts) for w in group)
-        await metrics.record_batch(self.redis, self.keys, texts, _tokens(group), embed_s)
+        await metrics.record_batch(self.redis, self.keys, self.worker_id, texts,
+                                   _tokens(group), embed_s)
         logger.info("embedded %d texts of %d chunks in %.3fs", texts, len(group),
                     time.perf_counter() - started)
 
