@@ -1,30 +1,45 @@
 # Quick start: `make up` runs everything on one machine, `make test` runs the suite.
-# Both create .venv and install the project on first use (Python 3.11+).
+# Both create .venv and install the project on first use (Python 3.11+): `make up`
+# installs what running needs, `make test` and `make lint` add the test tools.
+#
+#   make up PORT=9000 WORKERS=2           another port, two worker processes
+#   make up TORCH_INDEX=https://download.pytorch.org/whl/cpu   CPU-only PyTorch (no CUDA libraries)
 
 PYTHON ?= python3
 VENV := .venv
-VENV_STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
+PORT ?=
+WORKERS ?=
+TORCH_INDEX ?=
+
+UP_ARGS := $(if $(PORT),--port $(PORT)) $(if $(WORKERS),--workers $(WORKERS))
 
 .PHONY: up test lint
 
-# `make .venv` is the name to type; the stamp records that the install finished.
-$(VENV): $(VENV_STAMP)
+# `make .venv` is the name to type; the stamps record that an install finished.
+$(VENV): $(RUN_STAMP)
 
-$(VENV_STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "embedstream needs Python 3.11+; set PYTHON=python3.11 or newer" >&2; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(VENV)/bin/python -m pip install --quiet torch==2.13.0 --index-url $(TORCH_INDEX))
+	$(VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+$(DEV_STAMP): $(RUN_STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-up: $(VENV_STAMP)
-	$(VENV)/bin/embedstream up
+up: $(RUN_STAMP)
+	$(VENV)/bin/embedstream up $(UP_ARGS)
 
-test: $(VENV_STAMP)
+test: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-lint: $(VENV_STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

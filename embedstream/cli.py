@@ -350,6 +350,14 @@ def submit(
     truncate: Annotated[bool, typer.Option(
         help="Cut texts over the model's limit (else the job is refused)")] = True,
     normalize: Annotated[bool, typer.Option(help="L2-normalize the vectors")] = True,
+    chunk: Annotated[bool | None, typer.Option(
+        "--chunk/--no-chunk", help="Split texts over the model's limit into overlapping "
+        "windows and pool them (default: the server's, off)", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="A literal prefix for every text", show_default=False)] = None,
+    prompt_name: Annotated[str | None, typer.Option(
+        help="A prompt from the model's configuration (e.g. query)", show_default=False)]
+        = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the job to its end; --no-wait prints its id and exits")] = True,
     idempotency_key: Annotated[str | None, typer.Option(
@@ -366,7 +374,8 @@ def submit(
     from embedstream.sources import Source, detect_format
 
     options = {"dimensions": dimensions, "model": model, "truncate": truncate,
-               "normalize": normalize}
+               "normalize": normalize, "chunk": chunk, "prompt": prompt,
+               "prompt_name": prompt_name}
 
     def run(client: Any) -> int:
         source = Source(file, detect_format(file, input_format), column, id_column)

@@ -15,7 +15,7 @@ only references (`chunk`), never a second copy of the vectors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pipeline.keys import Keys
 
 MAX_PAGE = 1000
+MAX_SCAN_CHUNKS = 4096
 
 # KEYS: job, inputs, vectors, events.
 # ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.
@@ -194,32 +195,64 @@ async def read_page(
     """One page of a job's results in index order, from `cursor`.
 
     While the job runs, a page stops at the first chunk not yet made and its
-    `next_cursor` points there; once the job is finished, chunks never made
-    (a cancelled job's) are skipped. `next_cursor` is null at the end.
+    `next_cursor` points there. Once the job is finished, chunks never made
+    (a cancelled job's) are skipped and the page reads on past them, so it is
+    never empty while results remain (at most `MAX_SCAN_CHUNKS` chunks are
+    looked at a page). `next_cursor` is null at the end.
     """
     record = record or await load_job(redis, keys, job_id)
     total, chunk_size = int(record["total"]), int(record["chunk_size"])
-    start = parse_cursor(cursor, total)
-    limit = max(1, min(limit, MAX_PAGE))
-    first, last = start // chunk_size, (min(start + limit, total) - 1) // chunk_size
-    fields = [f for c in range(first, last + 1) for f in (f"v:{c}", f"m:{c}")]
-    stored = await redis.hmget(keys.vectors(job_id), fields) if fields else []
-    finished = record["status"] in TERMINAL
-    rows: list[dict[str, Any]] = []
-    position = start
-    for offset, chunk in enumerate(range(first, last + 1)):
-        vec, meta = stored[2 * offset], stored[2 * offset + 1]
-        if vec is None or meta is None:
-            if not finished:
+    page = _Page(parse_cursor(cursor, total), max(1, min(limit, MAX_PAGE)), total, chunk_size,
+                 record["status"] in TERMINAL)
+    while page.open and page.scanned < MAX_SCAN_CHUNKS:
+        first = page.position // chunk_size
+        last = (min(page.position + page.room, total) - 1) // chunk_size
+        fields = [f for c in range(first, last + 1) for f in (f"v:{c}", f"m:{c}")]
+        stored = await redis.hmget(keys.vectors(job_id), fields)
+        page.scanned += last - first + 1
+        for offset, chunk in enumerate(range(first, last + 1)):
+            if not page.take(chunk, stored[2 * offset], stored[2 * offset + 1], encoding):
                 break
-            position = (chunk + 1) * chunk_size
-            continue
-        chunk_rows = render_rows(chunk * chunk_size, vec, meta, encoding)
-        rows.extend(r for r in chunk_rows if start <= r["index"] < start + limit)
-        position = min((chunk + 1) * chunk_size, start + limit)
-    position = min(position, total)
-    more = position < total
-    return {"results": rows, "next_cursor": str(position) if more else None}
+    more = page.position < total
+    return {"results": page.rows, "next_cursor": str(page.position) if more else None}
+
+
+@dataclass
+class _Page:
+    """A results page being filled, chunk by chunk, from `position`."""
+
+    position: int
+    limit: int
+    total: int
+    chunk_size: int
+    finished: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    scanned: int = 0
+    stalled: bool = False
+
+    @property
+    def room(self) -> int:
+        return self.limit - len(self.rows)
+
+    @property
+    def open(self) -> bool:
+        return not self.stalled and self.room > 0 and self.position < self.total
+
+    def take(self, chunk: int, vec: bytes | None, meta: bytes | None,
+             encoding: str | VectorView) -> bool:
+        """Add one stored chunk's rows (or skip a missing one); False to stop this batch."""
+        if vec is None or meta is None:
+            if not self.finished:  # not made yet: the page ends here
+                self.stalled = True
+                return False
+            self.position = min((chunk + 1) * self.chunk_size, self.total)
+            return True
+        low = max(self.position, chunk * self.chunk_size)
+        high = min((chunk + 1) * self.chunk_size, self.total, low + self.room)
+        self.rows.extend(r for r in render_rows(chunk * self.chunk_size, vec, meta, encoding)
+                         if low <= r["index"] < high)
+        self.position = high
+        return self.room > 0
 
 
 async def read_chunk_rows(

@@ -289,9 +289,9 @@ function route() {
 
 async function seedJobs() {
   // Jobs older than the feed's replay, and cancelled ones, come from the list.
-  const page = await getJSON("/v1/jobs?limit=50");
+  const page = await getJSON(`/v1/jobs?limit=${MAX_ROWS}`);
   for (const job of page.jobs.slice().reverse()) update(job);
-  $("jobs-note").textContent = page.next_cursor ? "the newest 50, then live" : "";
+  $("jobs-note").textContent = page.next_cursor ? `the newest ${MAX_ROWS}, then live` : "";
 }
 
 async function main() {

@@ -622,6 +622,22 @@ async def test_delete_cancels_a_queued_job_and_ends_its_events(
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
 
 
+async def test_a_cancelled_jobs_results_skip_chunks_never_made_without_empty_pages(
+    client: httpx.AsyncClient, redis: Any
+) -> None:
+    job_id = await submit(client, texts(40))  # ten chunks of four; no worker runs
+    await client.delete(f"/v1/jobs/{job_id}")
+    meta = {"n": 4, "dims": DIMS, "ids": None, "truncated": [], "errors": {}, "tokens": 16}
+    await redis.hset(KEYS.vectors(job_id), mapping={  # as if chunk 7 had been made
+        "v:7": np.ones((4, DIMS), "<f4").tobytes(), "m:7": json.dumps(meta)})
+    page = (await client.get(f"/v1/jobs/{job_id}/results", params={"limit": 3})).json()
+    assert [r["index"] for r in page["results"]] == [28, 29, 30]
+    assert page["next_cursor"] == "31"
+    rest = (await client.get(f"/v1/jobs/{job_id}/results", params={"cursor": "31"})).json()
+    assert [r["index"] for r in rest["results"]] == [31]
+    assert rest["next_cursor"] is None, "chunks 8 and 9 were never made: the page ends the job"
+
+
 async def test_the_event_stream_of_a_finished_job_replays_it_and_resumes(
     client: httpx.AsyncClient, worker: Worker
 ) -> None:
