@@ -301,7 +301,7 @@ async function main() {
     button.hidden = false;
     button.addEventListener("click", async () => { await send("DELETE", "/v1/session"); location.reload(); });
   }
-  await seedJobs();
+  await seedJobs().catch((error) => { $("jobs-note").textContent = `(no job list: ${error.message})`; });
   const conn = $("conn");
   const lifecycle = (status) => (data) => update(data, status);
   new Feed("/v1/events", {
