@@ -299,21 +299,23 @@ def mcp(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = Non
     _logging(log_level, log_format)
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model)
     from mcp_server.agents import run_stdio
-    from pipeline.embedded import find_running
+    from pipeline.embedded import find_running, redis_for
 
-    if not settings.redis_url and find_running(settings.data_dir) is None:
-        # stdout is the protocol's: tell the agent's user on stderr, which
-        # desktop agents show in their MCP server logs.
+    # stdout is the protocol's: tell the agent's user on stderr, which
+    # desktop agents show in their MCP server logs.
+    where = f"the data dir {settings.data_dir.resolve()} (EMBEDSTREAM_DATA_DIR)"
+    if settings.redis_url:
+        where = "EMBEDSTREAM_REDIS_URL"
+    elif find_running(settings.data_dir) is None:
         typer.echo(
-            f"embedstream mcp: no running `embedstream up` uses the data dir "
-            f"{settings.data_dir.resolve()} (EMBEDSTREAM_DATA_DIR), and EMBEDSTREAM_REDIS_URL "
-            "is unset; starting an embedded Redis there, which no worker serves. Start "
-            "`embedstream up` with that data dir, or set EMBEDSTREAM_DATA_DIR or "
-            "EMBEDSTREAM_REDIS_URL in the agent's config to the ones `up` uses.", err=True)
-    else:
-        typer.echo(f"embedstream mcp: Redis {settings.redis_url or 'of the running up in '}"
-                   f"{'' if settings.redis_url else settings.data_dir.resolve()}", err=True)
-    asyncio.run(run_stdio(settings))
+            f"embedstream mcp: no running `embedstream up` uses {where}, and "
+            "EMBEDSTREAM_REDIS_URL is unset: starting an embedded Redis there, which no "
+            "worker serves. Start `embedstream up` with that data dir, or set "
+            "EMBEDSTREAM_DATA_DIR or EMBEDSTREAM_REDIS_URL in the agent's config to the ones "
+            "`up` uses.", err=True)
+    with redis_for(settings) as url:
+        typer.echo(f"embedstream mcp: using Redis {url} (from {where})", err=True)
+        asyncio.run(run_stdio(settings.replace(redis_url=url)))
 
 
 Url = Annotated[str | None, typer.Option(

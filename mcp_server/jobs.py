@@ -71,6 +71,10 @@ async def create_job(request: Request) -> Response:
         job = await pipeline.commit(writer, items(), key)
     else:
         body = await json_body(request)
+        if "input" in body and "inputs" not in body:  # the OpenAI field, sent here by habit
+            raise InvalidInput("POST /v1/jobs takes 'inputs' (a list of strings or {id, text, "
+                               "metadata} objects), not 'input'; 'input' is the field of "
+                               "POST /v1/embeddings")
         options = parse_options({k: v for k, v in body.items() if k != "inputs"})
         inputs = body.get("inputs")
         if not isinstance(inputs, list):

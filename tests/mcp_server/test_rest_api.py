@@ -622,6 +622,16 @@ async def test_delete_cancels_a_queued_job_and_ends_its_events(
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
 
 
+async def test_input_instead_of_inputs_is_a_422_that_names_inputs(
+    client: httpx.AsyncClient, redis: Any
+) -> None:
+    response = await client.post("/v1/jobs", json={"input": ["a cat"]})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "takes 'inputs'" in message and "POST /v1/embeddings" in message
+    assert await redis.keys("es:{*}:job") == []
+
+
 async def test_a_cancelled_jobs_results_skip_chunks_never_made_without_empty_pages(
     client: httpx.AsyncClient, redis: Any
 ) -> None:
