@@ -47,6 +47,10 @@ DataDir = Annotated[Path | None, typer.Option(
     help=_env("data_dir", "Where the embedded server keeps its data"), show_default=False)]
 Model = Annotated[str | None, typer.Option(
     help=_env("model", "sentence-transformers model name or path"), show_default=False)]
+Models = Annotated[list[str] | None, typer.Option(
+    "--model", help=_env("model", "Model to serve (name or path); repeat it to serve several "
+                         "models, each with its own workers; the first is the default"),
+    show_default=False)]
 Backend = Annotated[str | None, typer.Option(
     help=_env("backend", "How workers run the model: torch, or module:Factory"),
     show_default=False)]
@@ -219,31 +223,35 @@ def _stopper(stop: asyncio.Event) -> Any:
 
 
 @app.command()
-def up(workers: Annotated[int, typer.Option(help="Worker processes to start")] = 1,
-       redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = None,
+def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] = 1,
+       redis_url: RedisUrl = None, data_dir: DataDir = None, model: Models = None,
        backend: Backend = None, device: Device = None, host: Host = None, port: Port = None,
        api_keys: ApiKeys = None, insecure: Insecure = False, log_level: LogLevel = "info",
        log_format: LogFormat = "text") -> None:
     """Everything on one machine: embedded Redis (unless a URL is set), workers, server."""
     _logging(log_level, log_format)
-    settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model, backend=backend,
+    settings = _settings(redis_url=redis_url, data_dir=data_dir,
+                         model=model[0] if model else None, backend=backend,
                          device=device, host=host, port=port, api_keys=_api_keys(api_keys),
                          insecure=insecure or None)
     _check_bind(settings)
+    models = list(dict.fromkeys(model or [settings.model]))
     from pipeline.embedded import redis_for
 
     with redis_for(settings) as url:
         settings = settings.replace(redis_url=url)
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
-        children = [_spawn_worker(settings, log_level, log_format, threads)
-                    for _ in range(workers)]
+        total = workers * len(models)
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, total)))
+        children = [_spawn_worker(settings.replace(model=name), log_level, log_format, threads)
+                    for name in models for _ in range(workers)]
         try:
-            asyncio.run(_serve(settings, log_level, lambda: _announce(settings, workers)))
+            asyncio.run(_serve(settings, log_level,
+                               lambda: _announce(settings, total, models)))
         finally:
             _stop_children(children)
 
 
-async def _announce(settings: Settings, workers: int) -> None:
+async def _announce(settings: Settings, workers: int, models: list[str]) -> None:
     """Print the URLs (the port is bound), then one `ready` line once a worker is up."""
     from pipeline.connections import connect
     from pipeline.keys import Keys
@@ -253,7 +261,7 @@ async def _announce(settings: Settings, workers: int) -> None:
     for line in (f"redis:     {settings.redis_url}", f"api:       {base}/v1/jobs",
                  f"dashboard: {base}/", f"metrics:   {base}/metrics",
                  f"mcp:       {base}/mcp (streamable HTTP), {base}/sse (legacy)",
-                 f"workers:   {workers} starting (model {settings.model})"):
+                 f"workers:   {workers} starting (model {', '.join(models)})"):
         typer.echo(line, err=True)
     assert settings.redis_url
     redis = connect(settings.redis_url)

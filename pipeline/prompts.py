@@ -27,9 +27,10 @@ def resolve_prompt(options: JobOptions, model: ModelInfo) -> str:
         return options.prompt
     if options.prompt_name is not None:
         if options.prompt_name not in model.prompts:
-            known = ", ".join(repr(name) for name in sorted(model.prompts)) or "none"
-            raise InvalidInput(f"unknown prompt_name {options.prompt_name!r}: {model.name} has "
-                               f"the prompts {known}; or pass a literal 'prompt'",
+            known = ", ".join(repr(name) for name in sorted(model.prompts))
+            has = f"has the prompts {known}" if known else "has no prompts"
+            raise InvalidInput(f"unknown prompt_name {options.prompt_name!r}: {model.name} "
+                               f"{has}; or pass a literal 'prompt'",
                                prompts=sorted(model.prompts))
         return model.prompts[options.prompt_name]
     if model.default_prompt_name:
