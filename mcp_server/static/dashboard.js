@@ -160,13 +160,27 @@ function noteFailure(job) {
   }));
 }
 
+// Workers commit whole batches, so texts/s between two 2-second samples jumps
+// between 0 and a batch's worth; the page shows it over a sliding 10 s instead.
+const totals = [];
+const SMOOTH_MS = 10000;
+
+function smoothedRate(stats, atMs = Date.now()) {
+  totals.push([atMs, Number(stats.texts_total)]);
+  while (totals.length > 2 && totals[1][0] <= atMs - SMOOTH_MS) totals.shift();
+  if (totals.length < 2) return stats.texts_per_s;
+  const [t0, n0] = totals[0], [t1, n1] = totals[totals.length - 1];
+  return t1 > t0 ? Math.max(0, ((n1 - n0) * 1000) / (t1 - t0)) : stats.texts_per_s;
+}
+
 function renderStats(stats) {
+  const rate = smoothedRate(stats);
   $("stat-workers").textContent = stats.workers;
-  $("stat-rate").textContent = stats.texts_per_s === null ? "–" : formatRate(stats.texts_per_s);
+  $("stat-rate").textContent = rate === null || rate === undefined ? "–" : formatRate(rate);
   $("stat-queued").textContent = stats.queued_chunks;
   $("stat-running").textContent = stats.running_chunks;
   $("stat-total").textContent = Number(stats.texts_total).toLocaleString("en");
-  chart.add(stats.texts_per_s);
+  chart.add(rate);
   if (stats.lanes) renderLanes(stats.lanes);
   if (stats.worker_list) renderWorkers(stats.worker_list);
 }

@@ -118,12 +118,13 @@ def start_server_on(redis_url: str, log_dir: Path, port: int, tag: str) -> Proce
 
 @pytest.mark.slow
 def test_results_survive_a_server_restart_mid_job(tmp_path: Path) -> None:
-    texts = [f"restart text {i}" for i in range(1500)]
+    texts = [f"restart text {i}" for i in range(1000)]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with EmbeddedRedis(tmp_path / "redis", binary="valkey") as redis_server:
         worker = start_worker(redis_server.url, tmp_path, "slow",
                               EMBEDSTREAM_BACKEND="fakes:SlowEmbedder",
+                              EMBEDSTREAM_CALIBRATE="0",
                               EMBEDSTREAM_FAKE_DELAY_S="0.2", EMBEDSTREAM_BATCH_MAX_TEXTS="32")
         servers = [start_server_on(redis_server.url, tmp_path, port, "first")]
         try:

@@ -50,6 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         try:
             processes.append(start_worker(server.url, root, "fake",
                                           EMBEDSTREAM_BACKEND="fakes:SlowEmbedder",
+                                          EMBEDSTREAM_CALIBRATE="0",
                                           EMBEDSTREAM_FAKE_DELAY_S="0.02"))
             process, base = start_server(server.url, root)
             processes.append(process)
@@ -208,7 +209,7 @@ def test_submit_of_3000_lines_with_the_real_model_equals_a_direct_encode(tmp_pat
     source.write_text("\n".join(texts) + "\n")
     out = tmp_path / "sts.npy"
     with EmbeddedRedis(tmp_path / "redis", binary="valkey") as server:
-        worker = start_worker(server.url, tmp_path, "real")
+        worker = start_worker(server.url, tmp_path, "real", EMBEDSTREAM_CALIBRATE="0")
         process, base = start_server(server.url, tmp_path)
         try:
             wait_for_workers(base, 1)
