@@ -4,15 +4,19 @@ A backend returns raw model output plus each text's token count (special
 tokens included, before truncation), so the worker can flag `truncated`
 inputs and report token usage without tokenizing twice in Python.
 
-`EMBEDSTREAM_BACKEND` picks the backend: `torch` (sentence-transformers as it
-is), or `package.module:Factory`, a callable taking `Settings` and returning an
-Embedder; tests use that to plug in an embedder they control.
+`EMBEDSTREAM_BACKEND` picks the backend: `onnx` (the default: ONNX Runtime,
+see `pipeline.onnx_backend`), `onnx-int8`, `torch` (sentence-transformers as
+it is), or `package.module:Factory`, a callable taking `Settings` and
+returning an Embedder; tests use that to plug in an embedder they control.
+A model that cannot run on ONNX falls back to torch, and says so in the log;
+`backend_of(embedder)` is what a job records as the backend it ran on.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,6 +25,7 @@ import numpy as np
 
 from pipeline.errors import UnknownModel
 from pipeline.models import ModelInfo, canonical_model_name, model_source
+from pipeline.runtime import check_dtype, compute_threads, torch_device
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,15 +55,20 @@ class SentenceTransformerEmbedder:
     """The `torch` backend: sentence-transformers' own encode()."""
 
     def __init__(self, settings: Settings, batch_size: int = 32) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
         name = canonical_model_name(settings.model)
-        device = None if settings.device == "auto" else settings.device
+        device = torch_device(settings.device)
+        torch.set_num_threads(compute_threads())
         started = time.perf_counter()
         try:
             self.model = SentenceTransformer(model_source(name), device=device)
         except OSError as exc:
             raise UnknownModel(f"cannot load model {name!r}: {exc}") from exc
+        if check_dtype(settings.dtype) == "float16" and device.startswith("cuda"):
+            self.model.half()  # opt-in: fp16 on a GPU; on a CPU it is slower, so not there
+        self.revision = _revision(name)
         get_dimension = (getattr(self.model, "get_embedding_dimension", None)
                          or self.model.get_sentence_embedding_dimension)
         dimensions = get_dimension() or 0
@@ -119,14 +129,39 @@ def shape_vectors(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def _revision(name: str) -> str | None:
+    """A hash of the model's local files (None when they are not local: no cache then)."""
+    from pipeline.onnx_backend import ExportFailed, model_folder, model_revision
+
+    try:
+        return model_revision(model_folder(name))
+    except (ExportFailed, OSError):
+        return None
+
+
+def backend_of(embedder: Embedder) -> str:
+    """The backend an embedder runs on, as jobs record it."""
+    return embedder.info.backend or "custom"
+
+
 def load_embedder(settings: Settings) -> Embedder:
     """Build the embedder named by `settings.backend`."""
     backend = settings.backend
     if backend == "torch":
         return SentenceTransformerEmbedder(settings)
+    if backend in ("onnx", "onnx-int8"):
+        from pipeline.onnx_backend import ExportFailed, OnnxEmbedder
+
+        try:
+            return OnnxEmbedder(settings, quantized=backend == "onnx-int8")
+        except (ExportFailed, OSError, subprocess.SubprocessError) as exc:
+            logger.warning("model %s cannot run on the %s backend (%s); falling back to torch",
+                           settings.model, backend, exc)
+            return SentenceTransformerEmbedder(settings)
     if ":" in backend:
         module_name, _, attr = backend.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
         embedder: Embedder = factory(settings)
         return embedder
-    raise UnknownModel(f"unknown backend {backend!r}; use 'torch' or 'module:Factory'")
+    raise UnknownModel(f"unknown backend {backend!r}; use 'onnx', 'onnx-int8', 'torch' "
+                       "or 'module:Factory'")

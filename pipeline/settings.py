@@ -23,8 +23,16 @@ class Settings:
     redis_url: str | None = None
     data_dir: Path = Path(".embedstream")
     model: str = "all-MiniLM-L6-v2"
-    backend: str = "torch"
+    backend: str = "onnx"
     device: str = "auto"
+    # torch precision on a GPU: "float16" is opt-in.
+    dtype: str = "float32"
+    # Where ONNX exports are cached; None: <data_dir>/onnx.
+    export_dir: Path | None = None
+    # The shared embedding cache in Redis (EMBEDSTREAM_CACHE=off disables it).
+    cache: bool = True
+    cache_ttl_s: int = 7 * 24 * 3600
+    cache_max_entries: int = 200_000
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
@@ -38,6 +46,9 @@ class Settings:
     chunk_size: int = 32
     fast_lane_max_texts: int = 32
     batch_max_texts: int = 128
+    # One model call: the fast lane is served between calls, so these bound its wait.
+    call_max_texts: int = 32
+    call_max_tokens: int = 1024
     max_inputs: int = 1_000_000
     max_text_chars: int = 100_000
     block_ms: int = 2_000
@@ -75,6 +86,8 @@ def _coerce(name: str, raw: str) -> Any:
     default = {f.name: f for f in dataclasses.fields(Settings)}[name].default
     if name == "redis_url":
         return raw or None
+    if name == "export_dir":
+        return Path(raw) if raw else None
     if isinstance(default, bool):
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     if isinstance(default, int):

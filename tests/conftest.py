@@ -12,9 +12,14 @@ binary, so never skipped) starts for the session when a test first asks for
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One ONNX export for every test and worker process of every run on this machine
+# (exports are keyed by model revision and onnxruntime version, written atomically).
+os.environ.setdefault("EMBEDSTREAM_EXPORT_DIR",
+                      os.path.join(tempfile.gettempdir(), "embedstream-test-exports"))
 
 from collections.abc import Iterator
 from pathlib import Path

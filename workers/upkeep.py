@@ -145,13 +145,17 @@ class Upkeep:
 
     @contextlib.contextmanager
     def leasing(self, entries: Iterable[Entry]) -> Iterator[None]:
-        """Keep renewing these entries' leases while the block runs."""
-        for entry in entries:
-            self._leased.setdefault(entry.stream, set()).add(entry.entry_id)
+        """Keep renewing these entries' leases while the block runs (blocks may nest)."""
+        mine = [(entry.stream, entry.entry_id) for entry in entries]
+        for stream, entry_id in mine:
+            self._leased.setdefault(stream, set()).add(entry_id)
         try:
             yield
         finally:
-            self._leased.clear()
+            # Only this block's entries: the fast lane is served inside a bulk
+            # batch's block, whose entries must stay leased.
+            for stream, entry_id in mine:
+                self._leased.get(stream, set()).discard(entry_id)
 
     async def renew_leases(self) -> None:
         """Reset the idle time of entries being worked on (JUSTID: no delivery bump)."""

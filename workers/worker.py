@@ -23,6 +23,12 @@ Heartbeat and lease renewal go on until then, so a long last batch is neither
 reclaimed nor its worker announced dead. Exiting at once on a second signal
 is the CLI's: the entries in hand stay pending and are reclaimed after the
 visibility timeout.
+
+A batch is embedded in several short model calls (`workers.batching`);
+between two of them the worker serves the fast lane, so an interactive
+request waits for at most about one call, not for a whole bulk batch. A
+worker claims at most one model call's worth of fast-lane texts at a time,
+so it never sits on interactive work while its peers idle.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import feed, metrics
+from pipeline.cache import EmbeddingCache, fingerprint
 from pipeline.connections import connect
+from pipeline.embedder import backend_of
 from pipeline.keys import GROUP, Keys
 from pipeline.results import parse_committed, queue_commit, queue_mark_started
 from workers.batch import (
@@ -51,12 +59,12 @@ from workers.batch import (
     Work,
     chunk_result,
     embed_attempted,
-    embed_work,
     failed_result,
     load_work,
     open_attempts,
     parse_entry,
 )
+from workers.batching import BetweenCalls, ModelCalls
 from workers.upkeep import Upkeep
 
 if TYPE_CHECKING:
@@ -87,6 +95,18 @@ class Worker:
         self.blocking: RedisClient | None = None
         self.upkeep: Upkeep | None = None
         self.stopping = asyncio.Event()
+        self.backend = backend_of(embedder)
+        self.calls = ModelCalls(embedder, None, max_texts=settings.call_max_texts,
+                                max_tokens=settings.call_max_tokens)
+
+    def _cache(self, redis: RedisClient) -> EmbeddingCache | None:
+        """The shared cache, for embedders that say which revision of the model they run."""
+        revision = getattr(self.embedder, "revision", None)
+        if not self.settings.cache or revision is None:
+            return None
+        name = fingerprint(self.model, str(revision), self.backend, self.settings.dtype)
+        return EmbeddingCache(redis, self.keys, name, ttl_s=self.settings.cache_ttl_s,
+                              max_entries=self.settings.cache_max_entries)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; finish the batch in hand, then deregister."""
@@ -95,7 +115,8 @@ class Worker:
         self.redis = connect(self.settings.redis_url)
         self.blocking = connect(self.settings.redis_url, blocking=True, max_connections=4)
         info = self.embedder.info
-        info = dataclasses.replace(info, backend=info.backend or self.settings.backend)
+        info = dataclasses.replace(info, backend=info.backend or self.backend)
+        self.calls.cache = self._cache(self.redis)
         self.upkeep = Upkeep(self.redis, self.keys, self.settings, self.worker_id, info,
                              self.streams)
         try:
@@ -160,22 +181,59 @@ class Worker:
         if stale:
             return stale
         fast, bulk = self.streams
-        budget = self.settings.batch_max_texts
-        reply = await self.redis.xreadgroup(GROUP, self.worker_id, {fast: ">"}, count=budget)
+        entries = await self._claim_fast()
+        if entries:
+            return entries  # alone: the bulk lane can wait one short batch
+        # COUNT is per stream: one entry of each lane at most, then bulk up to the budget.
+        reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {fast: ">", bulk: ">"},
+                                               count=1, block=self.settings.block_ms)
         entries = _entries(reply)
-        room = (budget - sum(e.size for e in entries)) // self.settings.chunk_size
-        if not entries:
-            reply = await self.blocking.xreadgroup(
-                GROUP, self.worker_id, {fast: ">", bulk: ">"},
-                count=max(1, room), block=self.settings.block_ms)
-            entries = _entries(reply)
-        elif room > 0:
+        room = (self.settings.batch_max_texts - sum(e.size for e in entries)) \
+            // self.settings.chunk_size
+        if entries and room > 0:
             reply = await self.redis.xreadgroup(GROUP, self.worker_id, {bulk: ">"}, count=room)
             entries += _entries(reply)
         return entries
 
-    async def process(self, entries: list[Entry]) -> None:
-        """Embed and commit claimed entries, at most `batch_max_texts` texts a model call."""
+    async def _claim_fast(self) -> list[Entry]:
+        """Fast-lane entries, one at a time, up to one model call's worth of texts.
+
+        One at a time because an entry may carry up to `fast_lane_max_texts`
+        texts: reading a whole batch's count of entries at once is how one
+        worker came to hoard the lane while its peers idled.
+        """
+        assert self.redis is not None
+        entries: list[Entry] = []
+        while sum(e.size for e in entries) < self.settings.call_max_texts:
+            reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.streams[0]: ">"},
+                                                count=1)
+            claimed = _entries(reply)
+            if not claimed:
+                break
+            entries += claimed
+        return entries
+
+    async def _serve_fast_lane(self) -> None:
+        """Between two model calls of a bulk batch: embed and commit waiting fast-lane work."""
+        if self.stopping.is_set():
+            return  # draining: claim nothing new
+        entries = await self._claim_fast()
+        if entries:
+            await self.process(entries, interruptible=False)
+
+    async def process(self, entries: list[Entry], interruptible: bool = True) -> None:
+        """Embed and commit claimed entries, at most `batch_max_texts` texts a batch.
+
+        Fast-lane entries claimed together with bulk ones go first, on their own:
+        sorted in with the bulk texts by length they could land in the last call.
+        """
+        fast = [e for e in entries if e.stream == self.streams[0]]
+        if fast and len(fast) < len(entries):
+            await self._process(fast, interruptible=False)
+            entries = [e for e in entries if e.stream != self.streams[0]]
+        await self._process(entries, interruptible)
+
+    async def _process(self, entries: list[Entry], interruptible: bool) -> None:
         assert self.redis is not None and self.upkeep is not None
         if self.stopping.is_set():  # claimed as the stop came: not started, so handed back
             await self.upkeep.release(entries)
@@ -190,21 +248,22 @@ class Worker:
         steps = [[w] for w in work if w.entry.deliveries > 1]
         steps += batches([w for w in work if w.entry.deliveries == 1],
                          self.settings.batch_max_texts)
+        between = self._serve_fast_lane if interruptible else None
         with self.upkeep.leasing(w.entry for w in work):
             for number, group in enumerate(steps):
                 if number and self.stopping.is_set():
                     await self.upkeep.release([w.entry for g in steps[number:] for w in g])
                     return
-                await self._embed_and_commit(group)
+                await self._embed_and_commit(group, between)
 
-    async def _embed_and_commit(self, group: list[Work]) -> None:
+    async def _embed_and_commit(self, group: list[Work], between: BetweenCalls | None) -> None:
         assert self.redis is not None
         started = time.perf_counter()
         if group[0].entry.deliveries > 1:
             await embed_attempted(self.redis, self.keys, self.embedder, group[0],
                                   self.settings.result_ttl_s)
         else:
-            await embed_work(self.embedder, group)
+            await self.calls.embed(group, between_calls=between)
         embed_s = time.perf_counter() - started
         max_seq = self.embedder.info.max_seq_length
         await self.commit([chunk_result(w, max_seq) for w in group], [w.entry for w in group])

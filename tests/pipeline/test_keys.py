@@ -124,3 +124,14 @@ def test_keys_shared_across_jobs_have_slots_of_their_own() -> None:
               keys.heartbeat("w"), keys.idempotency("", "k"), keys.texts_counter]
     assert job_slot not in {key_slot(name) for name in shared}
     assert key_slot(keys.queue(MODEL, "fast")) == key_slot(keys.queue(MODEL, "bulk"))
+
+
+def test_cache_keys_are_pinned_and_spread_over_slots() -> None:
+    keys = Keys("es")
+    assert keys.cache_entry("fp1", "ab12") == "es:cache:fp1:ab12"
+    assert keys.cache_index == "es:cache:index"
+    assert keys.cache_hits == "es:stats:cache_hits"
+    assert keys.cache_misses == "es:stats:cache_misses"
+    entries = [keys.cache_entry("fp1", f"{i:032x}") for i in range(64)]
+    assert not any("{" in name for name in entries)
+    assert len({key_slot(name) for name in entries}) > 32

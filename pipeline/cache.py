@@ -1,0 +1,151 @@
+"""The shared embedding cache: raw model output per text, in Redis, for every worker.
+
+An entry is keyed by a fingerprint of what makes the vector (model,
+revision: a hash of the model's files, backend, precision) and a hash of
+the text as the model sees it (`text_hash`: the place where a prompt or any
+other input that changes the raw vector joins the text). The value is the
+raw model output (float32 bytes) and the text's token count, before any
+`dimensions` or `normalize` is applied, so every job's options reuse it.
+
+Bounds:
+
+- every entry has a TTL (`cache_ttl_s`, refreshed when stored again);
+- `cache:index` (a sorted set of entry key -> time stored) caps the number
+  of entries at `cache_max_entries`: past it, the oldest stored are deleted.
+  Only cache keys are ever deleted here, never a queue or job key.
+- Under Redis `maxmemory`: with `noeviction` (Valkey's default, and what a
+  queue wants) a write that hits the limit fails; cache writes are best
+  effort, so that is a lost cache entry, never a failed batch. With a
+  `volatile-*` or `allkeys-*` policy Redis itself may evict cache entries
+  (fine) but also job and queue keys (not fine): do not run embedstream
+  under those policies; size `cache_max_entries` to fit instead (an entry of
+  all-MiniLM-L6-v2 is about 1.7 kB with its index member).
+
+Deliberate choices, so nobody "fixes" them: entries carry no hash tag and
+are read and written with per-key commands in a non-transactional pipeline,
+so on Redis Cluster they spread over every node and no command spans slots.
+A cache failure of any kind degrades to a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from pipeline.connections import RedisClient
+    from pipeline.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+_TOKENS = np.dtype("<i4")
+
+
+def fingerprint(model: str, revision: str, backend: str, dtype: str = "float32") -> str:
+    """A short name for everything besides the text that changes a raw vector."""
+    raw = "\0".join((model, revision, backend, dtype)).encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def text_hash(text: str, prompt: str = "") -> str:
+    """The hash of a text as the model sees it (a prompt, when given, is part of it)."""
+    return hashlib.blake2b(f"{prompt}\0{text}".encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class Cached:
+    """One text's raw vector and token count."""
+
+    vector: np.ndarray[Any, np.dtype[np.float32]]
+    tokens: int
+
+
+def pack(vector: np.ndarray[Any, np.dtype[np.float32]], tokens: int) -> bytes:
+    """Token count (int32) then the float32 vector, little-endian."""
+    return np.array([tokens], _TOKENS).tobytes() + vector.astype("<f4", copy=False).tobytes()
+
+
+def unpack(raw: bytes) -> Cached:
+    """The inverse of `pack`."""
+    tokens = int(np.frombuffer(raw[:4], _TOKENS)[0])
+    return Cached(np.frombuffer(raw[4:], "<f4").astype(np.float32), tokens)
+
+
+class EmbeddingCache:
+    """Look up and store raw vectors of one (model, revision, backend) in Redis."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, fingerprint: str, *,
+                 ttl_s: int, max_entries: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.fingerprint = fingerprint
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+
+    def key(self, text: str, prompt: str = "") -> str:
+        """The entry key of one text."""
+        return self.keys.cache_entry(self.fingerprint, text_hash(text, prompt))
+
+    async def lookup(self, texts: Sequence[str]) -> dict[str, Cached]:
+        """The cached entries among `texts` (distinct texts expected); counts hits and misses."""
+        if not texts:
+            return {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for text in texts:
+                    pipe.get(self.key(text))
+                replies = await pipe.execute()
+        except RedisError:
+            logger.warning("embedding cache unreadable; embedding everything", exc_info=True)
+            return {}
+        found = {text: unpack(raw) for text, raw in zip(texts, replies, strict=True)
+                 if raw is not None and len(raw) > 4}
+        await self._count(len(found), len(texts) - len(found))
+        return found
+
+    async def store(self, entries: dict[str, Cached]) -> None:
+        """Store new entries (best effort), then hold the cache to its size cap."""
+        if not entries:
+            return
+        now = time.time()
+        names = {text: self.key(text) for text in entries}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for text, cached in entries.items():
+                    pipe.set(names[text], pack(cached.vector, cached.tokens), ex=self.ttl_s)
+                pipe.zadd(self.keys.cache_index, {name: now for name in names.values()})
+                pipe.zremrangebyscore(self.keys.cache_index, "-inf", now - self.ttl_s)
+                pipe.zcard(self.keys.cache_index)
+                replies = await pipe.execute(raise_on_error=False)
+            size = replies[-1]
+            if isinstance(size, int) and size > self.max_entries:
+                await self._evict(size - self.max_entries)
+        except RedisError:
+            logger.warning("embedding cache write failed; carrying on without", exc_info=True)
+
+    async def _evict(self, count: int) -> None:
+        # ZPOPMIN is atomic, so two workers evicting at once pop different entries.
+        popped = await self.redis.zpopmin(self.keys.cache_index, count)
+        if popped:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, _ in popped:
+                    pipe.delete(name)  # one key a command: entries live in many slots
+                await pipe.execute()
+
+    async def _count(self, hits: int, misses: int) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if hits:
+                    pipe.incrby(self.keys.cache_hits, hits)
+                if misses:
+                    pipe.incrby(self.keys.cache_misses, misses)
+                await pipe.execute()
+        except RedisError:
+            logger.debug("cache counters not updated", exc_info=True)

@@ -1,0 +1,91 @@
+"""The ONNX backends against sentence-transformers itself, on the STS-B dev split."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sts_data import STS_DEV
+
+from pipeline.embedder import SentenceTransformerEmbedder, backend_of, load_embedder
+from pipeline.onnx_backend import ensure_exported, export_path, model_folder, token_runs
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def dev_texts() -> list[str]:
+    texts: list[str] = []
+    with STS_DEV.open(encoding="utf-8") as handle:
+        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            texts += [row[5], row[6]]
+    return list(dict.fromkeys(texts))
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shared = os.environ.get("EMBEDSTREAM_EXPORT_DIR")
+    return Path(shared) if shared else tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture(scope="module")
+def torch_vectors() -> Any:
+    embedder = SentenceTransformerEmbedder(Settings(backend="torch", device="cpu"))
+    return embedder.embed(dev_texts())
+
+
+def cosines(a: Any, b: Any) -> Any:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_onnx_matches_torch_on_every_dev_text(export_dir: Path, torch_vectors: Any) -> None:
+    embedder = load_embedder(Settings(backend="onnx", device="cpu", export_dir=export_dir))
+    assert backend_of(embedder) == "onnx"
+    got = embedder.embed(dev_texts())
+    assert cosines(got.vectors, torch_vectors.vectors).min() >= 0.99999
+    assert np.array_equal(got.token_counts, torch_vectors.token_counts)
+
+
+def test_int8_stays_close_to_fp32(export_dir: Path, torch_vectors: Any) -> None:
+    embedder = load_embedder(Settings(backend="onnx-int8", device="cpu", export_dir=export_dir))
+    assert backend_of(embedder) == "onnx-int8"
+    texts = dev_texts()[:400]
+    got = embedder.embed(texts)
+    assert cosines(got.vectors, torch_vectors.vectors[:400]).mean() > 0.98
+
+
+def test_export_is_reused_from_the_cache(export_dir: Path) -> None:
+    folder = model_folder("all-MiniLM-L6-v2")
+    from pipeline.onnx_backend import model_revision
+
+    target = export_path(export_dir, "all-MiniLM-L6-v2", model_revision(folder), False)
+    ensure_exported(folder, target, quantized=False)
+    stamp = target.stat().st_mtime_ns
+    assert ensure_exported(folder, target, quantized=False) == target
+    assert target.stat().st_mtime_ns == stamp
+    assert not [p for p in export_dir.iterdir() if p.suffix == ".tmp"]
+
+
+def test_a_model_that_will_not_export_falls_back_to_torch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = model_folder("all-MiniLM-L6-v2")
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for path in folder.iterdir():
+        if path.name != "tokenizer.json":
+            (broken / path.name).symlink_to(path)
+    embedder = load_embedder(Settings(backend="onnx", device="cpu", model=str(broken),
+                                      export_dir=tmp_path / "exports"))
+    assert backend_of(embedder) == "torch"
+    assert "falling back to torch" in caplog.text
+
+
+def test_token_runs_cut_by_padded_tokens_not_count() -> None:
+    lengths = np.array([5] * 10 + [100] * 3)
+    runs = token_runs(lengths, max_texts=64, max_tokens=200)
+    assert [(r.start, r.stop) for r in runs] == [(0, 10), (10, 12), (12, 13)]

@@ -1,0 +1,173 @@
+"""Model calls: deduplicated, cached, cut by tokens, and the fast lane served between them."""
+
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import numpy as np
+import pytest
+from fakes import HashEmbedder, expected_vector, raw_vector
+from test_worker_recovery import all_rows, create_groups, quick, running, submit, wait_end
+
+from pipeline.cache import Cached, EmbeddingCache, fingerprint
+from pipeline.keys import Keys
+from pipeline.models import DEFAULT_MODEL
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+from workers.batch import Entry, Work
+from workers.batching import ModelCalls
+from workers.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+KEYS = Keys("es")
+DIMS = 384
+
+
+class CachingEmbedder(HashEmbedder):
+    """A fake that names its model revision, as real backends do, so the cache is used."""
+
+    revision = "fake-revision-1"
+
+
+class StallingEmbedder(CachingEmbedder):
+    """Holds the first call of bulk texts until the test lets it go."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.first_call = threading.Event()
+        self.release = threading.Event()
+
+    def before_embed(self, texts: Sequence[str]) -> None:
+        if any(t.startswith("bulk") for t in texts) and not self.first_call.is_set():
+            self.first_call.set()
+            self.release.wait(20)
+
+
+@pytest.fixture
+def fast_settings(settings: Settings) -> Settings:
+    return quick(settings).replace(call_max_texts=4, batch_max_texts=16)
+
+
+@pytest.fixture
+async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
+    service = Pipeline(fast_settings)
+    try:
+        yield service
+    finally:
+        await service.close()
+
+
+def work_of(texts: list[str], chunk: int = 0) -> Work:
+    return Work(Entry("s", b"1-0", "j" * 32, chunk, len(texts)), texts, [None] * len(texts),
+                normalize=True, dimensions=None)
+
+
+async def test_duplicate_texts_in_one_batch_are_embedded_once(settings: Settings) -> None:
+    embedder = HashEmbedder(settings)
+    calls = ModelCalls(embedder, None, max_texts=32, max_tokens=4096)
+    work = [work_of(["a", "b", "a"]), work_of(["b", "c"], chunk=1)]
+    await calls.embed(work)
+    assert sorted(embedder.embedded_texts) == ["a", "b", "c"]
+    assert work[0].vectors is not None and work[1].vectors is not None
+    assert np.array_equal(work[0].vectors[0], work[0].vectors[2])
+    assert np.array_equal(work[1].vectors[0], raw_vector("b", DIMS))
+
+
+async def test_calls_are_cut_by_padded_tokens_so_one_long_text_pads_no_short_one(
+    settings: Settings
+) -> None:
+    calls = ModelCalls(HashEmbedder(settings), None, max_texts=32, max_tokens=200)
+    long_text = "word " * 150
+    groups = calls.calls(["short one", long_text, "short two", "short three"])
+    assert groups[-1] == [long_text]
+    assert all(long_text not in group for group in groups[:-1])
+    assert len(groups[0]) == 3
+
+
+async def test_resubmitted_texts_come_from_the_cache_with_the_same_vectors(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    texts = [f"cached text {i}" for i in range(10)]
+    embedder = CachingEmbedder(fast_settings)
+    async with running(fast_settings, embedder):
+        first = await submit(pipeline, texts)
+        await wait_end(pipeline, first)
+        calls_after_first = len(embedder.calls)
+        second = await submit(pipeline, texts, dimensions=64, normalize=False)
+        await wait_end(pipeline, second)
+    assert len(embedder.calls) == calls_after_first  # the model was not called again
+    rows = await all_rows(pipeline, second)
+    for row, text in zip(rows, texts, strict=True):
+        assert row["embedding"] == pytest.approx(
+            expected_vector(text, DIMS, output_dimensions=64), abs=1e-6)
+    hits = int(await pipeline.redis.get(KEYS.cache_hits))
+    misses = int(await pipeline.redis.get(KEYS.cache_misses))
+    assert (hits, misses) == (10, 10)
+
+
+async def test_with_the_cache_off_every_job_is_embedded(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    settings = fast_settings.replace(cache=False)
+    embedder = CachingEmbedder(settings)
+    async with running(settings, embedder):
+        for _ in range(2):
+            await wait_end(pipeline, await submit(pipeline, ["same text"]))
+    assert embedder.embedded_texts == ["same text", "same text"]
+    assert await pipeline.redis.get(KEYS.cache_hits) is None
+
+
+async def test_the_cache_cap_evicts_only_cache_entries(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    job_id = await submit(pipeline, ["a job's text"])
+    cache = EmbeddingCache(pipeline.redis, KEYS, fingerprint(DEFAULT_MODEL, "r", "b"),
+                           ttl_s=60, max_entries=10)
+    for batch in range(3):
+        await cache.store({f"t{batch}-{i}": Cached(raw_vector(f"{i}", 8), 3) for i in range(8)})
+    entries = [k async for k in pipeline.redis.scan_iter(match="es:cache:*:*")]
+    assert len(entries) == 10
+    assert await pipeline.redis.zcard(KEYS.cache_index) == 10
+    assert await pipeline.redis.exists(KEYS.job(job_id), KEYS.inputs(job_id),
+                                       KEYS.queue(DEFAULT_MODEL, "fast")) == 3
+    found = await cache.lookup(["t2-7", "t0-0"])
+    assert list(found) == ["t2-7"]  # the oldest went first
+    assert found["t2-7"].tokens == 3
+    assert 0 < await pipeline.redis.ttl(cache.key("t2-7")) <= 60
+
+
+async def test_the_fast_lane_is_served_between_the_model_calls_of_a_bulk_batch(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    embedder = StallingEmbedder(fast_settings)
+    bulk_texts = [f"bulk text {i}" for i in range(16)]
+    async with running(fast_settings, embedder):
+        bulk = await submit(pipeline, bulk_texts)
+        await wait_first_call(embedder)
+        fast = await submit(pipeline, ["an interactive query"])
+        embedder.release.set()
+        await wait_end(pipeline, fast)
+        await wait_end(pipeline, bulk)
+    order = [call[0] for call in embedder.calls]
+    position = order.index("an interactive query")
+    assert position == 1  # right after the call that was running when it arrived
+    assert len(order) == 5  # 16 bulk texts in calls of 4, and the query
+
+
+async def test_a_worker_claims_fast_lane_entries_only_until_they_fill_one_call(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    await create_groups(pipeline.redis)
+    for n in range(6):
+        await submit(pipeline, [f"query {n} text {i}" for i in range(3)])
+    worker = Worker(fast_settings.replace(call_max_texts=4), HashEmbedder(fast_settings), "w")
+    worker.redis = pipeline.redis
+    entries = await worker._claim_fast()
+    assert [e.size for e in entries] == [3, 3]  # four peers may take the other four
+
+
+async def wait_first_call(embedder: StallingEmbedder) -> None:
+    with anyio.fail_after(10):
+        while not embedder.first_call.is_set():
+            await anyio.sleep(0.01)

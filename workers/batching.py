@@ -1,0 +1,137 @@
+"""Model calls: which texts the worker hands the model, in what groups, and when.
+
+What a claimed batch of chunks costs the model:
+
+- each distinct text is embedded once, however many chunks or jobs carry it;
+- texts the shared cache holds (`pipeline.cache`) are not embedded at all;
+- the rest are sorted by length and cut into model calls by padded tokens
+  (estimated from the text's length, capped at the model's limit) as well as
+  by count, so one long text never pads a call of short ones, and every call
+  is short enough that the fast lane waits at most about one call;
+- between two model calls `between_calls` runs: the worker serves the fast
+  lane there, so an interactive request never waits for a whole bulk batch;
+- a call that fails is retried text by text, so a poison input fails alone
+  (as data, on every chunk that carries it) and every other text still gets
+  its vector.
+
+The unit is the model text (`Work.planned`): the prompted text, or one window
+of a long text, so windows are batched, deduplicated and cached like any
+other text, and the cache key covers the prompt because the text carries it.
+Vectors stay raw (model output) here; `workers.batch.chunk_result` applies
+each job's `dimensions` and `normalize`, so cached vectors serve any options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.cache import Cached
+from pipeline.embedder import Embedded
+
+if TYPE_CHECKING:
+    from pipeline.cache import EmbeddingCache
+    from pipeline.embedder import Embedder
+    from workers.batch import Work
+
+logger = logging.getLogger(__name__)
+
+BetweenCalls = Callable[[], Awaitable[None]]
+CHARS_PER_TOKEN = 4  # a word piece is about four characters of English
+SPECIAL_TOKENS = 2
+
+
+class ModelCalls:
+    """Embeds the texts of claimed chunks: deduplicated, cached, in token-budget calls."""
+
+    def __init__(self, embedder: Embedder, cache: EmbeddingCache | None, *,
+                 max_texts: int, max_tokens: int) -> None:
+        self.embedder = embedder
+        self.cache = cache
+        self.max_texts = max_texts
+        self.max_tokens = max_tokens
+
+    async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None) -> None:
+        """Fill each chunk's raw vectors, token counts and per-input errors."""
+        plans = [item.planned(self.embedder.info) for item in work]
+        distinct = list(dict.fromkeys(text for plan in plans for text in plan.texts))
+        found = await self.cache.lookup(distinct) if self.cache is not None else {}
+        missing = [text for text in distinct if text not in found]
+        made, errors = await self._compute(missing, between_calls)
+        if self.cache is not None:
+            await self.cache.store({t: c for t, c in made.items() if usable(c.vector)})
+        rows = {**found, **made}
+        blank = Cached(np.zeros(self._dimensions(rows), np.float32), 0)
+        for item, plan in zip(work, plans, strict=True):
+            picked = [rows.get(text, blank) for text in plan.texts]
+            item.take(plan, Embedded(np.vstack([c.vector for c in picked]),
+                                     np.array([c.tokens for c in picked], np.int64)))
+            for i, (start, size) in enumerate(zip(plan.starts, plan.sizes, strict=True)):
+                failed = [errors[t] for t in plan.texts[start:start + size] if t in errors]
+                if failed:  # one failed window fails its input
+                    item.errors[i] = failed[0]
+
+    def _dimensions(self, rows: dict[str, Cached]) -> int:
+        for cached in rows.values():
+            return len(cached.vector)
+        return self.embedder.info.dimensions
+
+    def calls(self, texts: Sequence[str]) -> list[list[str]]:
+        """Length-sorted groups of texts, each within the call's token and text budgets."""
+        limit = self.embedder.info.max_seq_length
+        ordered = sorted(texts, key=len)
+        groups: list[list[str]] = []
+        for text in ordered:
+            tokens = min(limit, len(text) // CHARS_PER_TOKEN + SPECIAL_TOKENS)
+            group = groups[-1] if groups else None
+            # Sorted ascending, so the newest text is the longest: it sets the padding.
+            if group is not None and len(group) < self.max_texts and \
+                    (len(group) + 1) * tokens <= self.max_tokens:
+                group.append(text)
+            else:
+                groups.append([text])
+        return groups
+
+    async def _compute(
+        self, texts: list[str], between_calls: BetweenCalls | None
+    ) -> tuple[dict[str, Cached], dict[str, str]]:
+        made: dict[str, Cached] = {}
+        errors: dict[str, str] = {}
+        for number, group in enumerate(self.calls(texts)):
+            if number and between_calls is not None:
+                await between_calls()
+            await self._call(group, made, errors)
+        return made, errors
+
+    async def _call(self, texts: list[str], made: dict[str, Cached],
+                    errors: dict[str, str]) -> None:
+        try:
+            embedded = await asyncio.to_thread(self.embedder.embed, texts)
+        except Exception:
+            # Even a call of one text goes on to be retried alone, which records
+            # the failure on that text: re-raising would leave the entry pending,
+            # to be redelivered until given up on with a misleading reason.
+            logger.exception("model call of %d texts failed; retrying text by text", len(texts))
+            for text in texts:
+                await self._alone(text, made, errors)
+            return
+        for i, text in enumerate(texts):
+            made[text] = Cached(embedded.vectors[i], int(embedded.token_counts[i]))
+
+    async def _alone(self, text: str, made: dict[str, Cached], errors: dict[str, str]) -> None:
+        try:
+            embedded = await asyncio.to_thread(self.embedder.embed, [text])
+        except Exception as exc:
+            logger.exception("an input failed alone")
+            errors[text] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
+            return
+        made[text] = Cached(embedded.vectors[0], int(embedded.token_counts[0]))
+
+
+def usable(vector: np.ndarray[Any, np.dtype[np.float32]]) -> bool:
+    """Whether a raw vector may be cached (a non-finite one is an error, not a result)."""
+    return bool(np.isfinite(vector).all())
