@@ -20,7 +20,6 @@ from mcp_server.jobs import json_response
 from mcp_server.payloads import json_body, owner_of, pipeline_of, settings_of
 from pipeline.errors import InvalidInput, PayloadTooLarge
 from pipeline.inputs import Item, parse_item, parse_options
-from pipeline.jobs import load_job
 from pipeline.quantize import ENCODINGS
 
 OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
@@ -56,14 +55,13 @@ async def create_embeddings(request: Request) -> Response:
                              for name in ("model", "dimensions", *EXTRA_FIELDS)})
     pipeline = pipeline_of(request)
     job, rows = await pipeline.embed(items, options, owner=owner_of(request), encoding=encoding)
-    record = await load_job(pipeline.redis, pipeline.keys, job["id"])
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:
         raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "
                            f"{failed[0].get('error')}")
     data = [{"object": "embedding", "index": row["index"], "embedding": row["embedding"]}
             for row in rows]
-    tokens = int(record.get("tokens", 0))
+    tokens = int(job["tokens"])
     return json_response({"object": "list", "data": data, "model": job["model"],
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 

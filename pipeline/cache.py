@@ -24,7 +24,9 @@ Bounds:
 Deliberate choices, so nobody "fixes" them: entries carry no hash tag and
 are read and written with per-key commands in a non-transactional pipeline,
 so on Redis Cluster they spread over every node and no command spans slots.
-A cache failure of any kind degrades to a miss.
+A cache failure of any kind degrades to a miss. Hits and misses are
+counters in `keys.metrics` (`pipeline.metrics`), so /metrics shows them as
+`embedstream_cache_hits` and `embedstream_cache_misses`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.exceptions import RedisError
+
+from pipeline import metrics
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
@@ -140,12 +144,7 @@ class EmbeddingCache:
                 await pipe.execute()
 
     async def _count(self, hits: int, misses: int) -> None:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if hits:
-                    pipe.incrby(self.keys.cache_hits, hits)
-                if misses:
-                    pipe.incrby(self.keys.cache_misses, misses)
-                await pipe.execute()
-        except RedisError:
-            logger.debug("cache counters not updated", exc_info=True)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            metrics.count(pipe, self.keys, "cache_hits", hits)
+            metrics.count(pipe, self.keys, "cache_misses", misses)
+            await metrics.send(pipe)

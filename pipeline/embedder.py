@@ -140,8 +140,8 @@ def _revision(name: str) -> str | None:
 
 
 def backend_of(embedder: Embedder) -> str:
-    """The backend an embedder runs on, as jobs record it."""
-    return embedder.info.backend or "custom"
+    """The backend an embedder runs on, as jobs record it ("" when it does not say)."""
+    return embedder.info.backend
 
 
 def load_embedder(settings: Settings) -> Embedder:

@@ -21,10 +21,9 @@ reads both.
     <p>:idem:<key>         string  idempotency key -> job id
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
     <p>:metrics            hash    worker-side counters and histograms for /metrics
+    <p>:{r:<id>}:reply     list    a worker's reply to an interactive request (expires)
     <p>:cache:<fp>:<hash>  string  raw model output for one text (fp: model, revision, backend)
     <p>:cache:index        zset    cache entry key -> time stored (the size cap evicts oldest)
-    <p>:stats:cache_hits   string  texts answered from the cache, all time
-    <p>:stats:cache_misses string  texts the cache did not have, all time
 
 Cache entries carry no hash tag on purpose: they spread over every slot of a
 cluster, and are only ever read and written one key a command.
@@ -121,10 +120,5 @@ class Keys:
     def cache_index(self) -> str:
         return f"{self.prefix}:cache:index"
 
-    @property
-    def cache_hits(self) -> str:
-        return f"{self.prefix}:stats:cache_hits"
-
-    @property
-    def cache_misses(self) -> str:
-        return f"{self.prefix}:stats:cache_misses"
+    def reply(self, request_id: str) -> str:
+        return f"{self.prefix}:{{r:{request_id}}}:reply"

@@ -82,17 +82,18 @@ async def record_batch(
         # Per worker, for the dashboard's workers table. A dead worker's field
         # stays behind (one small field a worker lifetime; the hash has no TTL).
         pipe.hincrby(keys.metrics, f"w:{worker_id}:batches", 1)
-        await _send(pipe)
+        await send(pipe)
 
 
 async def record_given_up(redis: RedisClient, keys: Keys, inputs: int) -> None:
     """Inputs failed as poison after too many deliveries."""
     async with redis.pipeline(transaction=False) as pipe:
         count(pipe, keys, "inputs_given_up", inputs)
-        await _send(pipe)
+        await send(pipe)
 
 
-async def _send(pipe: Any) -> None:
+async def send(pipe: Any) -> None:
+    """Run a pipeline of metric writes, best effort."""
     try:
         await pipe.execute()
     except RedisError:

@@ -21,7 +21,7 @@ Quantizing every op per tensor, the naive way, loses too much (min cosine
 to fp32 about 0.89); this way keeps STS-B Spearman within 0.005 of fp32.
 
 A model that will not export (or has no fast tokenizer) is logged and served
-by the torch backend instead; `backend_name` then says `torch`.
+by the torch backend instead; its `ModelInfo.backend` then says `torch`.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def _atomically(target: Path, write: Any) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o644)  # mkstemp makes it private; other users' workers read it too
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import events, jobs, results
+from pipeline import events, interactive, jobs, results
 from pipeline.connections import connect
 from pipeline.errors import (
     Conflict,
@@ -171,7 +171,15 @@ class Pipeline:
         on_progress: ProgressCallback | None = None, timeout_s: float | None = None,
         encoding: str = "float",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Embed a few texts through the queue and wait: (job, rows in index order)."""
+        """Embed a few texts through the queue and wait: (job, rows in index order).
+
+        At most `fast_lane_max_texts` texts go as one interactive request (no
+        job: `pipeline.interactive`); more, or `truncate: false`, as a job.
+        The job dict carries `tokens` either way.
+        """
+        timeout_s = timeout_s or self.settings.embed_timeout_s
+        if interactive.is_light(items, options, self.settings.fast_lane_max_texts):
+            return await self._request(items, options, encoding, on_progress, timeout_s)
         job = await self.submit(items, options, owner=owner)
         rows: list[dict[str, Any]] = []
         try:
@@ -180,7 +188,7 @@ class Pipeline:
             await self.cancel(job["id"])
             raise
         try:
-            async with asyncio.timeout(timeout_s or self.settings.embed_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 async for event in self.follow(job["id"], encoding=view):
                     if event.name == "result":
                         rows.extend(event.data)
@@ -199,7 +207,26 @@ class Pipeline:
             raise Unavailable("no worker finished the embedding in time; is a worker "
                               "running for this model? (GET /readyz tells)") from None
         rows.sort(key=lambda row: row["index"])
-        return job, rows
+        record = await jobs.load_job(self.redis, self.keys, job["id"])
+        return {**job, "tokens": int(record.get("tokens", 0))}, rows
+
+    async def _request(
+        self, items: list[Item], options: JobOptions, encoding: str,
+        on_progress: ProgressCallback | None, timeout_s: float,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        info = await self.model(options)
+        sent = interactive.request_options(options, info)
+        view = await self.views.for_job(encoding, interactive.view_record(sent))
+        request_id = await interactive.send_request(
+            self.redis, self.keys, self.keys.queue(info.name, "fast"), items, sent)
+        reply = await interactive.await_reply(self.blocking, self.keys, request_id, timeout_s)
+        if reply is None:
+            raise Unavailable("no worker finished the embedding in time; is a worker "
+                              "running for this model? (GET /readyz tells)")
+        rows = results.render_rows(0, reply.vectors, reply.meta, view)
+        if on_progress is not None:
+            await on_progress(len(rows), len(rows))
+        return interactive.request_job(request_id, sent, rows, reply), rows
 
     async def similarity(
         self, query: str, candidates: list[str], options: JobOptions, *, owner: str = "",

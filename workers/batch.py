@@ -88,6 +88,8 @@ class Entry:
     chunk: int
     size: int = 1
     deliveries: int = 1  # times the queue handed it out, this one included
+    # An interactive request's (inputs, options): it carries its texts (workers.interactive).
+    request: tuple[bytes, bytes] | None = None
 
 
 @dataclass
@@ -124,6 +126,8 @@ class Work:
 
 def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
     """A queue entry, or None when it was deleted or is not ours to read."""
+    if fields and b"req" in fields:
+        return parse_request(stream, entry_id, fields)
     if not fields or b"job" not in fields or b"chunk" not in fields:
         return None
     try:
@@ -133,10 +137,36 @@ def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None)
         return None
 
 
+def parse_request(stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry | None:
+    """An interactive request's entry (`pipeline.interactive`), or None when malformed."""
+    try:
+        size = int(fields.get(b"n", b"1"))
+        return Entry(stream, entry_id, fields[b"req"].decode(), 0, size,
+                     request=(fields[b"inputs"], fields[b"options"]))
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def request_work(entry: Entry) -> Work:
+    """A request's texts and options, as a job's chunk would carry them (no read needed)."""
+    assert entry.request is not None
+    data = orjson.loads(entry.request[0])
+    options = orjson.loads(entry.request[1])
+    dims, model_dims = int(options["dimensions"]), int(options["model_dimensions"])
+    return Work(entry, data["texts"], data["ids"], normalize=bool(options["normalize"]),
+                dimensions=dims if dims < model_dims else None,
+                prompt=str(options.get("prompt") or ""), chunk=bool(options.get("chunk")),
+                chunk_overlap=int(options.get("chunk_overlap") or 0))
+
+
 async def load_work(
     redis: RedisClient, keys: Keys, entries: list[Entry]
 ) -> tuple[list[Work], list[Entry]]:
     """Fetch texts and options; return (work to do, entries to just ack)."""
+    requests = [request_work(e) for e in entries if e.request is not None]
+    entries = [e for e in entries if e.request is None]
+    if not entries:
+        return requests, []
     async with redis.pipeline(transaction=False) as pipe:
         for entry in entries:
             pipe.hmget(keys.job(entry.job_id), list(JOB_FIELDS))
@@ -156,7 +186,7 @@ async def load_work(
                          dimensions=dims if dims < model_dims else None,
                          prompt=(job[5] or b"").decode(), chunk=job[6] == b"1",
                          chunk_overlap=int(job[7] or 0)))
-    return work, skip
+    return requests + work, skip
 
 
 async def embed_work(embedder: Embedder, work: list[Work]) -> None:

@@ -54,6 +54,7 @@ from pipeline.connections import connect
 from pipeline.embedder import backend_of
 from pipeline.keys import GROUP, Keys
 from pipeline.results import parse_committed, queue_commit, queue_mark_started
+from workers import interactive
 from workers.batch import (
     Entry,
     Work,
@@ -95,7 +96,8 @@ class Worker:
         self.blocking: RedisClient | None = None
         self.upkeep: Upkeep | None = None
         self.stopping = asyncio.Event()
-        self.backend = backend_of(embedder)
+        # A custom embedder (a test's fake) says nothing: it is what the settings named.
+        self.backend = backend_of(embedder) or settings.backend
         self.calls = ModelCalls(embedder, None, max_texts=settings.call_max_texts,
                                 max_tokens=settings.call_max_tokens)
 
@@ -115,7 +117,7 @@ class Worker:
         self.redis = connect(self.settings.redis_url)
         self.blocking = connect(self.settings.redis_url, blocking=True, max_connections=4)
         info = self.embedder.info
-        info = dataclasses.replace(info, backend=info.backend or self.backend)
+        info = dataclasses.replace(info, backend=self.backend)
         self.calls.cache = self._cache(self.redis)
         self.upkeep = Upkeep(self.redis, self.keys, self.settings, self.worker_id, info,
                              self.streams)
@@ -243,7 +245,7 @@ class Worker:
             await self._ack(skip)
         if not work:
             return
-        await self._mark_started({w.entry.job_id for w in work})
+        await self._mark_started({w.entry.job_id for w in work if w.entry.request is None})
         # A redelivered chunk may have killed the worker that held it: alone it goes.
         steps = [[w] for w in work if w.entry.deliveries > 1]
         steps += batches([w for w in work if w.entry.deliveries == 1],
@@ -298,6 +300,14 @@ class Worker:
     async def commit(self, results: list[ChunkResult], entries: list[Entry]) -> None:
         """Commit each chunk, then ack every entry once every commit has answered."""
         assert self.redis is not None
+        asked = [i for i, entry in enumerate(entries) if entry.request is not None]
+        if asked:  # interactive requests: a reply each, no job to commit
+            await interactive.reply(self.redis, self.keys, self.keys.texts_counter,
+                                    [results[i] for i in asked], [entries[i] for i in asked])
+            results = [r for i, r in enumerate(results) if i not in set(asked)]
+            entries = [e for i, e in enumerate(entries) if i not in set(asked)]
+            if not results:
+                return
         # Two round trips, not one pipeline: on a cluster a pipeline's commands
         # for different nodes run in parallel, so an XACK could land before
         # the commit of its chunk on another node, and a crash then would lose it.

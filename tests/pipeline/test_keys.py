@@ -130,8 +130,7 @@ def test_cache_keys_are_pinned_and_spread_over_slots() -> None:
     keys = Keys("es")
     assert keys.cache_entry("fp1", "ab12") == "es:cache:fp1:ab12"
     assert keys.cache_index == "es:cache:index"
-    assert keys.cache_hits == "es:stats:cache_hits"
-    assert keys.cache_misses == "es:stats:cache_misses"
+    assert keys.reply("ab" * 16) == f"es:{{r:{'ab' * 16}}}:reply"
     entries = [keys.cache_entry("fp1", f"{i:032x}") for i in range(64)]
     assert not any("{" in name for name in entries)
     assert len({key_slot(name) for name in entries}) > 32

@@ -11,6 +11,7 @@ from test_worker_recovery import all_rows, create_groups, quick, running, submit
 
 from pipeline.cache import Cached, EmbeddingCache, fingerprint
 from pipeline.keys import Keys
+from pipeline.metrics import read_metrics
 from pipeline.models import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
@@ -101,9 +102,8 @@ async def test_resubmitted_texts_come_from_the_cache_with_the_same_vectors(
     for row, text in zip(rows, texts, strict=True):
         assert row["embedding"] == pytest.approx(
             expected_vector(text, DIMS, output_dimensions=64), abs=1e-6)
-    hits = int(await pipeline.redis.get(KEYS.cache_hits))
-    misses = int(await pipeline.redis.get(KEYS.cache_misses))
-    assert (hits, misses) == (10, 10)
+    counters, _ = await read_metrics(pipeline.redis, KEYS)
+    assert (counters["cache_hits"], counters["cache_misses"]) == (10, 10)
 
 
 async def test_with_the_cache_off_every_job_is_embedded(
@@ -115,7 +115,8 @@ async def test_with_the_cache_off_every_job_is_embedded(
         for _ in range(2):
             await wait_end(pipeline, await submit(pipeline, ["same text"]))
     assert embedder.embedded_texts == ["same text", "same text"]
-    assert await pipeline.redis.get(KEYS.cache_hits) is None
+    counters, _ = await read_metrics(pipeline.redis, KEYS)
+    assert "cache_hits" not in counters
 
 
 async def test_the_cache_cap_evicts_only_cache_entries(

@@ -556,7 +556,8 @@ async def test_a_clean_stop_says_goodbye_and_removes_the_heartbeat(
         registered = await client.hget(KEYS.models, DEFAULT_MODEL)
         assert orjson.loads(registered) == {"name": DEFAULT_MODEL, "dimensions": DIMS,
                                             "max_seq_length": 256, "prompts": {},
-                                            "default_prompt_name": None, "backend": "torch"}
+                                            "default_prompt_name": None,
+                                            "backend": fast_settings.backend}
     assert not await client.exists(KEYS.heartbeat(worker_id))
     assert not await client.hexists(KEYS.workers, worker_id)
     events = [(t, d) for t, d in await feed_events(client) if d.get("id") == worker_id]

@@ -1,0 +1,39 @@
+"""The worker's side of interactive requests (see `pipeline.interactive`).
+
+A request entry carries its texts and options, so it becomes `Work` without
+a read (`workers.batch.request_work`), and its result goes to the request's
+reply list instead of a job's commit script: RPUSH and EXPIRE, then XACK,
+then the texts counter. A crash before the XACK leaves the entry pending, to
+be reclaimed and answered by a peer; the server reads the first reply only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline import metrics
+from pipeline.interactive import Reply, queue_reply
+from pipeline.keys import GROUP
+
+if TYPE_CHECKING:
+    from pipeline.connections import RedisClient
+    from pipeline.keys import Keys
+    from pipeline.results import ChunkResult
+    from workers.batch import Entry
+
+
+async def reply(redis: RedisClient, keys: Keys, texts_counter: str,
+                results: list[ChunkResult], entries: list[Entry]) -> None:
+    """Push each request's reply, then ack, then count (one round trip for replies)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for result in results:
+            vectors = result.vectors.astype("<f4", copy=False).tobytes()
+            queue_reply(pipe, keys, result.job_id, Reply(result.meta(), vectors))
+        await pipe.execute()
+    # Acked only once every reply is stored: a crash in between means a second reply.
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry in entries:
+            pipe.xack(entry.stream, GROUP, entry.entry_id)
+        pipe.incrby(texts_counter, sum(len(r.vectors) - len(r.errors) for r in results))
+        metrics.count(pipe, keys, "interactive_requests", len(results))
+        await pipe.execute()
