@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 
 KEYS = Keys("es")
 DIMS = 384  # the fakes report the default model's real shape
-# Short blocking reads, so a worker told to stop exits within half a second.
-WORKER_ENV = {"EMBEDSTREAM_BACKEND": "fakes:HashEmbedder", "EMBEDSTREAM_BLOCK_MS": "500"}
+# Short blocking reads, so a worker told to stop exits within half a second;
+# no start-up calibration (int8/uint8 ranges), which these jobs never read.
+WORKER_ENV = {"EMBEDSTREAM_BACKEND": "fakes:HashEmbedder", "EMBEDSTREAM_BLOCK_MS": "500",
+              "EMBEDSTREAM_CALIBRATE": "0"}
 FAST_TIMINGS = {**WORKER_ENV, "EMBEDSTREAM_VISIBILITY_TIMEOUT_S": "3",
                 "EMBEDSTREAM_HEARTBEAT_TTL_S": "3", "EMBEDSTREAM_HEARTBEAT_INTERVAL_S": "0.5"}
 # The kill test's model: no worker of the module serves it, so only its own workers run it.
