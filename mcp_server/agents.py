@@ -14,9 +14,13 @@ Deliberate choices, so nobody "fixes" them:
   Streamable HTTP session manager (the SDK fails the first request with
   "Task group is not initialized" otherwise) and, with it, the job-update
   relay. `mcp_routes()` must be called first: it creates the manager.
-- Host and Origin are checked by `HostGuard` from the settings; the SDK's
-  own check is switched off on both transports so there is one policy.
-  Bearer API keys are the host app's middleware's business; stdio has none.
+- Host and Origin are checked by the host app's `HostGuard`, for every
+  route; the SDK's own check is switched off on both transports so there is
+  one policy. Bearer API keys are the host app's middleware's business;
+  stdio has none (its caller is trusted).
+- Tenants: tools and the job resource check the caller through the
+  `Pipeline` (another tenant's job is "not found"); listen requests are
+  filtered by `OwnedSubscriptions`.
 - Legacy SSE sessions, and Streamable HTTP sessions of handshake-era clients
   (Mcp-Session-Id), live in the process that opened them: several server
   replicas need sticky routing for them. Requests at the 2026-07-28 revision
@@ -32,16 +36,15 @@ from typing import Any
 
 import orjson
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from mcp_server.host_guard import HostGuard, HostPolicy
-from mcp_server.job_updates import JOB_URI_TEMPLATE, JobUpdates
+from mcp_server.job_updates import JOB_URI_TEMPLATE, JobUpdates, OwnedSubscriptions
 from mcp_server.tool_descriptions import INSTRUCTIONS
-from mcp_server.tools import AgentTools
+from mcp_server.tools import AgentTools, context_caller
 from pipeline.embedded import redis_for
 from pipeline.errors import InvalidJobId, JobNotFound, PipelineError
 from pipeline.service import Pipeline
@@ -67,13 +70,14 @@ def build_mcp(settings: Settings, get_pipeline: Callable[[], Pipeline]) -> MCPSe
         subscriptions=updates,
     )
     AgentTools(settings, get_pipeline).register(mcp)
+    mcp.middleware.append(OwnedSubscriptions(get_pipeline))
 
     @mcp.resource(JOB_URI_TEMPLATE, name="job", title="Embedding job",
                   description="A job's status and progress as JSON (what job_status returns).",
                   mime_type="application/json")
-    async def job_resource(job_id: str) -> str:
+    async def job_resource(job_id: str, ctx: Context[Any, Any]) -> str:
         try:
-            job = await get_pipeline().job(job_id)
+            job = await get_pipeline().job(job_id, context_caller(ctx))
         except (InvalidJobId, JobNotFound) as error:
             raise ResourceNotFoundError(error.message) from error
         except PipelineError as error:
@@ -83,20 +87,18 @@ def build_mcp(settings: Settings, get_pipeline: Callable[[], Pipeline]) -> MCPSe
     return mcp
 
 
-def mcp_routes(mcp: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
+def mcp_routes(mcp: MCPServer[Any]) -> list[BaseRoute]:
     """Routes for Streamable HTTP at /mcp and legacy SSE at /sse (messages at /sse/messages/)."""
-    guard = [Middleware(HostGuard, policy=HostPolicy.from_settings(settings))]
     # Called for its side effect: it creates the session manager that mcp_lifespan runs.
     mcp.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=SDK_HOST_CHECK_OFF,
                             max_request_body_size=MAX_BODY_BYTES)
     sse = mcp.sse_app(sse_path=SSE_PATH, message_path=SSE_MESSAGES_PATH,
                       transport_security=SDK_HOST_CHECK_OFF, max_request_body_size=MAX_BODY_BYTES)
     return [
-        Route(MCP_PATH, _StreamableHTTP(mcp), methods=["GET", "POST", "DELETE"],
-              middleware=guard),
+        Route(MCP_PATH, _StreamableHTTP(mcp), methods=["GET", "POST", "DELETE"]),
         # The SSE sub-app routes on the full path, which a Route (unlike a Mount) leaves as is.
-        Route(SSE_PATH, sse, methods=["GET"], middleware=guard),
-        Route(SSE_MESSAGES_PATH, sse, methods=["POST"], middleware=guard),
+        Route(SSE_PATH, sse, methods=["GET"]),
+        Route(SSE_MESSAGES_PATH, sse, methods=["POST"]),
     ]
 
 

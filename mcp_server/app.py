@@ -1,8 +1,13 @@
 """The ASGI app: REST, SSE, MCP (Streamable HTTP and legacy SSE), dashboard, probes.
 
 State lives on `app.state`, set up in the lifespan: the `Pipeline` (Redis
-clients) and the MCP session manager, which must run inside the host app's
-lifespan or the first MCP request fails.
+clients), the dashboard's session store, and the MCP session manager, which
+must run inside the host app's lifespan or the first MCP request fails.
+
+Every request passes, in order: `HostGuard` (421 for an unknown Host, 403
+for a foreign Origin), CORS (only when `EMBEDSTREAM_CORS_ORIGINS` is set),
+`APIKeyMiddleware` (401; the caller on the scope), `BodyGuard` (415 for an
+untyped body, 413 past the byte limits as the body streams in).
 """
 
 from __future__ import annotations
@@ -12,21 +17,49 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
-from mcp_server import dashboard, embeddings, health, jobs, models, streams
+from mcp_server import (
+    dashboard,
+    embeddings,
+    event_routes,
+    health,
+    job_routes,
+    models,
+    session_routes,
+)
 from mcp_server.auth import APIKeyMiddleware
+from mcp_server.body_guard import BodyGuard
 from mcp_server.errors import EXCEPTION_HANDLERS
 from mcp_server.health import Metrics, RequestMetrics
+from mcp_server.host_guard import HostGuard, HostPolicy
+from mcp_server.sessions import SessionStore
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+
+CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key",
+                "Last-Event-ID", "Mcp-Session-Id", "Mcp-Protocol-Version"]
+
+
+def middleware_for(settings: Settings) -> list[Middleware]:
+    """The app-wide middleware, outermost first."""
+    stack = [Middleware(HostGuard, policy=HostPolicy.from_settings(settings))]
+    if settings.cors_origins:
+        stack.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_HEADERS,
+            expose_headers=["Location", "Retry-After", "Mcp-Session-Id"]))
+    stack += [Middleware(APIKeyMiddleware, settings=settings),
+              Middleware(BodyGuard, settings=settings)]
+    return stack
 
 
 def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
     """Build the app for `settings` (which must name a Redis URL)."""
     routes: list[BaseRoute] = [
-        *health.routes, *jobs.routes, *streams.routes, *embeddings.routes, *models.routes,
-        *dashboard.routes,
+        *health.routes, *job_routes.routes, *event_routes.routes, *embeddings.routes,
+        *models.routes, *session_routes.routes, *dashboard.routes,
     ]
     mcp_server = None
     if with_mcp:
@@ -34,14 +67,15 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
 
         app_ref: dict[str, Starlette] = {}
         mcp_server = build_mcp(settings, lambda: app_ref["app"].state.pipeline)
-        routes += mcp_routes(mcp_server, settings)
+        routes += mcp_routes(mcp_server)
 
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.pipeline = Pipeline(settings)
+        app.state.pipeline = pipeline = Pipeline(settings)
+        app.state.sessions = SessionStore(pipeline.redis, pipeline.keys, settings.session_ttl_s)
         app.state.metrics = metrics
         try:
             if mcp_server is not None:
@@ -56,8 +90,7 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
 
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestMetrics, metrics=metrics),
-                    Middleware(APIKeyMiddleware, api_keys=settings.api_keys)],
+        middleware=[Middleware(RequestMetrics, metrics=metrics), *middleware_for(settings)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

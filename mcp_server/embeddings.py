@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mcp_server.jobs import json_response
-from mcp_server.payloads import json_body, owner_of, pipeline_of, settings_of
+from mcp_server.payloads import json_body, pipeline_of, request_caller, settings_of
+from mcp_server.responses import json_response
 from pipeline.errors import InvalidInput, PayloadTooLarge
 from pipeline.inputs import Item, parse_item, parse_options
 from pipeline.quantize import ENCODINGS
@@ -54,7 +54,8 @@ async def create_embeddings(request: Request) -> Response:
     options = parse_options({name: body.get(name)
                              for name in ("model", "dimensions", *EXTRA_FIELDS)})
     pipeline = pipeline_of(request)
-    job, rows = await pipeline.embed(items, options, owner=owner_of(request), encoding=encoding)
+    job, rows = await pipeline.embed(items, options, caller=request_caller(request),
+                                     encoding=encoding)
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:
         raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "

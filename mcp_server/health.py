@@ -35,8 +35,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcp_server.jobs import json_response
 from mcp_server.payloads import pipeline_of
+from mcp_server.responses import json_response
 from pipeline.keys import Keys
 from pipeline.metrics import Histogram, read_metrics
 from pipeline.stats import lanes, live_workers

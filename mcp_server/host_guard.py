@@ -1,20 +1,24 @@
-"""Host and Origin checks for the MCP endpoints (DNS-rebinding protection).
+"""Host and Origin checks on every route (DNS-rebinding and cross-site protection).
 
 A browser page on an attacker's domain can make its name resolve to
 127.0.0.1 and then talk to a local MCP server; the Host header (the
-attacker's name) and the Origin header give it away. The MCP SDK has such a
-check, but it only knows exact hosts and `host:*` patterns, and it is either
-all on or all off. This one is configured from `Settings`:
+attacker's name) and the Origin header give it away. Without API keys the
+server trusts loopback, so without this check such a page could read
+`/v1/events` and any job's results. It runs before every route (REST, SSE,
+dashboard, MCP), configured from `Settings`:
 
 - Host: loopback names (any port) are always allowed, plus each entry of
   `settings.allowed_hosts` (`name` matches any port, `name:port` only that
   port). `"*"` turns the Host check off (say, behind a proxy that checks it).
 - Origin: a request without one (every non-browser client) passes. Otherwise
-  it must be a loopback origin, an entry of `settings.allowed_origins`
-  (`"*"` allows any), or `http(s)://` plus a configured allowed host: a page
-  served from the server's own name is same-origin.
+  it must be a loopback origin, an entry of `settings.allowed_origins` or
+  `settings.cors_origins` (`"*"` allows any), or `http(s)://` plus a
+  configured allowed host: a page served from the server's own name is
+  same-origin.
 
-The SDK's own check is switched off on the transports, so there is one
+The probes (`/healthz`, `/readyz`) are exempt from the Host check, so that a
+load balancer or orchestrator may probe the server by its IP or pod name.
+The MCP SDK's own check is switched off on its transports, so there is one
 policy, and one place to change it.
 """
 
@@ -30,11 +34,12 @@ from mcp_server.errors import error_response
 from pipeline.settings import Settings
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+PROBES = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True)
 class HostPolicy:
-    """Which Host and Origin headers the MCP endpoints accept."""
+    """Which Host and Origin headers the server accepts."""
 
     hosts: frozenset[str]
     origins: frozenset[str]
@@ -45,11 +50,11 @@ class HostPolicy:
     def from_settings(cls, settings: Settings) -> HostPolicy:
         """Loopback plus `settings.allowed_hosts` / `settings.allowed_origins`."""
         hosts = {h.strip().lower() for h in settings.allowed_hosts if h.strip() not in ("", "*")}
-        origins = {o.strip().lower().rstrip("/") for o in settings.allowed_origins
-                   if o.strip() not in ("", "*")}
+        listed = (*settings.allowed_origins, *settings.cors_origins)
+        origins = {o.strip().lower().rstrip("/") for o in listed if o.strip() not in ("", "*")}
         origins |= {f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")}
         return cls(frozenset(hosts), frozenset(origins), "*" in settings.allowed_hosts,
-                   "*" in settings.allowed_origins)
+                   "*" in settings.allowed_origins or "*" in settings.cors_origins)
 
     def host_allowed(self, host: str | None) -> bool:
         """Whether a Host header value (`name` or `name:port`) is allowed."""
@@ -82,19 +87,19 @@ class HostGuard:
         self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"] not in PROBES:
             headers = Headers(scope=scope)
             host, origin = headers.get("host"), headers.get("origin")
             if not self.policy.host_allowed(host):
                 reply = error_response(
                     421, "invalid_host",
-                    f"Host {host!r} is not allowed for MCP; add it to EMBEDSTREAM_ALLOWED_HOSTS")
+                    f"Host {host!r} is not allowed; add it to EMBEDSTREAM_ALLOWED_HOSTS")
                 await reply(scope, receive, send)
                 return
             if not self.policy.origin_allowed(origin):
                 reply = error_response(
                     403, "invalid_origin",
-                    f"Origin {origin!r} is not allowed for MCP; add it to "
+                    f"Origin {origin!r} is not allowed; add it to "
                     "EMBEDSTREAM_ALLOWED_ORIGINS")
                 await reply(scope, receive, send)
                 return

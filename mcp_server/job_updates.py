@@ -19,26 +19,36 @@ Deliberate choices, so nobody "fixes" them:
   an earlier protocol revision poll `job_status` or re-read the resource.
 - The feed sends a `stats` event every couple of seconds, which is when the
   relay notices that the last listener left.
+- Tenants: `OwnedSubscriptions` (an MCP server middleware) drops, from a
+  `subscriptions/listen` request, the job URIs its caller may not see, before
+  the SDK honours it. A job of another tenant is then a URI that never
+  fires, which is how the SDK treats a URI that names nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, cast
 
 import anyio
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, ServerEvent
 from redis.exceptions import RedisError
 
+from mcp_server.auth import caller_of
 from pipeline.errors import PipelineError
 from pipeline.events import Event
+from pipeline.jobs import JOB_ID
 from pipeline.service import Pipeline
+from pipeline.tenants import Caller, visible
 
 logger = logging.getLogger(__name__)
 
 JOB_URI_TEMPLATE = "embedstream://jobs/{job_id}"
+JOB_URI_PREFIX = "embedstream://jobs/"
 RETRY_S = 1.0
 
 
@@ -108,10 +118,41 @@ class JobUpdates(InMemorySubscriptionBus):
 
     async def _follow_feed(self) -> None:
         # From now: replaying past events would announce changes nobody missed.
-        feed = cast(AsyncGenerator[Event, None], self._get_pipeline().follow_feed(replay=0))
+        feed = cast(AsyncGenerator[Event, None],
+                    self._get_pipeline().follow_feed(replay=0))
         async with aclosing(feed):
             async for event in feed:
                 if event.name.startswith("job.") and isinstance(event.data, dict):
                     await self.publish(ResourceUpdated(uri=job_uri(str(event.data.get("id")))))
                 if self._listeners_open == 0:
                     return
+
+
+class OwnedSubscriptions:
+    """MCP server middleware: a listen request keeps only the job URIs its caller may see."""
+
+    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
+        self._get_pipeline = get_pipeline
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+                       ) -> HandlerResult:
+        """Rewrite `subscriptions/listen` params; pass everything else through."""
+        params = ctx.params
+        if ctx.method != "subscriptions/listen" or not isinstance(params, Mapping):
+            return await call_next(ctx)
+        wanted = params.get("notifications")
+        uris = wanted.get("resourceSubscriptions") if isinstance(wanted, Mapping) else None
+        if not isinstance(wanted, Mapping) or not isinstance(uris, list):
+            return await call_next(ctx)
+        caller = caller_of(getattr(ctx.request, "scope", None))
+        kept = [uri for uri in uris if await self._may_listen(uri, caller)]
+        rewritten = {**params, "notifications": {**wanted, "resourceSubscriptions": kept}}
+        return await call_next(dataclasses.replace(ctx, params=rewritten))
+
+    async def _may_listen(self, uri: Any, caller: Caller) -> bool:
+        if not isinstance(uri, str) or not uri.startswith(JOB_URI_PREFIX) or caller.admin:
+            return True
+        job_id = uri[len(JOB_URI_PREFIX):]
+        if not JOB_ID.fullmatch(job_id):
+            return True  # names no job: it never fires anyway
+        return visible(await self._get_pipeline().owners.owner(job_id), caller)

@@ -8,8 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mcp_server.jobs import json_response
 from mcp_server.payloads import pipeline_of
+from mcp_server.responses import json_response
 from pipeline.models import ModelInfo
 
 

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mcp_server import tool_schemas as schema
-from mcp_server.auth import OWNER
+from mcp_server.auth import caller_of
 from mcp_server.job_updates import job_uri
 from mcp_server.models import model_object
 from mcp_server.tool_descriptions import DESCRIPTIONS
@@ -45,6 +45,7 @@ from pipeline.quantize import check_encoding
 from pipeline.results import MAX_PAGE
 from pipeline.service import Pipeline, ProgressCallback
 from pipeline.settings import Settings
+from pipeline.tenants import Caller
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -132,7 +133,8 @@ class AgentTools:
         pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(items))
-        job, rows = await pipeline.embed(items, options, owner=_owner(ctx), on_progress=progress,
+        job, rows = await pipeline.embed(items, options, caller=context_caller(ctx),
+                                         on_progress=progress,
                                          encoding=encoding)
         values = _embeddings(job, rows)
         embeddings: list[Any] = values if encoding == "base64" else json_floats(np.vstack(values))
@@ -167,7 +169,7 @@ class AgentTools:
         pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(candidates) + 1)
-        matches = await pipeline.similarity(query, candidates, options, owner=_owner(ctx),
+        matches = await pipeline.similarity(query, candidates, options, caller=context_caller(ctx),
                                             on_progress=progress)
         return structured({"matches": matches})
 
@@ -190,26 +192,29 @@ class AgentTools:
                                  "truncate": truncate, "model": model, "chunk": chunk,
                                  "chunk_overlap": chunk_overlap, "prompt": prompt,
                                  "prompt_name": prompt_name})
-        job = await self.get_pipeline().submit(items, options, owner=_owner(ctx),
+        job = await self.get_pipeline().submit(items, options, caller=context_caller(ctx),
                                                idempotency_key=idempotency_key)
         return structured({"job_id": job["id"], "total": job["total"], "status": job["status"],
                            "resource": job_uri(job["id"])})
 
     @tool_errors
-    async def job_status(self, job_id: schema.JobId) -> Annotated[CallToolResult, schema.JobStatus]:
+    async def job_status(
+        self, ctx: Context[Any, Any], job_id: schema.JobId
+    ) -> Annotated[CallToolResult, schema.JobStatus]:
         """A job's status and progress."""
-        return structured(await self.get_pipeline().job(job_id))
+        return structured(await self.get_pipeline().job(job_id, context_caller(ctx)))
 
     @tool_errors
     async def job_results(
-        self, job_id: schema.JobId, cursor: schema.Cursor = None,
+        self, ctx: Context[Any, Any], job_id: schema.JobId, cursor: schema.Cursor = None,
         limit: schema.Limit = schema.RESULTS_PAGE_DEFAULT, encoding: schema.Encoding = "float",
     ) -> Annotated[CallToolResult, schema.ResultsPage]:
         """One page of a job's results, in input order."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be from 1 to {MAX_PAGE}, got {limit}")
         page = await self.get_pipeline().results(job_id, cursor or None, limit,
-                                                 check_encoding(encoding))
+                                                 check_encoding(encoding),
+                                                 caller=context_caller(ctx))
         rows = [_plain_row(row) for row in page["results"]]
         return structured({"results": rows, "next_cursor": page["next_cursor"]})
 
@@ -223,10 +228,10 @@ class AgentTools:
             raise InvalidInput(f"top_k must be from 1 to {schema.TOP_K_MAX}, got {top_k}")
         _check_texts("query", [query], self.settings.max_text_chars)
         pipeline = self.get_pipeline()
-        if (await pipeline.job(job_id))["status"] == "completed":
+        if (await pipeline.job(job_id, context_caller(ctx)))["status"] == "completed":
             # Only then is a worker needed (for the query); search() explains other states.
             await self._require_worker(pipeline)
-        matches = await pipeline.search(job_id, query, top_k, owner=_owner(ctx))
+        matches = await pipeline.search(job_id, query, top_k, caller=context_caller(ctx))
         return structured({"matches": matches})
 
     @tool_errors
@@ -236,9 +241,11 @@ class AgentTools:
         return structured({"object": "list", "data": [model_object(m) for m in models]})
 
     @tool_errors
-    async def cancel_job(self, job_id: schema.JobId) -> Annotated[CallToolResult, schema.JobStatus]:
+    async def cancel_job(
+        self, ctx: Context[Any, Any], job_id: schema.JobId
+    ) -> Annotated[CallToolResult, schema.JobStatus]:
         """Cancel a job; results already made stay readable."""
-        return structured(await self.get_pipeline().cancel(job_id))
+        return structured(await self.get_pipeline().cancel(job_id, context_caller(ctx)))
 
     async def _pipeline_with_worker(self, options: JobOptions) -> Pipeline:
         """The Pipeline, once the options suit the model and a worker is alive."""
@@ -255,10 +262,10 @@ class AgentTools:
                               "then retry")
 
 
-def _owner(ctx: Context[Any, Any]) -> str:
-    """The API-key owner the HTTP middleware put on the request ("" on stdio)."""
+def context_caller(ctx: Context[Any, Any]) -> Caller:
+    """The caller the HTTP middleware put on the request (stdio's is trusted)."""
     scope = getattr(ctx.request_context.request, "scope", None)
-    return str(scope.get(OWNER, "")) if isinstance(scope, dict) else ""
+    return caller_of(scope if isinstance(scope, dict) else None)
 
 
 def _progress_reporter(ctx: Context[Any, Any]) -> ProgressCallback:

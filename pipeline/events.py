@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +61,7 @@ def check_event_id(value: str | None) -> str:
 async def follow_job(
     redis: RedisClient, blocking: RedisClient, keys: Keys, job_id: str,
     *, after: str | None = None, encoding: str | VectorView = "float", block_ms: int = 2000,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """The job's result, progress and end events after `after`, until the end."""
     cursor = check_event_id(after)
     record = await load_job(redis, keys, job_id)
@@ -105,7 +105,7 @@ async def feed_replay_start(redis: RedisClient, keys: Keys, replay: int) -> str:
 async def follow_feed(
     redis: RedisClient, blocking: RedisClient, keys: Keys,
     *, after: str | None = None, stats_interval_s: float = 2.0, replay: int = FEED_REPLAY,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Feed events after `after` (else the last `replay` ones), with `stats` every interval.
 
     A dashboard that connects without a cursor is shown the recent past (the

@@ -12,6 +12,7 @@ million-line upload.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -113,7 +114,9 @@ class JobWriter:
         if not self._buffer:
             return
         if not self.options.truncate and not self.options.chunk:
-            self._check_lengths(self._buffer, self.total - len(self._buffer))
+            # Tokenizing is CPU work: off the event loop, so other requests keep flowing.
+            await asyncio.to_thread(self._check_lengths, self._buffer,
+                                    self.total - len(self._buffer))
         await self.redis.hset(self.keys.inputs(self.job_id), str(self._chunks),
                               pack_chunk(self._buffer))
         self._sizes.append(len(self._buffer))

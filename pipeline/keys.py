@@ -24,9 +24,16 @@ reads both.
     <p>:{r:<id>}:reply     list    a worker's reply to an interactive request (expires)
     <p>:cache:<fp>:<hash>  string  raw model output for one text (fp: model, revision, backend)
     <p>:cache:index        zset    cache entry key -> time stored (the size cap evicts oldest)
+    <p>:jobs               zset    every job id by creation time (admin job list)
+    <p>:jobs:<owner>       zset    one owner's job ids by creation time (job list)
+    <p>:session:<digest>   string  a dashboard session (owner, admin, CSRF token), with a TTL
 
 Cache entries carry no hash tag on purpose: they spread over every slot of a
 cluster, and are only ever read and written one key a command.
+
+The job lists live in other hash slots than the jobs they name, so they are
+written before the job becomes visible and read with the jobs filtered for
+existence (ids whose job expired are pruned as they are met).
 """
 
 from __future__ import annotations
@@ -122,3 +129,13 @@ class Keys:
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:{{r:{request_id}}}:reply"
+
+    def job_index(self, owner: str | None) -> str:
+        """The job list of one owner, or of every job when `owner` is None."""
+        if owner is None:
+            return f"{self.prefix}:jobs"
+        return f"{self.prefix}:jobs:{owner or '-'}"
+
+    def session(self, session_id: str) -> str:
+        digest = hashlib.sha256(session_id.encode()).hexdigest()[:32]
+        return f"{self.prefix}:session:{digest}"

@@ -116,6 +116,22 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
     return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
 
 
+def requested_model_name(requested: str, default: str) -> str:
+    """The name a client's `model` string stands for, without touching the filesystem.
+
+    Only the default's aliases are folded, and the configured default's own
+    spelling maps to its canonical name; any other string is looked up as
+    given. (`canonical_model_name` may resolve a local path: that is for the
+    operator's configuration, never for a string a client sent.)
+    """
+    stripped = requested.strip()
+    if stripped.lower() in _DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    if stripped == default.strip():
+        return canonical_model_name(default)
+    return stripped
+
+
 async def resolve_model(
     redis: Any, models_key: str, default: str, requested: str | None,
     served: list[ModelInfo] | None = None,
@@ -125,17 +141,21 @@ async def resolve_model(
     A model is accepted when a live worker serves it (`served`, when given;
     else any worker that ever registered it), or when it is the configured
     default and its files are local (its jobs wait for a worker); any other
-    name would sit in a queue no worker reads.
+    name would sit in a queue no worker reads. A client's string is never
+    looked up on the filesystem (`requested_model_name`), and the error lists
+    the served models by name, leaving out those served from a local path
+    (the server's paths are its own business).
     """
     from pipeline.errors import UnknownModel
 
-    name = canonical_model_name(requested or default)
+    default_name = canonical_model_name(default)
+    name = default_name if requested is None else requested_model_name(requested, default)
     if served is not None:
         for model in served:
             if model.name == name:
                 return model
     raw = await redis.hget(models_key, name)
-    is_default = name == canonical_model_name(default)
+    is_default = name == default_name
     if raw is not None and (served is None or is_default):
         return ModelInfo.from_json(raw)
     if is_default:
@@ -147,7 +167,10 @@ async def resolve_model(
     else:
         names = sorted(k.decode() if isinstance(k, bytes) else str(k)
                        for k in await redis.hkeys(models_key))
+    shown = [model for model in names if not Path(model).is_absolute()]
+    if not Path(default_name).is_absolute() and default_name not in shown:
+        shown.append(default_name)
     raise UnknownModel(
-        f"model {name!r} is not served here; available: {', '.join(names) or default}",
-        model=name,
+        f"model {name[:200]!r} is not served here; available: {', '.join(shown) or 'none'}",
+        model=name[:200],
     )

@@ -1,5 +1,10 @@
 """The pipeline as one object: what REST, SSE and the MCP tools all call.
 
+Tenants: every method that reads or changes a job takes the `caller` and
+checks it through `owned` (the one owner check), so another tenant's job is
+`JobNotFound`. The default caller is `TRUSTED`, for in-process users (stdio,
+tests, tools); the HTTP face always passes the request's caller.
+
 `Pipeline` owns the Redis clients of a server-side process (one for
 commands, one without socket timeout for blocking reads) and turns requests
 into jobs, results and event sequences. It never loads a model: embedding
@@ -12,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import events, interactive, jobs, results
+from pipeline import events, interactive, job_index, jobs, results
 from pipeline.connections import connect
 from pipeline.errors import (
     Conflict,
@@ -31,6 +37,7 @@ from pipeline.keys import Keys
 from pipeline.models import ModelInfo, resolve_model
 from pipeline.quantize import VectorView, Views
 from pipeline.stats import live_workers, served_models
+from pipeline.tenants import TRUSTED, Caller, OwnerCache, check_visible, visible
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -51,6 +58,7 @@ class Pipeline:
         self.redis = connect(settings.redis_url)
         self.blocking = connect(settings.redis_url, blocking=True)
         self.views = Views(self.redis, self.keys)
+        self.owners = OwnerCache(self.redis, self.keys)
 
     async def close(self) -> None:
         """Close both Redis clients."""
@@ -64,17 +72,17 @@ class Pipeline:
         jobs.check_model_options(options, info)
         return info
 
-    async def writer(self, options: JobOptions, owner: str = "") -> jobs.JobWriter:
+    async def writer(self, options: JobOptions, caller: Caller = TRUSTED) -> jobs.JobWriter:
         """A JobWriter for a streamed submission (validate options first)."""
         info = await self.model(options)
-        return jobs.JobWriter(self.redis, self.keys, self.settings, options, info, owner)
+        return jobs.JobWriter(self.redis, self.keys, self.settings, options, info, caller.owner)
 
     async def submit(
         self, items: Iterable[Item], options: JobOptions, *,
-        owner: str = "", idempotency_key: str | None = None,
+        caller: Caller = TRUSTED, idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Create and queue a job from validated items; returns the public job."""
-        writer = await self.writer(options, owner)
+        writer = await self.writer(options, caller)
         return await self.commit(writer, items, idempotency_key)
 
     async def commit(
@@ -89,7 +97,7 @@ class Pipeline:
             if existing is not None:
                 await writer.abort()
                 try:
-                    return await self.job(existing)
+                    return await self.job(existing, Caller(writer.owner))
                 except JobNotFound:
                     raise Conflict(
                         "a submission with this Idempotency-Key is still being written; "
@@ -100,27 +108,46 @@ class Pipeline:
                     await writer.add(item)
             elif items is not None:
                 await writer.add_many(items)
+            # Listed before it becomes visible: the list is in another hash slot.
+            await job_index.add(self.redis, self.keys, writer.owner, writer.job_id,
+                                max_age_s=2 * self.settings.result_ttl_s)
             record = await writer.commit()
             logger.info("job %s created: %s texts, model %s", record["id"], record["total"],
                         record["model"], extra={"event": "job.created", "job_id": record["id"],
                                                 "total": record["total"]})
         except BaseException:
             await writer.abort()
+            await job_index.remove(self.redis, self.keys, writer.owner, writer.job_id)
             if idempotency_key:
                 await jobs.release_idempotency_key(self.redis, self.keys, writer.owner,
                                                    idempotency_key)
             raise
         return jobs.public_job(record)
 
-    async def job(self, job_id: str) -> dict[str, Any]:
+    async def owned(self, job_id: str, caller: Caller) -> dict[str, Any]:
+        """The raw record of a job `caller` may see; JobNotFound for anyone else's."""
+        record = await jobs.load_job(self.redis, self.keys, job_id)
+        check_visible(job_id, record.get("owner", ""), caller)
+        return record
+
+    async def job(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """A job's public status."""
-        return await jobs.get_job(self.redis, self.keys, job_id)
+        return jobs.public_job(await self.owned(job_id, caller))
+
+    async def list_jobs(
+        self, caller: Caller, *, limit: int = 50, cursor: str | None = None,
+        status: str | None = None,
+    ) -> dict[str, Any]:
+        """The caller's jobs (every job for an admin), newest first, one page."""
+        return await job_index.list_jobs(self.redis, self.keys, caller, limit=limit,
+                                         cursor=cursor, status=status)
 
     async def results(
-        self, job_id: str, cursor: str | None = None, limit: int = 100, encoding: str = "float"
+        self, job_id: str, cursor: str | None = None, limit: int = 100,
+        encoding: str = "float", *, caller: Caller = TRUSTED,
     ) -> dict[str, Any]:
         """One page of results in index order, delivered in `encoding`."""
-        record = await jobs.load_job(self.redis, self.keys, job_id)
+        record = await self.owned(job_id, caller)
         view = await self.views.for_job(encoding, record)
         return await results.read_page(self.redis, self.keys, job_id, cursor, limit, view,
                                        record)
@@ -134,31 +161,51 @@ class Pipeline:
         """The models that live workers serve, by name."""
         return await served_models(self.redis, self.keys)
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """Cancel a job; returns its status afterwards."""
+        await self.owned(job_id, caller)
         job = await jobs.cancel_job(self.redis, self.keys, self.settings, job_id)
         logger.info("job %s cancel asked: now %s", job_id, job["status"],
                     extra={"event": "job.cancelled", "job_id": job_id, "status": job["status"]})
         return job
 
     async def follow(
-        self, job_id: str, after: str | None = None, encoding: str | VectorView = "float"
+        self, job_id: str, after: str | None = None, encoding: str | VectorView = "float", *,
+        caller: Caller = TRUSTED,
     ) -> AsyncIterator[events.Event]:
         """The job's events after `after`, until its end."""
-        view = encoding if isinstance(encoding, VectorView) else await self.view(job_id,
-                                                                                 encoding)
-        async for event in events.follow_job(self.redis, self.blocking, self.keys, job_id,
-                                             after=after, encoding=view,
-                                             block_ms=self.settings.block_ms):
-            yield event
+        record = await self.owned(job_id, caller)
+        view = (encoding if isinstance(encoding, VectorView)
+                else await self.views.for_job(encoding, record))
+        stream = events.follow_job(self.redis, self.blocking, self.keys, job_id, after=after,
+                                   encoding=view, block_ms=self.settings.block_ms)
+        async with aclosing(stream):
+            async for event in stream:
+                yield event
 
-    def follow_feed(
-        self, after: str | None = None, replay: int = events.FEED_REPLAY
+    async def follow_feed(
+        self, after: str | None = None, replay: int = events.FEED_REPLAY, *,
+        caller: Caller = TRUSTED,
     ) -> AsyncIterator[events.Event]:
-        """The live feed after `after` (else after the last `replay` events), with stats."""
-        return events.follow_feed(self.redis, self.blocking, self.keys, after=after,
-                                  stats_interval_s=self.settings.stats_interval_s,
-                                  replay=replay)
+        """The live feed after `after` (else the last `replay` events), with stats.
+
+        A caller is shown the job events of its own jobs only; worker and
+        stats events are shared.
+        """
+        stream = events.follow_feed(self.redis, self.blocking, self.keys, after=after,
+                                    stats_interval_s=self.settings.stats_interval_s,
+                                    replay=replay)
+        async with aclosing(stream):
+            async for event in stream:
+                if await self.may_see_event(event, caller):
+                    yield event
+
+    async def may_see_event(self, event: events.Event, caller: Caller) -> bool:
+        """Whether a feed event is for `caller`'s eyes (job events: its own jobs only)."""
+        if caller.admin or not event.name.startswith("job."):
+            return True
+        job_id = event.data.get("id") if isinstance(event.data, dict) else None
+        return isinstance(job_id, str) and visible(await self.owners.owner(job_id), caller)
 
     async def ready(self) -> dict[str, Any]:
         """Whether Redis answers and at least one worker is alive."""
@@ -167,7 +214,7 @@ class Pipeline:
         return {"redis": True, "workers": len(workers)}
 
     async def embed(
-        self, items: list[Item], options: JobOptions, *, owner: str = "",
+        self, items: list[Item], options: JobOptions, *, caller: Caller = TRUSTED,
         on_progress: ProgressCallback | None = None, timeout_s: float | None = None,
         encoding: str = "float",
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -180,16 +227,16 @@ class Pipeline:
         timeout_s = timeout_s or self.settings.embed_timeout_s
         if interactive.is_light(items, options, self.settings.fast_lane_max_texts):
             return await self._request(items, options, encoding, on_progress, timeout_s)
-        job = await self.submit(items, options, owner=owner)
+        job = await self.submit(items, options, caller=caller)
         rows: list[dict[str, Any]] = []
         try:
             view = await self.view(job["id"], encoding)
         except PipelineError:
-            await self.cancel(job["id"])
+            await self.cancel(job["id"], caller)
             raise
         try:
             async with asyncio.timeout(timeout_s):
-                async for event in self.follow(job["id"], encoding=view):
+                async for event in self.follow(job["id"], encoding=view, caller=caller):
                     if event.name == "result":
                         rows.extend(event.data)
                     elif event.name == "progress" and on_progress is not None:
@@ -200,10 +247,10 @@ class Pipeline:
         except asyncio.CancelledError:
             # The caller went away (an MCP client cancelled, an HTTP client
             # hung up): its texts need not be embedded any more.
-            await asyncio.shield(self.cancel(job["id"]))
+            await asyncio.shield(self.cancel(job["id"], caller))
             raise
         except TimeoutError:
-            await self.cancel(job["id"])
+            await self.cancel(job["id"], caller)
             raise Unavailable("no worker finished the embedding in time; is a worker "
                               "running for this model? (GET /readyz tells)") from None
         rows.sort(key=lambda row: row["index"])
@@ -229,12 +276,13 @@ class Pipeline:
         return interactive.request_job(request_id, sent, rows, reply), rows
 
     async def similarity(
-        self, query: str, candidates: list[str], options: JobOptions, *, owner: str = "",
+        self, query: str, candidates: list[str], options: JobOptions, *,
+        caller: Caller = TRUSTED,
         on_progress: ProgressCallback | None = None,
     ) -> list[dict[str, Any]]:
         """Candidates ranked by cosine similarity to the query, best first."""
         items = [Item(query), *(Item(text) for text in candidates)]
-        _, rows = await self.embed(items, options, owner=owner, on_progress=on_progress)
+        _, rows = await self.embed(items, options, caller=caller, on_progress=on_progress)
         matrix = _matrix(rows)
         scores = _cosine(matrix[1:], matrix[0])
         order = np.argsort(-scores, kind="stable")
@@ -242,15 +290,15 @@ class Pipeline:
                 for i in order]
 
     async def search(
-        self, job_id: str, query: str, top_k: int = 10, *, owner: str = ""
+        self, job_id: str, query: str, top_k: int = 10, *, caller: Caller = TRUSTED
     ) -> list[dict[str, Any]]:
         """The `top_k` inputs of a finished job nearest to `query`."""
-        record = await jobs.load_job(self.redis, self.keys, job_id)
+        record = await self.owned(job_id, caller)
         if record["status"] != "completed":
             raise JobNotFinished(f"job {job_id} is {record['status']}; search_job needs a "
                                  "completed job (poll its status first)")
         options = JobOptions(dimensions=int(record["dimensions"]), model=record["model"])
-        _, rows = await self.embed([Item(query)], options, owner=owner)
+        _, rows = await self.embed([Item(query)], options, caller=caller)
         indexes, vectors = await results.read_vectors(self.redis, self.keys, job_id)
         if not indexes:
             return []

@@ -36,11 +36,17 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
+    # Keys that see and manage every tenant's jobs (they are valid API keys too).
+    admin_keys: tuple[str, ...] = ()
+    # Dashboard sign-in sessions (a random id in Redis) last this long.
+    session_ttl_s: int = 12 * 3600
     url: str = "http://127.0.0.1:8000"
     insecure: bool = False
     # Allowed Host header values for the MCP transports beyond loopback ("*" allows any).
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # Origins allowed to read responses cross-site (CORS); unset: CORS off.
+    cors_origins: tuple[str, ...] = ()
 
     key_prefix: str = "es"
     chunk_size: int = 32
@@ -51,6 +57,9 @@ class Settings:
     call_max_tokens: int = 1024
     max_inputs: int = 1_000_000
     max_text_chars: int = 100_000
+    # Bytes of one NDJSON upload (one job) and of a JSON body, counted as they arrive.
+    max_upload_bytes: int = 1024 * 1024 * 1024
+    max_json_bytes: int = 64 * 1024 * 1024
     block_ms: int = 2_000
     visibility_timeout_s: float = 30.0
     max_deliveries: int = 3

@@ -33,8 +33,10 @@ from mcp_sessions import (
 )
 from sentence_transformers import SentenceTransformer
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from mcp_server.agents import build_mcp, mcp_lifespan, mcp_routes
+from mcp_server.host_guard import HostGuard, HostPolicy
 from pipeline.embedder import Embedder, load_embedder
 from pipeline.models import bundled_model_dir
 from pipeline.service import Pipeline
@@ -311,7 +313,8 @@ async def test_mcp_endpoints_accept_loopback_and_configured_hosts_and_origins_on
     configured = settings.replace(allowed_hosts=("embed.example.com",),
                                   allowed_origins=("https://app.example.com",))
     mcp = build_mcp(configured, lambda: Pipeline(configured))
-    app = Starlette(routes=mcp_routes(mcp, configured))
+    guard = Middleware(HostGuard, policy=HostPolicy.from_settings(configured))
+    app = Starlette(routes=mcp_routes(mcp), middleware=[guard])
     # A text/plain POST passes the guard and is refused by the SDK itself with 400.
     async with mcp_lifespan(mcp), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:

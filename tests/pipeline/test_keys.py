@@ -64,6 +64,11 @@ def test_every_key_name_is_pinned() -> None:
     digest = hashlib.sha256(b"owner\0retry-1").hexdigest()[:32]
     assert keys.idempotency("owner", "retry-1") == f"es:idem:{digest}"
     assert keys.texts_counter == "es:stats:texts"
+    assert keys.job_index(None) == "es:jobs"
+    assert keys.job_index("0123abcd0123abcd") == "es:jobs:0123abcd0123abcd"
+    assert keys.job_index("") == "es:jobs:-"
+    session = hashlib.sha256(b"s3cret").hexdigest()[:32]
+    assert keys.session("s3cret") == f"es:session:{session}"
     assert GROUP == "workers"
     assert LANES == ("fast", "bulk")
 
@@ -72,7 +77,8 @@ def test_the_prefix_leads_every_key() -> None:
     keys = Keys("tenant7")
     names = [*keys.job_keys(JOB), *keys.queues(MODEL), keys.feed, keys.workers,
              keys.heartbeat("w"), keys.models, keys.idempotency("", "k"), keys.texts_counter,
-             keys.calibration(MODEL)]
+             keys.calibration(MODEL), keys.job_index(None), keys.job_index("o"),
+             keys.session("s")]
     assert all(name.startswith("tenant7:") for name in names)
 
 

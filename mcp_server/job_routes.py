@@ -1,11 +1,13 @@
-"""REST endpoints for jobs: submit (JSON or NDJSON), status, results, cancel."""
+"""REST endpoints for jobs: submit (JSON or NDJSON), list, status, results, cancel.
+
+Every read and the cancel go through the `Pipeline` with the request's caller, so
+another tenant's job answers 404 as if it did not exist.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -14,24 +16,20 @@ from mcp_server.payloads import (
     is_ndjson,
     json_body,
     ndjson_values,
-    owner_of,
     pipeline_of,
     query_encoding,
     query_int,
+    request_caller,
     settings_of,
 )
+from mcp_server.responses import json_response
 from pipeline.errors import InvalidInput
 from pipeline.inputs import Item, parse_item, parse_options, parse_query_options
+from pipeline.job_index import MAX_LIMIT
 from pipeline.jobs import check_job_id
 from pipeline.results import MAX_PAGE
 
 MAX_IDEMPOTENCY_KEY = 255
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """orjson-encoded JSON (numpy rows included)."""
-    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
 
 
 def _links(request: Request, job_id: str) -> dict[str, str]:
@@ -53,7 +51,7 @@ async def create_job(request: Request) -> Response:
     key = _idempotency_key(request)
     if is_ndjson(request):
         options = parse_query_options(dict(request.query_params))
-        writer = await pipeline.writer(options, owner_of(request))
+        writer = await pipeline.writer(options, request_caller(request))
 
         async def items() -> AsyncIterator[Item]:
             # Blank lines are skipped, so an input's index is its count of
@@ -81,16 +79,26 @@ async def create_job(request: Request) -> Response:
             raise InvalidInput("'inputs' must be a list of strings or {id, text, metadata} "
                                "objects")
         parsed = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
-        job = await pipeline.submit(parsed, options, owner=owner_of(request),
+        job = await pipeline.submit(parsed, options, caller=request_caller(request),
                                     idempotency_key=key)
     reply = {"id": job["id"], "status": job["status"], "total": job["total"],
              "links": _links(request, job["id"])}
     return json_response(reply, 202, headers={"Location": reply["links"]["self"]})
 
 
+async def list_jobs(request: Request) -> Response:
+    """GET /v1/jobs: the caller's jobs, newest first (every job for an admin key)."""
+    limit = query_int(request, "limit", 50, 1, MAX_LIMIT)
+    page = await pipeline_of(request).list_jobs(
+        request_caller(request), limit=limit, cursor=request.query_params.get("cursor"),
+        status=request.query_params.get("status"))
+    return json_response(page)
+
+
 async def get_job(request: Request) -> Response:
     """GET /v1/jobs/{id}: status and counters."""
-    return json_response(await pipeline_of(request).job(request.path_params["job_id"]))
+    return json_response(await pipeline_of(request).job(request.path_params["job_id"],
+                                                        request_caller(request)))
 
 
 async def get_results(request: Request) -> Response:
@@ -98,17 +106,20 @@ async def get_results(request: Request) -> Response:
     job_id = check_job_id(request.path_params["job_id"])
     limit = query_int(request, "limit", 100, 1, MAX_PAGE)
     page = await pipeline_of(request).results(
-        job_id, request.query_params.get("cursor"), limit, query_encoding(request))
+        job_id, request.query_params.get("cursor"), limit, query_encoding(request),
+        caller=request_caller(request))
     return json_response(page)
 
 
 async def delete_job(request: Request) -> Response:
     """DELETE /v1/jobs/{id}: cancel; made results stay readable."""
-    return json_response(await pipeline_of(request).cancel(request.path_params["job_id"]))
+    return json_response(await pipeline_of(request).cancel(request.path_params["job_id"],
+                                                           request_caller(request)))
 
 
 routes = [
     Route("/v1/jobs", create_job, methods=["POST"]),
+    Route("/v1/jobs", list_jobs, methods=["GET"]),
     Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
     Route("/v1/jobs/{job_id}/results", get_results, methods=["GET"]),

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.routing import Route
 
-from mcp_server.payloads import pipeline_of, query_encoding, settings_of
+from mcp_server.payloads import pipeline_of, query_encoding, request_caller, settings_of
 from pipeline.events import Event, check_event_id
 
 SEND_TIMEOUT_S = 30.0
@@ -43,10 +43,12 @@ async def job_events(request: Request) -> EventSourceResponse:
     pipeline = pipeline_of(request)
     job_id = request.path_params["job_id"]
     after = resume_cursor(request)
+    caller = request_caller(request)
     # 404/400 (and a missing calibration) before the stream opens
+    await pipeline.job(job_id, caller)
     view = await pipeline.view(job_id, query_encoding(request))
     return EventSourceResponse(
-        _sse(pipeline.follow(job_id, after, view)),
+        _sse(pipeline.follow(job_id, after, view, caller=caller)),
         ping=settings_of(request).sse_ping_s, send_timeout=SEND_TIMEOUT_S, headers=HEADERS,
     )
 
@@ -55,7 +57,7 @@ async def feed_events(request: Request) -> EventSourceResponse:
     """GET /v1/events: job and worker lifecycle plus periodic stats; never vectors."""
     pipeline = pipeline_of(request)
     return EventSourceResponse(
-        _sse(pipeline.follow_feed(resume_cursor(request))),
+        _sse(pipeline.follow_feed(resume_cursor(request), caller=request_caller(request))),
         ping=settings_of(request).sse_ping_s, send_timeout=SEND_TIMEOUT_S, headers=HEADERS,
     )
 
