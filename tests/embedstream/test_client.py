@@ -45,7 +45,7 @@ async def serving(settings: Settings) -> AsyncIterator[AsyncClient]:
     try:
         async with app.router.lifespan_context(app):
             http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test")
+                                     base_url="http://127.0.0.1")
             async with AsyncClient("http://test", http=http) as client:
                 yield client
     finally:
