@@ -142,9 +142,9 @@ async def resolve_model(
     else any worker that ever registered it), or when it is the configured
     default and its files are local (its jobs wait for a worker); any other
     name would sit in a queue no worker reads. A client's string is never
-    looked up on the filesystem (`requested_model_name`), and the error lists
-    the served models by name, leaving out those served from a local path
-    (the server's paths are its own business).
+    looked up on the filesystem (`requested_model_name`): it is compared with
+    the names workers registered (as `GET /v1/models` lists them), and echoed
+    back only as sent.
     """
     from pipeline.errors import UnknownModel
 
@@ -167,10 +167,7 @@ async def resolve_model(
     else:
         names = sorted(k.decode() if isinstance(k, bytes) else str(k)
                        for k in await redis.hkeys(models_key))
-    shown = [model for model in names if not Path(model).is_absolute()]
-    if not Path(default_name).is_absolute() and default_name not in shown:
-        shown.append(default_name)
     raise UnknownModel(
-        f"model {name[:200]!r} is not served here; available: {', '.join(shown) or 'none'}",
+        f"model {name[:200]!r} is not served here; available: {', '.join(names) or default}",
         model=name[:200],
     )

@@ -70,7 +70,7 @@ async def app_client(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with (worker_running(api_settings),
-                    httpx.AsyncClient(transport=transport, base_url="http://test") as client):
+                    httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client):
             yield client
 
 
@@ -248,8 +248,8 @@ async def test_the_openai_client_carries_every_new_option(
     app_client: httpx.AsyncClient
 ) -> None:
     transport = app_client._transport
-    async with httpx.AsyncClient(transport=transport, base_url="http://test/v1") as http:
-        client = openai.AsyncOpenAI(api_key="none", base_url="http://test/v1", http_client=http)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1/v1") as http:
+        client = openai.AsyncOpenAI(api_key="none", base_url="http://127.0.0.1/v1", http_client=http)
         plain = await client.embeddings.create(input=SENTENCES[:2], model=DEFAULT_MODEL)
         prompted = await client.embeddings.create(
             input=SENTENCES[:2], model=DEFAULT_MODEL,
