@@ -129,8 +129,10 @@ async def test_sigterm_mid_batch_commits_the_batch_then_a_peer_finishes_the_job(
     try:
         await registered(pipeline, first)
         job_id = await submit(pipeline, texts)
-        before = await poll(lambda: done(pipeline, job_id), 30, "the first batch")
+        # The texts counter moves after the acks, so then the first batch is through.
+        await poll(lambda: pipeline.redis.get(KEYS.texts_counter), 30, "the first batch")
         await poll(lambda: claimed(pipeline), 30, "the next batch claimed")
+        before = await done(pipeline, job_id)
         first.popen.send_signal(signal.SIGTERM)  # during the next model call
         with anyio.fail_after(15):
             while first.alive():
