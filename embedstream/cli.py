@@ -200,13 +200,20 @@ async def _work(settings: Settings, name: str | None) -> None:
     from workers.worker import Worker
 
     embedder = await asyncio.to_thread(load_embedder, settings)
-    if settings.calibrate:
-        await calibrate(settings, embedder)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stopper(stop))
-    await Worker(settings, embedder, worker_id=name).run(stop)
+    # Beside the loop, not before it: the worker registers and serves at once,
+    # and only the first worker of a model (a lock decides) embeds the corpus.
+    calibration = asyncio.create_task(calibrate(settings, embedder)) if settings.calibrate \
+        else None
+    try:
+        await Worker(settings, embedder, worker_id=name).run(stop)
+    finally:
+        if calibration is not None:
+            calibration.cancel()
+            await asyncio.gather(calibration, return_exceptions=True)
 
 
 def _stopper(stop: asyncio.Event) -> Any:

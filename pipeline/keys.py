@@ -18,6 +18,7 @@ reads both.
     <p>:worker:<id>        string  heartbeat, expires when the worker dies
     <p>:models             hash    model name -> description registered by workers
     <p>:calibration:<model> string float32 vectors of the calibration corpus (int8/uint8 ranges)
+    <p>:calibrating:<model> string lock held by the worker recording them (with a TTL)
     <p>:idem:<key>         string  idempotency key -> job id
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
     <p>:metrics            hash    worker-side counters and histograms for /metrics
@@ -107,6 +108,9 @@ class Keys:
 
     def calibration(self, model: str) -> str:
         return f"{self.prefix}:calibration:{model_slug(model)}"
+
+    def calibration_lock(self, model: str) -> str:
+        return f"{self.prefix}:calibrating:{model_slug(model)}"
 
     def idempotency(self, scope: str, key: str) -> str:
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]

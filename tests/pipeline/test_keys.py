@@ -61,6 +61,7 @@ def test_every_key_name_is_pinned() -> None:
     assert keys.models == "es:models"
     assert keys.metrics == "es:metrics"
     assert keys.calibration(MODEL) == f"es:calibration:{SLUG}"
+    assert keys.calibration_lock(MODEL) == f"es:calibrating:{SLUG}"
     digest = hashlib.sha256(b"owner\0retry-1").hexdigest()[:32]
     assert keys.idempotency("owner", "retry-1") == f"es:idem:{digest}"
     assert keys.texts_counter == "es:stats:texts"
@@ -77,8 +78,8 @@ def test_the_prefix_leads_every_key() -> None:
     keys = Keys("tenant7")
     names = [*keys.job_keys(JOB), *keys.queues(MODEL), keys.feed, keys.workers,
              keys.heartbeat("w"), keys.models, keys.idempotency("", "k"), keys.texts_counter,
-             keys.calibration(MODEL), keys.job_index(None), keys.job_index("o"),
-             keys.session("s")]
+             keys.calibration(MODEL), keys.calibration_lock(MODEL), keys.job_index(None),
+             keys.job_index("o"), keys.session("s")]
     assert all(name.startswith("tenant7:") for name in names)
 
 

@@ -88,3 +88,29 @@ async def test_the_first_recorded_calibration_wins(settings: Settings) -> None:
             await views.for_job("uint8", {**record, "model": "other"})
     finally:
         await redis.aclose()
+
+
+@pytest.mark.anyio
+async def test_only_the_worker_holding_the_lock_records_the_calibration(
+    settings: Settings,
+) -> None:
+    from fakes import HashEmbedder
+
+    from workers.calibration import ensure_calibration
+
+    assert settings.redis_url
+    redis = connect(settings.redis_url)
+    try:
+        embedder = HashEmbedder(settings)
+        await redis.set(KEYS.calibration_lock(embedder.info.name), b"1")
+        await ensure_calibration(redis, KEYS, embedder)
+        assert embedder.calls == [] and not await redis.exists(
+            KEYS.calibration(embedder.info.name))
+        await redis.delete(KEYS.calibration_lock(embedder.info.name))
+        await ensure_calibration(redis, KEYS, embedder)
+        assert len(embedder.calls) == 1 and len(embedder.calls[0]) == 1000
+        assert not await redis.exists(KEYS.calibration_lock(embedder.info.name))
+        await ensure_calibration(redis, KEYS, embedder)  # recorded: nothing more to do
+        assert len(embedder.calls) == 1
+    finally:
+        await redis.aclose()
