@@ -249,7 +249,8 @@ async def test_the_openai_client_carries_every_new_option(
 ) -> None:
     transport = app_client._transport
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1/v1") as http:
-        client = openai.AsyncOpenAI(api_key="none", base_url="http://127.0.0.1/v1", http_client=http)
+        client = openai.AsyncOpenAI(api_key="none", base_url="http://127.0.0.1/v1",
+                                    http_client=http)
         plain = await client.embeddings.create(input=SENTENCES[:2], model=DEFAULT_MODEL)
         prompted = await client.embeddings.create(
             input=SENTENCES[:2], model=DEFAULT_MODEL,

@@ -38,7 +38,8 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            async with httpx.AsyncClient(transport=transport,
+                                         base_url="http://127.0.0.1") as client:
                 yield client
     finally:
         stop.set()
