@@ -10,6 +10,7 @@
     ├── JobNotFound                  no such job, or it expired (404)
     ├── JobNotFinished               the operation needs a finished job (409)
     ├── Conflict                     the same Idempotency-Key is being submitted now (409)
+    ├── IdempotencyKeyReused         an Idempotency-Key sent again with another request (422)
     ├── PayloadTooLarge              too many inputs or bytes (413)
     ├── UnsupportedMediaType         a body type we do not read (415)
     └── Unavailable                  Redis unreachable, or no answer in time (503/504)
@@ -78,6 +79,11 @@ class JobNotFinished(PipelineError):
 class Conflict(PipelineError):
     code = "conflict"
     status = 409
+
+
+class IdempotencyKeyReused(PipelineError):
+    code = "idempotency_key_reused"
+    status = 422
 
 
 class UnsupportedMediaType(PipelineError):

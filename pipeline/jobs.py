@@ -13,6 +13,7 @@ million-line upload.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import uuid
@@ -79,6 +80,22 @@ def pack_chunk(items: list[Item]) -> bytes:
     })
 
 
+class RequestDigest:
+    """A digest of a submission (options and every input), stored with its Idempotency-Key
+    so a reuse of the key for a different request is told apart from a retry."""
+
+    def __init__(self, options: JobOptions | None) -> None:
+        self._hash = hashlib.sha256(orjson.dumps(repr(options)))
+
+    def update(self, item: Item) -> None:
+        """Add one input."""
+        self._hash.update(orjson.dumps([item.text, item.id, item.metadata],
+                                       option=orjson.OPT_SORT_KEYS) + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:32]
+
+
 @dataclass
 class JobWriter:
     """Writes a job's inputs chunk by chunk, then commits the job and queues it."""
@@ -95,11 +112,16 @@ class JobWriter:
     _chunks: int = 0
     _too_long: list[int] = field(default_factory=list)
     _sizes: list[int] = field(default_factory=list)
+    digest: RequestDigest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = RequestDigest(self.options)
 
     async def add(self, item: Item) -> None:
         """Accept one validated input."""
         if self.total >= self.settings.max_inputs:
             raise PayloadTooLarge(f"a job holds at most {self.settings.max_inputs} inputs")
+        self.digest.update(item)
         self._buffer.append(item)
         self.total += 1
         if len(self._buffer) >= self.settings.chunk_size:
@@ -256,15 +278,38 @@ async def cancel_job(
     return job
 
 
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """The job an Idempotency-Key already names, and the digest of its request
+    (None while that request is still being uploaded)."""
+
+    job_id: str
+    digest: str | None
+
+
 async def claim_idempotency_key(
     redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, ttl_s: int
-) -> str | None:
-    """Bind an Idempotency-Key to job_id; return the job it already names, if any."""
+) -> IdempotencyClaim | None:
+    """Bind an Idempotency-Key to job_id; return what it already names, if anything.
+
+    The value is `<job id>` while the upload runs, then `<job id> <digest>`
+    (`record_request_digest`), so a later request can be compared with it.
+    """
     name = keys.idempotency(scope, key)
     if await redis.set(name, job_id, nx=True, ex=ttl_s):
         return None
     existing = await redis.get(name)
-    return existing.decode() if existing else None
+    if not existing:
+        return None
+    bound, _, digest = existing.decode().partition(" ")
+    return IdempotencyClaim(bound, digest or None)
+
+
+async def record_request_digest(
+    redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, digest: str
+) -> None:
+    """Store the request's digest with the key this upload holds (its TTL kept)."""
+    await redis.set(keys.idempotency(scope, key), f"{job_id} {digest}", xx=True, keepttl=True)
 
 
 async def release_idempotency_key(redis: RedisClient, keys: Keys, scope: str, key: str) -> None:

@@ -26,6 +26,7 @@ from pipeline import events, interactive, job_index, jobs, results
 from pipeline.connections import connect
 from pipeline.errors import (
     Conflict,
+    IdempotencyKeyReused,
     InvalidInput,
     JobNotFinished,
     JobNotFound,
@@ -89,25 +90,25 @@ class Pipeline:
         self, writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Feed `items` to `writer` (if given) and commit; honours an idempotency key."""
+        """Feed `items` to `writer` (if given) and commit; honours an idempotency key.
+
+        A key names the first request's job. A retry of the same request (same
+        options and inputs, compared by digest) gets that job; another request
+        under the same key is refused with 422 rather than silently answered
+        with a job that is not its own.
+        """
         if idempotency_key:
             existing = await jobs.claim_idempotency_key(
                 self.redis, self.keys, writer.owner, idempotency_key, writer.job_id,
                 IDEMPOTENCY_TTL_S)
             if existing is not None:
-                await writer.abort()
-                try:
-                    return await self.job(existing, Caller(writer.owner))
-                except JobNotFound:
-                    raise Conflict(
-                        "a submission with this Idempotency-Key is still being written; "
-                        "retry in a moment to get its job") from None
+                return await self._replay(writer, items, idempotency_key, existing)
         try:
-            if isinstance(items, AsyncIterable):
-                async for item in items:
-                    await writer.add(item)
-            elif items is not None:
-                await writer.add_many(items)
+            await _feed(writer, items)
+            if idempotency_key:
+                await jobs.record_request_digest(self.redis, self.keys, writer.owner,
+                                                 idempotency_key, writer.job_id,
+                                                 writer.digest.hexdigest())
             # Listed before it becomes visible: the list is in another hash slot.
             await job_index.add(self.redis, self.keys, writer.owner, writer.job_id,
                                 max_age_s=2 * self.settings.result_ttl_s)
@@ -123,6 +124,32 @@ class Pipeline:
                                                    idempotency_key)
             raise
         return jobs.public_job(record)
+
+    async def _replay(
+        self, writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None,
+        key: str, existing: jobs.IdempotencyClaim,
+    ) -> dict[str, Any]:
+        """The job a reused key names, once this request is known to be the same one."""
+        if existing.digest is not None:
+            digest = jobs.RequestDigest(writer.options)
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    digest.update(item)
+            else:
+                for item in items or ():
+                    digest.update(item)
+            if digest.hexdigest() != existing.digest:
+                await writer.abort()
+                raise IdempotencyKeyReused(
+                    f"Idempotency-Key {key[:80]!r} was first used for another request (other "
+                    f"inputs or options; its job is {existing.job_id}); send a new key for a "
+                    "new request")
+        await writer.abort()
+        try:
+            return await self.job(existing.job_id, Caller(writer.owner))
+        except JobNotFound:
+            raise Conflict("a submission with this Idempotency-Key is still being written; "
+                           "retry in a moment to get its job") from None
 
     async def owned(self, job_id: str, caller: Caller) -> dict[str, Any]:
         """The raw record of a job `caller` may see; JobNotFound for anyone else's."""
@@ -324,3 +351,13 @@ def _cosine(
     norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(vector)
     scores: np.ndarray[Any, np.dtype[np.float32]] = (matrix @ vector) / np.maximum(norms, 1e-12)
     return scores
+
+
+async def _feed(
+    writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None
+) -> None:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            await writer.add(item)
+    elif items is not None:
+        await writer.add_many(items)

@@ -684,6 +684,21 @@ async def test_an_idempotency_key_returns_the_same_job_on_retry(
     assert ndjson_first.json()["id"] == ndjson_retry.json()["id"]
 
 
+async def test_an_idempotency_key_sent_with_another_body_is_a_422(
+    client: httpx.AsyncClient, redis: Any
+) -> None:
+    headers = {"Idempotency-Key": "k-reused"}
+    first = await client.post("/v1/jobs", json={"inputs": texts(3)}, headers=headers)
+    other = await client.post("/v1/jobs", json={"inputs": texts(4)}, headers=headers)
+    options = await client.post("/v1/jobs", json={"inputs": texts(3), "dimensions": 8},
+                                headers=headers)
+    streamed = await client.post("/v1/jobs", content=b'"a"\n', headers={**NDJSON, **headers})
+    for response in (other, options, streamed):
+        assert_error(response, 422, "idempotency_key_reused", "another request")
+        assert first.json()["id"] in response.json()["error"]["message"]
+    assert await redis.xlen(QUEUES[0]) == 1, "only the first request was queued"
+
+
 # The OpenAI-compatible endpoint
 
 
