@@ -123,6 +123,10 @@ def test_a_job_runs_end_to_end_on_the_cluster_with_jobs_spread_over_its_nodes(
     for j in small:
         with valkey_cluster.node(valkey_cluster.node_of_key(KEYS.job(j))) as node:
             assert node.exists(KEYS.job(j), KEYS.inputs(j)) == 2
+    # The job list reads one index and then the records on every node.
+    listed = httpx.get(f"{base}/v1/jobs", params={"limit": 50}, timeout=10)
+    assert listed.status_code == 200, listed.text
+    assert {job_id, *small} <= {job["id"] for job in listed.json()["jobs"]}
 
 
 def test_an_sse_stream_resumes_with_last_event_id_on_the_cluster(
