@@ -28,7 +28,7 @@ from processes import ROOT, Process, start_server, start_worker, wait_for_worker
 from sts_data import STS_DIR
 from typer.testing import CliRunner
 
-from embedstream.bulk import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNREACHABLE
+from embedstream.bulk import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, EXIT_UNREACHABLE
 from embedstream.cli import app
 from pipeline.embedded import EmbeddedRedis
 
@@ -153,6 +153,26 @@ def test_no_wait_prints_the_job_id_and_a_rerun_gets_the_same_job(
     fetched = run_cli("results", job_id, "--out", str(out), "--url", stack.base, "-q")
     assert fetched.exit_code == EXIT_OK, fetched.output
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def test_results_of_a_cancelled_job_exit_4_with_nan_rows_for_what_was_never_made(
+    stack: Stack, tmp_path: Path
+) -> None:
+    source = tmp_path / "cancel.txt"
+    source.write_text("".join(f"to be cancelled {i}\n" for i in range(3000)))
+    queued = run_cli("submit", str(source), "--no-wait", "--url", stack.base, "-q")
+    job_id = queued.stdout.strip()
+    assert httpx.delete(f"{stack.base}/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    out = tmp_path / "cancelled.npy"
+    result = run_cli("results", job_id, "--out", str(out), "--url", stack.base)
+    assert result.exit_code == EXIT_CANCELLED, result.output
+    assert "never embedded" in result.output
+    matrix = np.load(out)
+    made = ~np.isnan(matrix).any(axis=1)
+    assert matrix.shape == (3000, DIMS) and made.sum() < 3000
+    texts = [f"to be cancelled {i}" for i in np.flatnonzero(made)]
+    if texts:  # the worker may have made a few chunks before the cancel
+        np.testing.assert_allclose(matrix[made], expected(texts), atol=1e-6)
 
 
 def test_an_unreachable_server_exits_5_saying_so(tmp_path: Path) -> None:
