@@ -19,10 +19,12 @@ import httpx
 import numpy as np
 import pytest
 from fakes import expected_vector
+from live_server import live_server
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
-from processes import Process, start_server, start_worker, wait_for_workers
+from processes import Process, start_server, start_worker, wait_for_workers, wait_until
 
 from pipeline.embedded import EmbeddedRedis
+from pipeline.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +143,35 @@ def test_the_dashboard_lists_jobs_older_than_the_feed_and_cancelled_ones(
     page.locator(f"#job-{cancelled}").wait_for(timeout=10_000)
     assert page.locator(f"#job-{cancelled} .status").inner_text() == "cancelled"
     assert errors == [], errors
+
+
+def test_with_api_keys_the_signed_in_dashboard_ranks_a_probe_through_its_csrf_token(
+    browser: Browser, settings: Settings, tmp_path: Path
+) -> None:
+    assert settings.redis_url
+    keyed = settings.replace(api_keys=("probe-key",), stats_interval_s=0.5)
+    worker = start_worker(settings.redis_url, tmp_path, "keyed",
+                          EMBEDSTREAM_BACKEND="fakes:HashEmbedder", EMBEDSTREAM_CALIBRATE="0")
+    try:
+        with live_server(keyed, with_mcp=False) as url:
+            wait_for_workers_keyed(url, "probe-key")
+            errors: list[str] = []
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(url + "/")
+            page.fill("input[type=password]", "probe-key")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#conn[data-state=live]", timeout=15_000)
+            assert page.locator("#signout").is_visible()
+            page.click("#probe-run")  # a POST: the session's CSRF token must go with it
+            page.wait_for_selector("#probe-ranking li:nth-child(4)", timeout=20_000)
+            page.screenshot(path=str(tmp_path / "signed-in.png"), full_page=True)
+            assert errors == [], errors
+    finally:
+        worker.stop()
+
+
+def wait_for_workers_keyed(url: str, key: str) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    wait_until(lambda: httpx.get(f"{url}/readyz", headers=headers).status_code == 200, 60,
+               "a worker")
