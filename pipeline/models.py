@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_PROMPTS = {"query": "", "document": ""}
 _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODEL}".lower()}
 
 
@@ -82,9 +83,11 @@ def describe_local_model(name: str) -> ModelInfo | None:
     if max_seq is None:
         max_seq = _read_json(folder / "config.json").get("max_position_embeddings", 512)
     st_config = _read_json(folder / "config_sentence_transformers.json")
-    prompts = st_config.get("prompts") or {}
-    return ModelInfo(canonical, int(dimensions), int(max_seq),
-                     {str(k): str(v) for k, v in prompts.items()},
+    configured = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
+    # sentence-transformers gives every model empty "query" and "document"
+    # prompts unless it configures them: the same names work on every backend.
+    prompts = {**DEFAULT_PROMPTS, **configured}
+    return ModelInfo(canonical, int(dimensions), int(max_seq), prompts,
                      st_config.get("default_prompt_name") or None)
 
 

@@ -238,7 +238,8 @@ async def test_models_lists_what_live_workers_serve(app_client: httpx.AsyncClien
     assert model["id"] == DEFAULT_MODEL and model["object"] == "model"
     assert (model["dimensions"], model["max_tokens"]) == (DIMS, 256)
     # A fake worker reports the backend its settings name (the default here).
-    assert model["backend"] == Settings().backend and model["prompts"] == {}
+    assert model["backend"] == Settings().backend
+    assert model["prompts"] == {"query": "", "document": ""}
 
 
 # The official client

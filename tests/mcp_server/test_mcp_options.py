@@ -69,13 +69,13 @@ async def test_embed_takes_a_prompt_and_chunks(client: Client) -> None:
     assert np.allclose(embedded["embeddings"][0], expected[0], atol=1e-6)
     assert embedded["chunks"] == [1, 1]
     error = await call_error(client, "embed", inputs=["x"], prompt_name="nope")
-    assert "invalid_input: unknown prompt_name 'nope'" in error and "no prompts" in error
+    assert "invalid_input: unknown prompt_name 'nope'" in error and "'document', 'query'" in error
 
 
 async def test_list_models_names_the_served_model(client: Client) -> None:
     listing = await call(client, "list_models")
     [model] = listing["data"]
     assert model["id"] == DEFAULT_MODEL and model["dimensions"] == DIMS
-    assert model["max_tokens"] == 256 and model["prompts"] == {}
+    assert model["max_tokens"] == 256 and model["prompts"] == {"query": "", "document": ""}
 
 

@@ -555,7 +555,8 @@ async def test_a_clean_stop_says_goodbye_and_removes_the_heartbeat(
         assert await client.hexists(KEYS.workers, worker_id)
         registered = await client.hget(KEYS.models, DEFAULT_MODEL)
         assert orjson.loads(registered) == {"name": DEFAULT_MODEL, "dimensions": DIMS,
-                                            "max_seq_length": 256, "prompts": {},
+                                            "max_seq_length": 256,
+                                            "prompts": {"query": "", "document": ""},
                                             "default_prompt_name": None,
                                             "backend": fast_settings.backend}
     assert not await client.exists(KEYS.heartbeat(worker_id))
