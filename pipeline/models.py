@@ -79,9 +79,7 @@ def describe_local_model(name: str) -> ModelInfo | None:
     if not (folder / "config.json").is_file():
         return None
     dimensions = _output_dimensions(folder)
-    max_seq = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
-    if max_seq is None:
-        max_seq = _read_json(folder / "config.json").get("max_position_embeddings", 512)
+    max_seq = _max_seq_length(folder)
     st_config = _read_json(folder / "config_sentence_transformers.json")
     configured = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
     # sentence-transformers gives every model empty "query" and "document"
@@ -89,6 +87,22 @@ def describe_local_model(name: str) -> ModelInfo | None:
     prompts = {**DEFAULT_PROMPTS, **configured}
     return ModelInfo(canonical, int(dimensions), int(max_seq), prompts,
                      st_config.get("default_prompt_name") or None)
+
+
+def _max_seq_length(folder: Path) -> int:
+    """The token limit sentence-transformers applies to a saved model folder.
+
+    Older saves name it in `sentence_bert_config.json`; sentence-transformers 6
+    saves it as the tokenizer's `model_max_length`; else the position table's size.
+    """
+    positions = int(_read_json(folder / "config.json").get("max_position_embeddings", 512))
+    named = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+    if named is not None:
+        return int(named)
+    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < positions:
+        return tokenizer_limit
+    return positions
 
 
 def _output_dimensions(folder: Path) -> int:

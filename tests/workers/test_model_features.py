@@ -25,7 +25,7 @@ from test_worker_recovery import Running, all_rows, quick, running, wait_end
 from pipeline.embedder import SentenceTransformerEmbedder
 from pipeline.errors import UnknownModel
 from pipeline.inputs import Item, JobOptions
-from pipeline.models import DEFAULT_MODEL, bundled_model_dir
+from pipeline.models import DEFAULT_MODEL, bundled_model_dir, describe_local_model
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 
@@ -115,6 +115,12 @@ async def test_prompt_name_and_prompt_change_vectors_as_encode_does(
         assert not np.allclose(matrix(plain), matrix(queried), atol=1e-3)
         [served] = await pipeline.models()
         assert served.prompts["query"] == "query: " and served.backend == "torch"
+        # What the server reads from the files agrees with what the loaded model says.
+        described = describe_local_model(model)
+        assert described is not None
+        assert (described.max_seq_length, described.dimensions) == (64, 32) == (
+            served.max_seq_length, served.dimensions)
+        assert described.prompts == served.prompts
         with pytest.raises(Exception, match="'passage', 'query'"):
             await pipeline.submit([Item("x")], JobOptions(model=model, prompt_name="nope"))
 
