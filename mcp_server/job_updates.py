@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -40,7 +40,6 @@ from redis.exceptions import RedisError
 
 from mcp_server.auth import caller_of
 from pipeline.errors import PipelineError
-from pipeline.events import Event
 from pipeline.jobs import JOB_ID
 from pipeline.service import Pipeline
 from pipeline.tenants import Caller, visible
@@ -118,8 +117,7 @@ class JobUpdates(InMemorySubscriptionBus):
 
     async def _follow_feed(self) -> None:
         # From now: replaying past events would announce changes nobody missed.
-        feed = cast(AsyncGenerator[Event, None],
-                    self._get_pipeline().follow_feed(replay=0))
+        feed = self._get_pipeline().follow_feed(replay=0)
         async with aclosing(feed):
             async for event in feed:
                 if event.name.startswith("job.") and isinstance(event.data, dict):

@@ -7,20 +7,28 @@ chunk's rows, as a JSON list) and `progress`; resuming after that id skips
 both, which is right because the stored entry is the unit of delivery.
 
 These generators know nothing of HTTP: the SSE endpoints and the MCP `embed`
-tool both consume them.
+tool both consume them. `follow_job` and `follow_feed` read Redis for one
+follower each; the servers use `follow_job_live` and `follow_feed_live`,
+which read through the process's fan-out hubs (`pipeline.fanout`), so any
+number of followers of one stream share one Redis reader, one stats sampler
+and one fetch of each committed chunk (`ChunkRows`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline.errors import InvalidCursor
+from pipeline.fanout import Entry, Hubs
 from pipeline.jobs import TERMINAL, load_job, public_job
 from pipeline.results import read_chunk_rows
 from pipeline.stats import StatsSampler
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
     from pipeline.connections import RedisClient
     from pipeline.keys import Keys
     from pipeline.quantize import VectorView
+    from pipeline.stats import StatsSampler
 
 STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
 MAX_ID_PART = 2**64 - 1
@@ -124,3 +133,87 @@ async def follow_feed(
         for entry_id, fields in reply[0][1] if reply else ():
             cursor = entry_id.decode()
             yield Event(cursor, fields[b"type"].decode(), orjson.loads(fields[b"data"]))
+
+
+class ChunkRows:
+    """Committed chunks' rows, fetched once per process however many followers want them."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, max_entries: int = 256) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.max_entries = max_entries
+        self._rows: OrderedDict[tuple[str, int, str], asyncio.Future[list[Any]]] = OrderedDict()
+
+    async def rows(self, job_id: str, chunk: int, chunk_size: int, view: VectorView) -> list[Any]:
+        """The chunk's rows as `view` delivers them (a fresh list; the row dicts are shared).
+
+        Keyed by the view's encoding alone: every follower of one job gets the
+        same view for an encoding (its model's calibration ranges).
+        """
+        key = (job_id, chunk, view.encoding)
+        future = self._rows.get(key)
+        if future is None:
+            future = asyncio.ensure_future(read_chunk_rows(
+                self.redis, self.keys, job_id, chunk, chunk_size, view))
+            self._rows[key] = future
+            while len(self._rows) > self.max_entries:
+                self._rows.popitem(last=False)
+        try:
+            return list(await asyncio.shield(future))
+        except BaseException:
+            if future.done() and self._rows.get(key) is future:
+                del self._rows[key]  # a failed fetch is not cached
+            raise
+
+
+async def follow_job_live(
+    redis: RedisClient, hubs: Hubs, keys: Keys, chunks: ChunkRows, job_id: str,
+    *, after: str | None = None, view: VectorView,
+) -> AsyncGenerator[Event, None]:
+    """As `follow_job`, read through the job's fan-out hub."""
+    cursor = check_event_id(after)
+    record = await load_job(redis, keys, job_id)
+    chunk_size = int(record["chunk_size"])
+    stream = keys.events(job_id)
+
+    async def ended_quietly(position: str) -> bool:
+        # The job may have finished with no `end` reaching the stream after our
+        # position (or the client resumed after `end`): then the hub ends itself.
+        status = (await load_job(redis, keys, job_id))["status"]
+        return status in TERMINAL and not await redis.xread({stream: position}, count=1)
+
+    entries = hubs.hub(stream, on_idle=ended_quietly).entries(cursor)
+    async with aclosing(entries):
+        async for entry in entries:
+            kind = entry.fields.get("type")
+            if kind == "result":
+                rows = await chunks.rows(job_id, int(entry.fields["chunk"]), chunk_size, view)
+                yield Event(entry.id, "result", rows)
+                yield Event(entry.id, "progress", _progress(entry))
+            elif kind == "end":
+                yield Event(entry.id, "end", public_job(await load_job(redis, keys, job_id)))
+                return
+
+
+def _progress(entry: Entry) -> dict[str, int]:
+    return {name: int(entry.fields[name]) for name in ("done", "failed", "total")}
+
+
+async def follow_feed_live(
+    redis: RedisClient, hubs: Hubs, keys: Keys, sampler: StatsSampler,
+    *, after: str | None = None, stats_interval_s: float = 2.0, replay: int = FEED_REPLAY,
+) -> AsyncGenerator[Event, None]:
+    """As `follow_feed`, read through the process's feed hub and its one stats sampler."""
+    cursor = check_event_id(after) if after else await feed_replay_start(redis, keys, replay)
+    hub = hubs.hub(keys.feed, tick=(stats_interval_s, sampler.sample))
+    await hub.ready()
+    if hub.latest_tick is not None:
+        yield Event(cursor, "stats", hub.latest_tick.fields["data"])
+    entries = hub.entries(cursor)
+    async with aclosing(entries):
+        async for entry in entries:
+            if entry.synthetic:
+                yield Event(cursor, "stats", entry.fields["data"])
+                continue
+            cursor = entry.id
+            yield Event(cursor, entry.fields["type"], orjson.loads(entry.fields["data"]))

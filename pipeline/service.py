@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +33,12 @@ from pipeline.errors import (
     PipelineError,
     Unavailable,
 )
+from pipeline.fanout import Hubs
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
 from pipeline.models import ModelInfo, resolve_model
 from pipeline.quantize import VectorView, Views
-from pipeline.stats import live_workers, served_models
+from pipeline.stats import StatsSampler, live_workers, served_models
 from pipeline.tenants import TRUSTED, Caller, OwnerCache, check_visible, visible
 
 if TYPE_CHECKING:
@@ -60,9 +61,14 @@ class Pipeline:
         self.blocking = connect(settings.redis_url, blocking=True)
         self.views = Views(self.redis, self.keys)
         self.owners = OwnerCache(self.redis, self.keys)
+        self.hubs = Hubs(self.redis, self.blocking, block_ms=settings.block_ms,
+                         buffer=settings.sse_buffer)
+        self.chunk_rows = events.ChunkRows(self.redis, self.keys)
+        self.stats = StatsSampler(self.redis, self.keys)
 
     async def close(self) -> None:
-        """Close both Redis clients."""
+        """Stop the fan-out readers, close both Redis clients."""
+        await self.hubs.close()
         await self.redis.aclose()
         await self.blocking.aclose()
 
@@ -199,13 +205,13 @@ class Pipeline:
     async def follow(
         self, job_id: str, after: str | None = None, encoding: str | VectorView = "float", *,
         caller: Caller = TRUSTED,
-    ) -> AsyncIterator[events.Event]:
+    ) -> AsyncGenerator[events.Event, None]:
         """The job's events after `after`, until its end."""
         record = await self.owned(job_id, caller)
         view = (encoding if isinstance(encoding, VectorView)
                 else await self.views.for_job(encoding, record))
-        stream = events.follow_job(self.redis, self.blocking, self.keys, job_id, after=after,
-                                   encoding=view, block_ms=self.settings.block_ms)
+        stream = events.follow_job_live(self.redis, self.hubs, self.keys, self.chunk_rows,
+                                        job_id, after=after, view=view)
         async with aclosing(stream):
             async for event in stream:
                 yield event
@@ -213,15 +219,15 @@ class Pipeline:
     async def follow_feed(
         self, after: str | None = None, replay: int = events.FEED_REPLAY, *,
         caller: Caller = TRUSTED,
-    ) -> AsyncIterator[events.Event]:
+    ) -> AsyncGenerator[events.Event, None]:
         """The live feed after `after` (else the last `replay` events), with stats.
 
         A caller is shown the job events of its own jobs only; worker and
         stats events are shared.
         """
-        stream = events.follow_feed(self.redis, self.blocking, self.keys, after=after,
-                                    stats_interval_s=self.settings.stats_interval_s,
-                                    replay=replay)
+        stream = events.follow_feed_live(self.redis, self.hubs, self.keys, self.stats,
+                                         after=after, replay=replay,
+                                         stats_interval_s=self.settings.stats_interval_s)
         async with aclosing(stream):
             async for event in stream:
                 if await self.may_see_event(event, caller):

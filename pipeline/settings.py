@@ -68,6 +68,10 @@ class Settings:
     result_ttl_s: int = 7 * 24 * 3600
     stats_interval_s: float = 2.0
     sse_ping_s: float = 15.0
+    # Events buffered per SSE subscriber; one that falls this far behind is dropped (it resumes).
+    sse_buffer: int = 1024
+    # The reconnect delay SSE streams ask browsers for (a random part up to as much is added).
+    sse_retry_ms: int = 2000
     feed_maxlen: int = 10_000
     embed_timeout_s: float = 300.0
     embed_max_texts: int = 512
