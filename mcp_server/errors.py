@@ -39,7 +39,10 @@ async def pipeline_error(request: Request, exc: Exception) -> Response:
     extra = {"indexes": exc.detail["indexes"][:100]} if "indexes" in exc.detail else {}
     if "index" in exc.detail:
         extra["index"] = exc.detail["index"]
-    return error_response(exc.status, exc.code, exc.message, **extra)
+    response = error_response(exc.status, exc.code, exc.message, **extra)
+    if "retry_after_s" in exc.detail:
+        response.headers["Retry-After"] = str(int(exc.detail["retry_after_s"]))
+    return response
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -13,6 +13,7 @@
     ├── IdempotencyKeyReused         an Idempotency-Key sent again with another request (422)
     ├── PayloadTooLarge              too many inputs or bytes (413)
     ├── UnsupportedMediaType         a body type we do not read (415)
+    ├── Overloaded                   the model's queue is full; retry after `retry_after_s` (429)
     └── Unavailable                  Redis unreachable, or no answer in time (503/504)
 
 The HTTP server maps these to status codes in one place (`mcp_server.errors`),
@@ -99,3 +100,8 @@ class PayloadTooLarge(PipelineError):
 class Unavailable(PipelineError):
     code = "unavailable"
     status = 503
+
+
+class Overloaded(PipelineError):
+    code = "overloaded"
+    status = 429

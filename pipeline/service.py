@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Sized
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline import events, interactive, job_index, jobs, results
+from pipeline.backlog import Backlog
 from pipeline.connections import connect
 from pipeline.errors import (
     Conflict,
@@ -65,6 +66,7 @@ class Pipeline:
                          buffer=settings.sse_buffer)
         self.chunk_rows = events.ChunkRows(self.redis, self.keys)
         self.stats = StatsSampler(self.redis, self.keys)
+        self.backlog = Backlog(self.redis, self.keys, settings)
 
     async def close(self) -> None:
         """Stop the fan-out readers, close both Redis clients."""
@@ -87,14 +89,15 @@ class Pipeline:
     async def submit(
         self, items: Iterable[Item], options: JobOptions, *,
         caller: Caller = TRUSTED, idempotency_key: str | None = None,
+        interactive: bool = False,
     ) -> dict[str, Any]:
         """Create and queue a job from validated items; returns the public job."""
         writer = await self.writer(options, caller)
-        return await self.commit(writer, items, idempotency_key)
+        return await self.commit(writer, items, idempotency_key, interactive=interactive)
 
     async def commit(
         self, writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None = None,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, *, interactive: bool = False,
     ) -> dict[str, Any]:
         """Feed `items` to `writer` (if given) and commit; honours an idempotency key.
 
@@ -102,6 +105,10 @@ class Pipeline:
         options and inputs, compared by digest) gets that job; another request
         under the same key is refused with 422 rather than silently answered
         with a job that is not its own.
+
+        Backpressure (`Backlog`) is checked before anything is written and
+        again once the inputs are counted, before the job is committed: a
+        refused submission leaves nothing queued.
         """
         if idempotency_key:
             existing = await jobs.claim_idempotency_key(
@@ -109,8 +116,13 @@ class Pipeline:
                 IDEMPOTENCY_TTL_S)
             if existing is not None:
                 return await self._replay(writer, items, idempotency_key, existing)
+        known = len(items) if isinstance(items, Sized) else 0
         try:
+            await self.backlog.check(writer.model.name, known, interactive=interactive)
             await _feed(writer, items)
+            if writer.total > known:
+                await self.backlog.check(writer.model.name, writer.total,
+                                         interactive=interactive)
             if idempotency_key:
                 await jobs.record_request_digest(self.redis, self.keys, writer.owner,
                                                  idempotency_key, writer.job_id,
@@ -260,7 +272,7 @@ class Pipeline:
         timeout_s = timeout_s or self.settings.embed_timeout_s
         if interactive.is_light(items, options, self.settings.fast_lane_max_texts):
             return await self._request(items, options, encoding, on_progress, timeout_s)
-        job = await self.submit(items, options, caller=caller)
+        job = await self.submit(items, options, caller=caller, interactive=True)
         rows: list[dict[str, Any]] = []
         try:
             view = await self.view(job["id"], encoding)
@@ -295,6 +307,7 @@ class Pipeline:
         on_progress: ProgressCallback | None, timeout_s: float,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         info = await self.model(options)
+        await self.backlog.check(info.name, len(items), interactive=True)
         sent = interactive.request_options(options, info)
         view = await self.views.for_job(encoding, interactive.view_record(sent))
         request_id = await interactive.send_request(

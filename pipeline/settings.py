@@ -60,6 +60,10 @@ class Settings:
     # Bytes of one NDJSON upload (one job) and of a JSON body, counted as they arrive.
     max_upload_bytes: int = 1024 * 1024 * 1024
     max_json_bytes: int = 64 * 1024 * 1024
+    # Texts waiting per model past which jobs are refused (429); 0: no limit.
+    max_backlog: int = 1_000_000
+    # The same for interactive requests (embed, similarity, /v1/embeddings), fast lane only.
+    interactive_backlog: int = 20_000
     block_ms: int = 2_000
     visibility_timeout_s: float = 30.0
     max_deliveries: int = 3

@@ -1,0 +1,96 @@
+"""Backpressure: past the backlog limit a submission is 429 with Retry-After, and nothing is queued.
+
+No worker runs, so whatever is queued stays queued. The limit is 8 texts per
+model (chunks of 4); a job of 8 fills it, and the next job, JSON or NDJSON
+(whose size is only known once it is read), REST or MCP, is refused whole.
+Interactive requests keep their own budget over the fast lane, so a full
+bulk lane does not refuse them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from mcp import Client
+
+from mcp_server.agents import build_mcp
+from mcp_server.app import create_app
+from pipeline.connections import connect
+from pipeline.keys import Keys
+from pipeline.models import DEFAULT_MODEL
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.anyio
+KEYS = Keys("es")
+
+
+@pytest.fixture
+def limited(settings: Settings) -> Settings:
+    return settings.replace(chunk_size=4, fast_lane_max_texts=4, max_backlog=8,
+                            interactive_backlog=8)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, with_mcp=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+        yield http
+
+
+async def queued(redis: Any) -> tuple[int, int]:
+    """(queue entries, job records)."""
+    entries = sum([await redis.xlen(stream) for stream in KEYS.queues(DEFAULT_MODEL)])
+    jobs = len([key async for key in redis.scan_iter(match="es:{*}:job")])
+    return entries, jobs
+
+
+async def test_past_the_backlog_jobs_are_429_with_retry_after_and_nothing_is_queued(
+    limited: Settings
+) -> None:
+    assert limited.redis_url
+    redis = connect(limited.redis_url)
+    try:
+        async with serving(limited) as http:
+            first = await http.post("/v1/jobs", json={"inputs": [f"t{i}" for i in range(8)]})
+            assert first.status_code == 202, first.text
+            before = await queued(redis)
+            refused = await http.post("/v1/jobs", json={"inputs": ["one more"]})
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert 1 <= int(refused.headers["retry-after"]) <= 3600
+            assert "retry in" in refused.json()["error"]["message"]
+            ndjson = await http.post("/v1/jobs", content=b'"a"\n"b"\n',
+                                     headers={"content-type": "application/x-ndjson"})
+            assert ndjson.status_code == 429, ndjson.text
+            assert "retry-after" in ndjson.headers
+            assert await queued(redis) == before
+            assert [key async for key in redis.scan_iter(match="es:{*}:inputs")] == [
+                f"es:{{{first.json()['id']}}}:inputs".encode()]
+            listed = (await http.get("/v1/jobs")).json()["jobs"]
+            assert [job["id"] for job in listed] == [first.json()["id"]]
+    finally:
+        await redis.aclose()
+
+
+async def test_mcp_submit_job_past_the_backlog_is_a_tool_error_saying_when_to_retry(
+    limited: Settings
+) -> None:
+    pipeline = Pipeline(limited)
+    try:
+        async with Client(build_mcp(limited, lambda: pipeline)) as client:
+            ok = await client.call_tool("submit_job", {"inputs": [f"t{i}" for i in range(8)]})
+            assert not ok.is_error
+            refused = await client.call_tool("submit_job", {"inputs": ["one more"]})
+        text = " ".join(getattr(block, "text", "") for block in refused.content)
+        assert refused.is_error and "overloaded" in text and "retry in" in text
+        assert await queued(pipeline.redis) == (2, 1)
+        # The bulk lane is full; interactive requests have a budget of their own.
+        await pipeline.backlog.check(DEFAULT_MODEL, 4, interactive=True)
+    finally:
+        await pipeline.close()
