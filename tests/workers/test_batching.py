@@ -172,3 +172,4 @@ async def wait_first_call(embedder: StallingEmbedder) -> None:
     with anyio.fail_after(10):
         while not embedder.first_call.is_set():
             await anyio.sleep(0.01)
+
