@@ -216,6 +216,9 @@ class OnnxEmbedder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = compute_threads()
         options.inter_op_num_threads = 1
+        # Idle intra-op threads sleep instead of spinning: on a few shared cores a
+        # spinning pool starves the worker's own event loop and the server beside it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(graph), options,
                                             providers=ort_providers(settings.device))
         self.inputs = [i.name for i in self.session.get_inputs()]

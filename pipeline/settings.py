@@ -53,7 +53,7 @@ class Settings:
     fast_lane_max_texts: int = 32
     batch_max_texts: int = 128
     # One model call: the fast lane is served between calls, so these bound its wait.
-    call_max_texts: int = 32
+    call_max_texts: int = 16
     call_max_tokens: int = 1024
     max_inputs: int = 1_000_000
     max_text_chars: int = 100_000
