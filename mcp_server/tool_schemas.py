@@ -10,11 +10,20 @@ agent the rules up front.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
+from pipeline.jobs import JobStatus as Status
+
 TOP_K_MAX = 100
+
+if TYPE_CHECKING:
+    StatusName = str
+else:
+    # The Literal of the status values, derived from the enum so the two cannot drift
+    # (mypy cannot evaluate a Literal built at run time, hence the plain str above).
+    StatusName = Literal[tuple(s.value for s in Status)]
 RESULTS_PAGE_DEFAULT = 20
 
 JobId = Annotated[str, Field(description="The job_id submit_job returned (32 hex characters).")]
@@ -112,7 +121,7 @@ class JobStatus(BaseModel):
     """A job's status and progress."""
 
     id: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: StatusName
     total: int
     done: int = Field(description="Inputs embedded so far.")
     failed: int = Field(description="Inputs that could not be embedded.")

@@ -41,6 +41,7 @@ from mcp_server.models import model_object
 from mcp_server.tool_descriptions import DESCRIPTIONS
 from pipeline.errors import InvalidInput, PayloadTooLarge, PipelineError, Unavailable
 from pipeline.inputs import DEFAULT_CHUNK_OVERLAP, JobOptions, parse_item, parse_options
+from pipeline.jobs import JobStatus
 from pipeline.quantize import check_encoding
 from pipeline.results import MAX_PAGE
 from pipeline.service import Pipeline, ProgressCallback
@@ -228,7 +229,7 @@ class AgentTools:
             raise InvalidInput(f"top_k must be from 1 to {schema.TOP_K_MAX}, got {top_k}")
         _check_texts("query", [query], self.settings.max_text_chars)
         pipeline = self.get_pipeline()
-        if (await pipeline.job(job_id, context_caller(ctx)))["status"] == "completed":
+        if (await pipeline.job(job_id, context_caller(ctx)))["status"] == JobStatus.COMPLETED:
             # Only then is a worker needed (for the query); search() explains other states.
             await self._require_worker(pipeline)
         matches = await pipeline.search(job_id, query, top_k, caller=context_caller(ctx))
@@ -297,7 +298,7 @@ def _embeddings(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[Any]:
         indexes = [row["index"] for row in failed]
         raise InvalidInput(f"inputs {indexes[:20]} could not be embedded: {failed[0].get('error')}",
                            indexes=indexes)
-    if job["status"] != "completed" or not rows:
+    if job["status"] != JobStatus.COMPLETED or not rows:
         raise Unavailable(f"the embedding job ended {job['status']} before every input was "
                           "embedded; retry")
     return [row["embedding"] for row in rows]

@@ -29,7 +29,7 @@ import orjson
 
 from pipeline.errors import InvalidCursor
 from pipeline.fanout import Entry, Hubs
-from pipeline.jobs import TERMINAL, load_job, public_job
+from pipeline.jobs import load_job
 from pipeline.results import read_chunk_rows
 from pipeline.stats import StatsSampler
 
@@ -74,20 +74,20 @@ async def follow_job(
     """The job's result, progress and end events after `after`, until the end."""
     cursor = check_event_id(after)
     record = await load_job(redis, keys, job_id)
-    chunk_size = int(record["chunk_size"])
+    chunk_size = record.chunk_size
     stream = keys.events(job_id)
     while True:
         reply = await blocking.xread({stream: cursor}, count=READ_COUNT, block=block_ms)
         if not reply:
             record = await load_job(redis, keys, job_id)
-            if record["status"] not in TERMINAL:
+            if not record.finished:
                 continue
             # The job may have finished between the read and the status check:
             # read once more, so its last results are not skipped.
             reply = await redis.xread({stream: cursor}, count=READ_COUNT)
             if not reply:
                 # Nothing after the cursor: the client resumed after `end`.
-                yield Event(cursor, "end", public_job(record))
+                yield Event(cursor, "end", record.public())
                 return
         for entry_id, fields in reply[0][1]:
             cursor = entry_id.decode()
@@ -101,7 +101,7 @@ async def follow_job(
                     "total": int(fields[b"total"]),
                 })
             elif kind == b"end":
-                yield Event(cursor, "end", public_job(await load_job(redis, keys, job_id)))
+                yield Event(cursor, "end", (await load_job(redis, keys, job_id)).public())
                 return
 
 
@@ -173,14 +173,14 @@ async def follow_job_live(
     """As `follow_job`, read through the job's fan-out hub."""
     cursor = check_event_id(after)
     record = await load_job(redis, keys, job_id)
-    chunk_size = int(record["chunk_size"])
+    chunk_size = record.chunk_size
     stream = keys.events(job_id)
 
     async def ended_quietly(position: str) -> bool:
         # The job may have finished with no `end` reaching the stream after our
         # position (or the client resumed after `end`): then the hub ends itself.
-        status = (await load_job(redis, keys, job_id))["status"]
-        return status in TERMINAL and not await redis.xread({stream: position}, count=1)
+        finished = (await load_job(redis, keys, job_id)).finished
+        return finished and not await redis.xread({stream: position}, count=1)
 
     entries = hubs.hub(stream, on_idle=ended_quietly).entries(cursor)
     async with aclosing(entries):
@@ -191,7 +191,7 @@ async def follow_job_live(
                 yield Event(entry.id, "result", rows)
                 yield Event(entry.id, "progress", _progress(entry))
             elif kind == "end":
-                yield Event(entry.id, "end", public_job(await load_job(redis, keys, job_id)))
+                yield Event(entry.id, "end", (await load_job(redis, keys, job_id)).public())
                 return
 
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pipeline.jobs import pack_chunk
 from pipeline.prompts import resolve_prompt
+from pipeline.submission import pack_chunk
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
@@ -107,10 +107,11 @@ def queue_reply(pipe: Any, keys: Keys, request_id: str, reply: Reply) -> None:
 
 
 def view_record(sent: dict[str, Any]) -> dict[str, Any]:
-    """The job-record fields that decide how vectors are delivered (`Views.for_job`)."""
-    return {"model": sent["model"], "dimensions": sent["dimensions"],
-            "model_dimensions": sent["model_dimensions"],
-            "normalize": "1" if sent["normalize"] else "0"}
+    """What decides how a request's vectors are delivered (`Views.for_shape`'s arguments)."""
+    dims, model_dims = int(sent["dimensions"]), int(sent["model_dimensions"])
+    return {"model": sent["model"], "model_dimensions": model_dims,
+            "output_dimensions": dims if dims < model_dims else None,
+            "normalize": bool(sent["normalize"])}
 
 
 def request_job(request_id: str, sent: dict[str, Any], rows: list[dict[str, Any]],

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InvalidCursor, InvalidRequest
-from pipeline.jobs import public_job
+from pipeline.jobs import JobRecord
 from pipeline.tenants import Caller, visible
 
 if TYPE_CHECKING:
@@ -107,9 +107,9 @@ async def list_jobs(
         for (job_id, score), record in zip(entries, records, strict=True):
             scanned += 1
             last = (score, job_id)
-            if record is not None and visible(record.get("owner", ""), caller) and (
-                    status is None or record["status"] == status):
-                jobs.append(public_job(record))
+            if record is not None and visible(record.owner, caller) and (
+                    status is None or record.status == status):
+                jobs.append(record.public())
             if len(jobs) >= limit:
                 break
     next_cursor = f"{last[0]}-{last[1]}" if last is not None else None
@@ -118,12 +118,12 @@ async def list_jobs(
 
 async def _records(
     redis: RedisClient, keys: Keys, job_ids: list[str]
-) -> list[dict[str, str] | None]:
-    """Each job's record (decoded), or None where the job does not exist."""
+) -> list[JobRecord | None]:
+    """Each job's record, or None where the job does not exist."""
     if not job_ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
         raw = await pipe.execute()
-    return [{k.decode(): v.decode() for k, v in r.items()} if r else None for r in raw]
+    return [JobRecord.from_hash(r) if r else None for r in raw]

@@ -1,57 +1,60 @@
-"""Jobs: creating them (inputs in chunks, chunks on the queue), reading and cancelling them.
+"""The job: its status, its record in the job hash, and every script that changes it.
 
-A job's inputs are written chunk by chunk as they arrive (`JobWriter.add`),
-so a large NDJSON upload is never held whole in memory; the job record and
-its queue entries are written only at `commit()`, after every input passed
-validation. A rejected upload leaves nothing behind and nothing queued.
+A job's life, and who makes each move (saq's `Job` is the model):
 
-Small jobs (at most `fast_lane_max_texts` inputs) go to the fast lane, which
-workers read before the bulk lane, so a single query never waits behind a
-million-line upload.
+    queued ──────────► running ──────────► completed
+      │   first worker     │   the commit of      (every input embedded,
+      │   to take a chunk  │   the last chunk      or some failed)
+      │   (mark_started,   │   (commit)        ──► failed
+      │   or its commit)   │                       (every input failed)
+      │                    │
+      └────────────────────┴─────────────────► cancelled
+                 a client (cancel: DELETE /v1/jobs/{id}, cancel_job)
+
+`completed`, `failed` and `cancelled` are terminal (`TERMINAL_STATUSES`):
+no script moves a job out of them, and a commit arriving after one writes
+nothing. Every move is one Lua script in `JobScripts`, registered once and
+run by hash, touching only keys of the job's own hash slot (`{<job_id>}`).
+
+The job hash is read and written in one place, `JobRecord`; nothing else
+parses its fields. Lua scripts name statuses through `_lua`, which fills in
+the enum's values, so the status strings are spelled only in `JobStatus`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
+import enum
 import re
-import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from string import Template
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from pipeline import feed, tokens
-from pipeline.errors import InvalidInput, InvalidJobId, JobNotFound, PayloadTooLarge
-from pipeline.prompts import resolve_prompt, with_prompt
+from pipeline import feed
+from pipeline.errors import InvalidJobId, JobNotFound
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from pipeline.connections import RedisClient
-    from pipeline.inputs import Item, JobOptions
     from pipeline.keys import Keys
-    from pipeline.models import ModelInfo
+    from pipeline.results import ChunkResult
     from pipeline.settings import Settings
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
-QUEUE_WRITE_BATCH = 1000
-MAX_REPORTED_INDEXES = 20
 
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return false end
-if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
-  redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', 'cancelled')
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
-  return 'cancelled'
-end
-return status
-"""
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life (see the module docstring for the moves)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 def new_job_id() -> str:
@@ -71,247 +74,257 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def pack_chunk(items: list[Item]) -> bytes:
-    """Serialize one chunk of inputs for the `inputs` hash."""
-    return orjson.dumps({
-        "texts": [item.text for item in items],
-        "ids": [item.id for item in items],
-        "metadata": [item.metadata for item in items],
-    })
+@dataclass(frozen=True)
+class JobRecord:
+    """The job hash, typed: what a job is and how far it got."""
 
-
-class RequestDigest:
-    """A digest of a submission (options and every input), stored with its Idempotency-Key
-    so a reuse of the key for a different request is told apart from a retry."""
-
-    def __init__(self, options: JobOptions | None) -> None:
-        self._hash = hashlib.sha256(orjson.dumps(repr(options)))
-
-    def update(self, item: Item) -> None:
-        """Add one input."""
-        self._hash.update(orjson.dumps([item.text, item.id, item.metadata],
-                                       option=orjson.OPT_SORT_KEYS) + b"\n")
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()[:32]
-
-
-@dataclass
-class JobWriter:
-    """Writes a job's inputs chunk by chunk, then commits the job and queues it."""
-
-    redis: RedisClient
-    keys: Keys
-    settings: Settings
-    options: JobOptions
-    model: ModelInfo
+    id: str
+    status: JobStatus
+    total: int
+    model: str
+    dimensions: int
+    model_dimensions: int
+    normalize: bool
+    truncate: bool
+    chunk_size: int
+    chunks: int
+    lane: str
+    created_at: str
+    created_ts: float
     owner: str = ""
-    job_id: str = field(default_factory=new_job_id)
-    total: int = 0
-    _buffer: list[Item] = field(default_factory=list)
-    _chunks: int = 0
-    _too_long: list[int] = field(default_factory=list)
-    _sizes: list[int] = field(default_factory=list)
-    digest: RequestDigest = field(init=False)
+    chunk: bool = False
+    chunk_overlap: int = 0
+    prompt: str = ""
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
 
-    def __post_init__(self) -> None:
-        self.digest = RequestDigest(self.options)
-
-    async def add(self, item: Item) -> None:
-        """Accept one validated input."""
-        if self.total >= self.settings.max_inputs:
-            raise PayloadTooLarge(f"a job holds at most {self.settings.max_inputs} inputs")
-        self.digest.update(item)
-        self._buffer.append(item)
-        self.total += 1
-        if len(self._buffer) >= self.settings.chunk_size:
-            await self._flush()
-
-    async def add_many(self, items: Iterable[Item]) -> None:
-        """Accept many validated inputs."""
-        for item in items:
-            await self.add(item)
-
-    async def _flush(self) -> None:
-        if not self._buffer:
-            return
-        if not self.options.truncate and not self.options.chunk:
-            # Tokenizing is CPU work: off the event loop, so other requests keep flowing.
-            await asyncio.to_thread(self._check_lengths, self._buffer,
-                                    self.total - len(self._buffer))
-        await self.redis.hset(self.keys.inputs(self.job_id), str(self._chunks),
-                              pack_chunk(self._buffer))
-        self._sizes.append(len(self._buffer))
-        self._chunks += 1
-        self._buffer = []
-
-    def _check_lengths(self, items: list[Item], first_index: int) -> None:
-        prompt = resolve_prompt(self.options, self.model)
-        texts = with_prompt(prompt, [item.text for item in items])
-        counts = tokens.count_tokens(self.model.name, texts)
-        limit = self.model.max_seq_length
-        self._too_long.extend(first_index + i for i, n in enumerate(counts) if n > limit)
-
-    async def commit(self) -> dict[str, Any]:
-        """Validate the whole job, write its record and queue its chunks."""
-        await self._flush()
-        if self.total == 0:
-            await self.abort()
-            raise InvalidInput("'inputs' is empty: give at least one text")
-        if self._too_long:
-            await self.abort()
-            shown = ", ".join(map(str, self._too_long[:MAX_REPORTED_INDEXES]))
-            more = len(self._too_long) - MAX_REPORTED_INDEXES
-            raise InvalidInput(
-                f"inputs exceed the model's {self.model.max_seq_length}-token limit at "
-                f"index {shown}{f' and {more} more' if more > 0 else ''}; "
-                "shorten them or submit with truncate=true",
-                indexes=self._too_long,
-            )
-        record = self._record()
-        await self.redis.hset(self.keys.job(self.job_id), mapping=record)
-        await self._enqueue(record["lane"])
-        await feed.publish(self.redis, self.keys, "job.created", public_job(record),
-                           maxlen=self.settings.feed_maxlen)
-        return record
-
-    async def abort(self) -> None:
-        """Drop whatever inputs were written; nothing was queued."""
-        await self.redis.delete(self.keys.inputs(self.job_id))
-
-    def _record(self) -> dict[str, Any]:
-        lane = "fast" if self.total <= self.settings.fast_lane_max_texts else "bulk"
-        return {
-            "id": self.job_id,
-            "status": "queued",
-            "total": self.total,
-            "done": 0,
-            "failed": 0,
-            "model": self.model.name,
-            "dimensions": self.options.dimensions or self.model.dimensions,
-            "model_dimensions": self.model.dimensions,
-            "normalize": int(self.options.normalize),
-            "truncate": int(self.options.truncate),
-            "chunk": int(self.options.chunk),
-            "chunk_overlap": self.options.chunk_overlap,
-            "prompt": resolve_prompt(self.options, self.model),
-            "chunk_size": self.settings.chunk_size,
-            "chunks": self._chunks,
-            "lane": lane,
-            "owner": self.owner,
-            "created_at": now_iso(),
-            "created_ts": time.time(),
-        }
-
-    async def _enqueue(self, lane: str) -> None:
-        stream = self.keys.queue(self.model.name, lane)
-        for start in range(0, self._chunks, QUEUE_WRITE_BATCH):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for chunk in range(start, min(start + QUEUE_WRITE_BATCH, self._chunks)):
-                    pipe.xadd(stream, {"job": self.job_id, "chunk": chunk, "n": self._sizes[chunk]})
-                await pipe.execute()
-
-
-def check_dimensions(options: JobOptions, model: ModelInfo) -> None:
-    """Reject a `dimensions` the model cannot give."""
-    if options.dimensions is not None and options.dimensions > model.dimensions:
-        raise InvalidInput(
-            f"'dimensions' is {options.dimensions}, but {model.name} gives at most "
-            f"{model.dimensions}; use a value from 1 to {model.dimensions}"
+    @classmethod
+    def from_hash(cls, raw: Mapping[bytes, bytes]) -> JobRecord:
+        """Parse HGETALL of the job hash (which must not be empty)."""
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            id=f["id"], status=JobStatus(f["status"]), total=int(f["total"]), model=f["model"],
+            dimensions=int(f["dimensions"]), model_dimensions=int(f["model_dimensions"]),
+            normalize=f["normalize"] == "1", truncate=f["truncate"] == "1",
+            chunk_size=int(f["chunk_size"]), chunks=int(f["chunks"]), lane=f["lane"],
+            created_at=f["created_at"], created_ts=float(f["created_ts"]),
+            owner=f.get("owner", ""), chunk=f.get("chunk") == "1",
+            chunk_overlap=int(f.get("chunk_overlap") or 0), prompt=f.get("prompt", ""),
+            done=int(f.get("done", 0)),
+            failed=int(f.get("failed", 0)), tokens=int(f.get("tokens", 0)),
+            started_at=f.get("started_at") or None, finished_at=f.get("finished_at") or None,
+            error=f.get("error") or None,
         )
 
+    def to_hash(self) -> dict[str, str | int | float]:
+        """The fields to HSET (unset optional fields left out)."""
+        fields: dict[str, str | int | float] = {
+            "id": self.id, "status": self.status.value, "total": self.total,
+            "done": self.done, "failed": self.failed, "tokens": self.tokens,
+            "model": self.model, "dimensions": self.dimensions,
+            "model_dimensions": self.model_dimensions, "normalize": int(self.normalize),
+            "truncate": int(self.truncate), "chunk": int(self.chunk),
+            "chunk_overlap": self.chunk_overlap, "prompt": self.prompt,
+            "chunk_size": self.chunk_size,
+            "chunks": self.chunks, "lane": self.lane, "owner": self.owner,
+            "created_at": self.created_at, "created_ts": self.created_ts,
+        }
+        optional = {"started_at": self.started_at, "finished_at": self.finished_at,
+                    "error": self.error}
+        fields.update({k: v for k, v in optional.items() if v is not None})
+        return fields
 
-def check_model_options(options: JobOptions, model: ModelInfo) -> None:
-    """Reject options this model cannot honour: dimensions, prompt_name, chunk_overlap."""
-    check_dimensions(options, model)
-    resolve_prompt(options, model)
-    most = model.max_seq_length // 2
-    if options.chunk and options.chunk_overlap > most:
-        raise InvalidInput(f"'chunk_overlap' is {options.chunk_overlap} tokens; with "
-                           f"{model.name}'s {model.max_seq_length}-token windows use 0 to {most}")
-    if options.chunk:
-        tokens.tokenizer(model.name)  # windows need the tokenizer: fail now, not in a worker
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def output_dimensions(self) -> int | None:
+        """The Matryoshka cut a worker applies, or None for the model's full size."""
+        return self.dimensions if self.dimensions < self.model_dimensions else None
+
+    def public(self) -> dict[str, Any]:
+        """The job as the API shows it."""
+        return {
+            "id": self.id, "status": self.status.value, "total": self.total,
+            "done": self.done, "failed": self.failed, "model": self.model,
+            "dimensions": self.dimensions, "created_at": self.created_at or None,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "error": self.error,
+        }
 
 
-async def load_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:
-    """The raw job record (decoded strings), or JobNotFound."""
+async def load_job(redis: RedisClient, keys: Keys, job_id: str) -> JobRecord:
+    """The job's record, or JobNotFound."""
     raw = await redis.hgetall(keys.job(check_job_id(job_id)))
     if not raw:
         raise JobNotFound(f"job {job_id} does not exist or has expired")
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def public_job(record: dict[str, Any]) -> dict[str, Any]:
-    """The job as the API shows it."""
-    return {
-        "id": record["id"],
-        "status": record["status"],
-        "total": int(record["total"]),
-        "done": int(record.get("done", 0)),
-        "failed": int(record.get("failed", 0)),
-        "model": record["model"],
-        "dimensions": int(record["dimensions"]),
-        "created_at": record.get("created_at") or None,
-        "started_at": record.get("started_at") or None,
-        "finished_at": record.get("finished_at") or None,
-        "error": record.get("error") or None,
-    }
+    return JobRecord.from_hash(raw)
 
 
 async def get_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:
     """The public view of a job."""
-    return public_job(await load_job(redis, keys, job_id))
+    return (await load_job(redis, keys, job_id)).public()
 
 
-async def cancel_job(
-    redis: RedisClient, keys: Keys, settings: Settings, job_id: str
-) -> dict[str, Any]:
-    """Cancel a queued or running job; a finished job is left as it is."""
-    check_job_id(job_id)
-    job_keys = keys.job_keys(job_id)
-    outcome = await redis.eval(_CANCEL, len(job_keys), *job_keys, now_iso(), settings.result_ttl_s)
-    if outcome is None:
-        raise JobNotFound(f"job {job_id} does not exist or has expired")
-    job = await get_job(redis, keys, job_id)
-    if outcome == b"cancelled":
-        await feed.publish(redis, keys, "job.cancelled", job, maxlen=settings.feed_maxlen)
-    return job
+def _lua(template: str) -> str:
+    """A script with `$queued`, `$running`, ... replaced by the statuses' values."""
+    return Template(template).substitute({s.name.lower(): s.value for s in JobStatus})
+
+
+# KEYS: job, inputs, vectors, events.  ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.
+_COMMIT = _lua("""
+local marker = 'm:' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[3], marker) == 1 then return {'duplicate'} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status == '$cancelled' or status == '$completed' or status == '$failed' then
+  return {'ended'}
+end
+redis.call('HSET', KEYS[3], 'v:' .. ARGV[1], ARGV[2], marker, ARGV[3])
+local done = redis.call('HINCRBY', KEYS[1], 'done', ARGV[4])
+local failed = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[8])
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+if status == '$queued' then
+  redis.call('HSET', KEYS[1], 'status', '$running', 'started_at', ARGV[6])
+  status = '$running'
+end
+redis.call('XADD', KEYS[4], '*', 'type', 'result', 'chunk', ARGV[1],
+           'done', done, 'failed', failed, 'total', total)
+if done + failed >= total then
+  status = '$completed'
+  if done == 0 then
+    status = '$failed'
+    redis.call('HSET', KEYS[1], 'error', 'every input failed; see the results for reasons')
+  end
+  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[6])
+  redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', status)
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+  return {'last', done, failed, total, status}
+end
+return {'written', done, failed, total, status}
+""")
+
+# KEYS: job.  ARGV: now.
+_MARK_STARTED = _lua("""
+if redis.call('HGET', KEYS[1], 'status') == '$queued' then
+  redis.call('HSET', KEYS[1], 'status', '$running', 'started_at', ARGV[1])
+  return 1
+end
+return 0
+""")
+
+# KEYS: job, inputs, vectors, events.  ARGV: now, ttl.
+_CANCEL = _lua("""
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status == '$queued' or status == '$running' then
+  redis.call('HSET', KEYS[1], 'status', '$cancelled', 'finished_at', ARGV[1])
+  redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', '$cancelled')
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+  return {'cancelled'}
+end
+return {'ended'}
+""")
+
+
+class CommitOutcome(enum.Enum):
+    """What the commit script did with one chunk."""
+
+    DUPLICATE = "duplicate"  # its done marker was set: a redelivery, nothing written
+    JOB_GONE = "gone"  # the job expired or never existed
+    JOB_ENDED = "ended"  # the job was already finished (cancelled): nothing written
+    WRITTEN = "written"  # written; the job goes on
+    LAST = "last"  # written, and it finished the job
 
 
 @dataclass(frozen=True)
-class IdempotencyClaim:
-    """The job an Idempotency-Key already names, and the digest of its request
-    (None while that request is still being uploaded)."""
+class Committed:
+    """The outcome of one commit, with the job's counters after it when written."""
 
-    job_id: str
-    digest: str | None
+    outcome: CommitOutcome
+    done: int = 0
+    failed: int = 0
+    total: int = 0
+    status: JobStatus | None = None
+
+    @property
+    def written(self) -> bool:
+        return self.outcome in (CommitOutcome.WRITTEN, CommitOutcome.LAST)
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is CommitOutcome.LAST
 
 
-async def claim_idempotency_key(
-    redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, ttl_s: int
-) -> IdempotencyClaim | None:
-    """Bind an Idempotency-Key to job_id; return what it already names, if anything.
+class CancelOutcome(enum.Enum):
+    """What the cancel script did."""
 
-    The value is `<job id>` while the upload runs, then `<job id> <digest>`
-    (`record_request_digest`), so a later request can be compared with it.
+    CANCELLED = "cancelled"
+    ALREADY_ENDED = "ended"
+    JOB_GONE = "gone"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobScripts:
+    """Every Lua script that changes a job, registered once on one client.
+
+    Each method that takes `pipe` adds its script to that pipeline (redis-py
+    loads missing scripts when the pipeline runs); its reply is decoded with
+    the matching `parse_*`. The others run the script at once.
     """
-    name = keys.idempotency(scope, key)
-    if await redis.set(name, job_id, nx=True, ex=ttl_s):
-        return None
-    existing = await redis.get(name)
-    if not existing:
-        return None
-    bound, _, digest = existing.decode().partition(" ")
-    return IdempotencyClaim(bound, digest or None)
+
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._commit = redis.register_script(_COMMIT)
+        self._mark_started = redis.register_script(_MARK_STARTED)
+        self._cancel = redis.register_script(_CANCEL)
+
+    async def queue_commit(self, pipe: Any, result: ChunkResult, ttl_s: int) -> None:
+        """Add one chunk's idempotent commit to `pipe`."""
+        vectors = result.vectors.astype("<f4", copy=False).tobytes()
+        await self._commit(
+            keys=self.keys.job_keys(result.job_id),
+            args=[result.chunk, vectors, result.meta(),
+                  len(result.vectors) - len(result.errors), len(result.errors), now_iso(),
+                  ttl_s, result.tokens],
+            client=pipe)
+
+    @staticmethod
+    def parse_committed(reply: list[Any]) -> Committed:
+        """Decode the commit script's reply."""
+        outcome = CommitOutcome(_text(reply[0]))
+        if len(reply) == 1:
+            return Committed(outcome)
+        return Committed(outcome, int(reply[1]), int(reply[2]), int(reply[3]),
+                         JobStatus(_text(reply[4])))
+
+    async def queue_mark_started(self, pipe: Any, job_id: str) -> None:
+        """Add "queued -> running" to `pipe` (a no-op for a job past queued)."""
+        await self._mark_started(keys=[self.keys.job(job_id)], args=[now_iso()], client=pipe)
+
+    async def cancel(self, job_id: str, ttl_s: int) -> CancelOutcome:
+        """Cancel a queued or running job; its keys then expire after `ttl_s`."""
+        reply = await self._cancel(keys=self.keys.job_keys(job_id), args=[now_iso(), ttl_s])
+        return CancelOutcome(_text(reply[0]))
 
 
-async def record_request_digest(
-    redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, digest: str
-) -> None:
-    """Store the request's digest with the key this upload holds (its TTL kept)."""
-    await redis.set(keys.idempotency(scope, key), f"{job_id} {digest}", xx=True, keepttl=True)
-
-
-async def release_idempotency_key(redis: RedisClient, keys: Keys, scope: str, key: str) -> None:
-    """Forget a key whose job was rejected, so a corrected retry can use it."""
-    await redis.delete(keys.idempotency(scope, key))
+async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> dict[str, Any]:
+    """Cancel a queued or running job (a finished job is left as it is); its public view."""
+    outcome = await scripts.cancel(check_job_id(job_id), settings.result_ttl_s)
+    if outcome is CancelOutcome.JOB_GONE:
+        raise JobNotFound(f"job {job_id} does not exist or has expired")
+    job = await get_job(scripts.redis, scripts.keys, job_id)
+    if outcome is CancelOutcome.CANCELLED:
+        await feed.publish(scripts.redis, scripts.keys, "job.cancelled", job,
+                           maxlen=settings.feed_maxlen)
+    return job

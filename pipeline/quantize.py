@@ -31,6 +31,7 @@ from pipeline.errors import InvalidRequest, Unavailable
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
+    from pipeline.jobs import JobRecord
     from pipeline.keys import Keys
 
 FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
@@ -131,17 +132,19 @@ class Views:
         self.keys = keys
         self._calibration: dict[str, FloatMatrix] = {}
 
-    async def for_job(self, encoding: str, record: dict[str, Any]) -> VectorView:
+    async def for_job(self, encoding: str, record: JobRecord) -> VectorView:
         """The view of `encoding` for the job whose record is given."""
+        return await self.for_shape(encoding, record.model, record.model_dimensions,
+                                    record.output_dimensions, record.normalize)
+
+    async def for_shape(self, encoding: str, model: str, model_dimensions: int,
+                        output_dimensions: int | None, normalize: bool) -> VectorView:
+        """The view of `encoding` for vectors of this model, cut and normalized so."""
         if encoding not in CALIBRATED:
             return VectorView(encoding)
-        model = str(record["model"])
         calibration = self._calibration.get(model)
         if calibration is None:
             calibration = await load_calibration(self.redis, self.keys, model,
-                                                 int(record["model_dimensions"]))
+                                                 model_dimensions)
             self._calibration[model] = calibration
-        dims, model_dims = int(record["dimensions"]), int(record["model_dimensions"])
-        ranges = ranges_from(calibration, dims if dims < model_dims else None,
-                             str(record.get("normalize", "1")) == "1")
-        return VectorView(encoding, ranges)
+        return VectorView(encoding, ranges_from(calibration, output_dimensions, normalize))

@@ -1,9 +1,10 @@
 """Results: the idempotent per-chunk commit, and reading results back.
 
 Redelivery from a Redis Streams queue is at-least-once, so exactly-once
-results come from the commit: one Lua script writes the chunk's vectors, its
-done marker (the `m:<chunk>` field, whose presence means "done"), the job's
-counters and the job's `result` event, all or nothing. A redelivered chunk
+results come from the commit (`JobScripts.queue_commit` in `pipeline.jobs`,
+home of every script that changes a job): one Lua script writes the chunk's
+vectors, its done marker (the `m:<chunk>` field, whose presence means
+"done"), the job's counters and the job's `result` event, all or nothing. A redelivered chunk
 whose marker is set writes nothing; the worker only acks it. All keys of a
 job share one hash slot, so this also holds on Redis Cluster.
 
@@ -22,7 +23,7 @@ import numpy as np
 import orjson
 
 from pipeline.errors import InvalidCursor
-from pipeline.jobs import TERMINAL, load_job, now_iso
+from pipeline.jobs import JobRecord, load_job
 from pipeline.quantize import FLOAT, VectorView
 
 if TYPE_CHECKING:
@@ -31,50 +32,6 @@ if TYPE_CHECKING:
 
 MAX_PAGE = 1000
 MAX_SCAN_CHUNKS = 4096
-
-# KEYS: job, inputs, vectors, events.
-# ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.
-# Returns {code, done, failed, total, status}; code 0 = already committed,
-# -1 = job gone, -2 = job already finished (cancelled), 1 = written, 2 = written, job finished.
-_COMMIT = """
-local marker = 'm:' .. ARGV[1]
-if redis.call('HEXISTS', KEYS[3], marker) == 1 then return {0} end
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {-1} end
-if status == 'cancelled' or status == 'completed' or status == 'failed' then return {-2} end
-redis.call('HSET', KEYS[3], 'v:' .. ARGV[1], ARGV[2], marker, ARGV[3])
-local done = redis.call('HINCRBY', KEYS[1], 'done', ARGV[4])
-local failed = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
-redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[8])
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[6])
-  status = 'running'
-end
-redis.call('XADD', KEYS[4], '*', 'type', 'result', 'chunk', ARGV[1],
-           'done', done, 'failed', failed, 'total', total)
-if done + failed >= total then
-  status = 'completed'
-  if done == 0 then
-    status = 'failed'
-    redis.call('HSET', KEYS[1], 'error', 'every input failed; see the results for reasons')
-  end
-  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[6])
-  redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', status)
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
-  return {2, done, failed, total, status}
-end
-return {1, done, failed, total, status}
-"""
-
-_START = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-  return 1
-end
-return 0
-"""
-
 
 @dataclass(frozen=True)
 class ChunkResult:
@@ -99,49 +56,6 @@ class ChunkResult:
         if self.chunks is not None:
             meta["chunks"] = self.chunks
         return orjson.dumps(meta)
-
-
-@dataclass(frozen=True)
-class Committed:
-    """The outcome of one commit."""
-
-    code: int
-    done: int = 0
-    failed: int = 0
-    total: int = 0
-    status: str = ""
-
-    @property
-    def written(self) -> bool:
-        return self.code > 0
-
-    @property
-    def finished(self) -> bool:
-        return self.code == 2
-
-
-def queue_commit(pipe: Any, keys: Keys, result: ChunkResult, ttl_s: int) -> None:
-    """Add the commit script for one chunk to a pipeline."""
-    job_keys = keys.job_keys(result.job_id)
-    pipe.eval(
-        _COMMIT, len(job_keys), *job_keys, result.chunk,
-        result.vectors.astype("<f4", copy=False).tobytes(), result.meta(),
-        len(result.vectors) - len(result.errors), len(result.errors), now_iso(), ttl_s,
-        result.tokens,
-    )
-
-
-def parse_committed(reply: list[Any]) -> Committed:
-    """Decode the commit script's reply."""
-    if int(reply[0]) <= 0:
-        return Committed(int(reply[0]))
-    return Committed(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]),
-                     reply[4].decode() if isinstance(reply[4], bytes) else str(reply[4]))
-
-
-def queue_mark_started(pipe: Any, keys: Keys, job_id: str) -> None:
-    """Add "queued -> running" for a job to a pipeline (a no-op when it is past that)."""
-    pipe.eval(_START, 1, keys.job(job_id), now_iso())
 
 
 def render_rows(
@@ -190,7 +104,7 @@ def parse_cursor(cursor: str | None, total: int) -> int:
 async def read_page(
     redis: RedisClient, keys: Keys, job_id: str,
     cursor: str | None = None, limit: int = 100, encoding: str | VectorView = FLOAT,
-    record: dict[str, Any] | None = None,
+    record: JobRecord | None = None,
 ) -> dict[str, Any]:
     """One page of a job's results in index order, from `cursor`.
 
@@ -201,9 +115,9 @@ async def read_page(
     looked at a page). `next_cursor` is null at the end.
     """
     record = record or await load_job(redis, keys, job_id)
-    total, chunk_size = int(record["total"]), int(record["chunk_size"])
+    total, chunk_size = record.total, record.chunk_size
     page = _Page(parse_cursor(cursor, total), max(1, min(limit, MAX_PAGE)), total, chunk_size,
-                 record["status"] in TERMINAL)
+                 record.finished)
     while page.open and page.scanned < MAX_SCAN_CHUNKS:
         first = page.position // chunk_size
         last = (min(page.position + page.room, total) - 1) // chunk_size
@@ -271,7 +185,7 @@ async def read_vectors(
 ) -> tuple[list[int], np.ndarray[Any, np.dtype[np.float32]]]:
     """Every stored vector of a job with its index (failed inputs left out)."""
     record = await load_job(redis, keys, job_id)
-    chunk_size = int(record["chunk_size"])
+    chunk_size = record.chunk_size
     stored = await redis.hgetall(keys.vectors(job_id))
     indexes: list[int] = []
     blocks: list[np.ndarray[Any, np.dtype[np.float32]]] = []
@@ -286,7 +200,7 @@ async def read_vectors(
         keep = [i for i in range(len(matrix)) if i not in failed]
         indexes.extend(chunk * chunk_size + i for i in keep)
         blocks.append(matrix[keep])
-    dims = int(record["dimensions"])
+    dims = record.dimensions
     return indexes, (np.vstack(blocks) if blocks else np.zeros((0, dims), dtype=np.float32))
 
 

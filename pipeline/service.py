@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import events, interactive, job_index, jobs, results
+from pipeline import events, interactive, job_index, jobs, results, submission
 from pipeline.backlog import Backlog
 from pipeline.connections import connect
 from pipeline.errors import (
@@ -59,6 +59,7 @@ class Pipeline:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.redis = connect(settings.redis_url)
+        self.scripts = jobs.JobScripts(self.redis, self.keys)
         self.blocking = connect(settings.redis_url, blocking=True)
         self.views = Views(self.redis, self.keys)
         self.owners = OwnerCache(self.redis, self.keys)
@@ -78,13 +79,16 @@ class Pipeline:
         """The model a job with these options will use; raises for unknown models."""
         info = await resolve_model(self.redis, self.keys.models, self.settings.model,
                                    options.model, await self.models())
-        jobs.check_model_options(options, info)
+        submission.check_model_options(options, info)
         return info
 
-    async def writer(self, options: JobOptions, caller: Caller = TRUSTED) -> jobs.JobWriter:
+    async def writer(
+        self, options: JobOptions, caller: Caller = TRUSTED
+    ) -> submission.JobWriter:
         """A JobWriter for a streamed submission (validate options first)."""
         info = await self.model(options)
-        return jobs.JobWriter(self.redis, self.keys, self.settings, options, info, caller.owner)
+        return submission.JobWriter(self.redis, self.keys, self.settings, options, info,
+                                    caller.owner)
 
     async def submit(
         self, items: Iterable[Item], options: JobOptions, *,
@@ -96,7 +100,8 @@ class Pipeline:
         return await self.commit(writer, items, idempotency_key, interactive=interactive)
 
     async def commit(
-        self, writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None = None,
+        self, writer: submission.JobWriter,
+        items: Iterable[Item] | AsyncIterable[Item] | None = None,
         idempotency_key: str | None = None, *, interactive: bool = False,
     ) -> dict[str, Any]:
         """Feed `items` to `writer` (if given) and commit; honours an idempotency key.
@@ -111,7 +116,7 @@ class Pipeline:
         refused submission leaves nothing queued.
         """
         if idempotency_key:
-            existing = await jobs.claim_idempotency_key(
+            existing = await submission.claim_idempotency_key(
                 self.redis, self.keys, writer.owner, idempotency_key, writer.job_id,
                 IDEMPOTENCY_TTL_S)
             if existing is not None:
@@ -124,32 +129,33 @@ class Pipeline:
                 await self.backlog.check(writer.model.name, writer.total,
                                          interactive=interactive)
             if idempotency_key:
-                await jobs.record_request_digest(self.redis, self.keys, writer.owner,
-                                                 idempotency_key, writer.job_id,
-                                                 writer.digest.hexdigest())
+                await submission.record_request_digest(self.redis, self.keys, writer.owner,
+                                                       idempotency_key, writer.job_id,
+                                                       writer.digest.hexdigest())
             # Listed before it becomes visible: the list is in another hash slot.
             await job_index.add(self.redis, self.keys, writer.owner, writer.job_id,
                                 max_age_s=2 * self.settings.result_ttl_s)
             record = await writer.commit()
-            logger.info("job %s created: %s texts, model %s", record["id"], record["total"],
-                        record["model"], extra={"event": "job.created", "job_id": record["id"],
-                                                "total": record["total"]})
+            logger.info("job %s created: %s texts, model %s", record.id, record.total,
+                        record.model, extra={"event": "job.created", "job_id": record.id,
+                                             "total": record.total})
         except BaseException:
             await writer.abort()
             await job_index.remove(self.redis, self.keys, writer.owner, writer.job_id)
             if idempotency_key:
-                await jobs.release_idempotency_key(self.redis, self.keys, writer.owner,
-                                                   idempotency_key)
+                await submission.release_idempotency_key(self.redis, self.keys, writer.owner,
+                                                         idempotency_key)
             raise
-        return jobs.public_job(record)
+        return record.public()
 
     async def _replay(
-        self, writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None,
-        key: str, existing: jobs.IdempotencyClaim,
+        self, writer: submission.JobWriter,
+        items: Iterable[Item] | AsyncIterable[Item] | None,
+        key: str, existing: submission.IdempotencyClaim,
     ) -> dict[str, Any]:
         """The job a reused key names, once this request is known to be the same one."""
         if existing.digest is not None:
-            digest = jobs.RequestDigest(writer.options)
+            digest = submission.RequestDigest(writer.options)
             if isinstance(items, AsyncIterable):
                 async for item in items:
                     digest.update(item)
@@ -169,15 +175,15 @@ class Pipeline:
             raise Conflict("a submission with this Idempotency-Key is still being written; "
                            "retry in a moment to get its job") from None
 
-    async def owned(self, job_id: str, caller: Caller) -> dict[str, Any]:
-        """The raw record of a job `caller` may see; JobNotFound for anyone else's."""
+    async def owned(self, job_id: str, caller: Caller) -> jobs.JobRecord:
+        """The record of a job `caller` may see; JobNotFound for anyone else's."""
         record = await jobs.load_job(self.redis, self.keys, job_id)
-        check_visible(job_id, record.get("owner", ""), caller)
+        check_visible(job_id, record.owner, caller)
         return record
 
     async def job(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """A job's public status."""
-        return jobs.public_job(await self.owned(job_id, caller))
+        return (await self.owned(job_id, caller)).public()
 
     async def list_jobs(
         self, caller: Caller, *, limit: int = 50, cursor: str | None = None,
@@ -186,6 +192,10 @@ class Pipeline:
         """The caller's jobs (every job for an admin), newest first, one page."""
         return await job_index.list_jobs(self.redis, self.keys, caller, limit=limit,
                                          cursor=cursor, status=status)
+
+    async def record(self, job_id: str) -> jobs.JobRecord:
+        """A job's whole record (counters such as `tokens` included)."""
+        return await jobs.load_job(self.redis, self.keys, job_id)
 
     async def results(
         self, job_id: str, cursor: str | None = None, limit: int = 100,
@@ -199,8 +209,7 @@ class Pipeline:
 
     async def view(self, job_id: str, encoding: str) -> VectorView:
         """How this job's vectors are delivered in `encoding` (raises for an unknown job)."""
-        return await self.views.for_job(encoding, await jobs.load_job(self.redis, self.keys,
-                                                                      job_id))
+        return await self.views.for_job(encoding, await self.record(job_id))
 
     async def models(self) -> list[ModelInfo]:
         """The models that live workers serve, by name."""
@@ -209,7 +218,7 @@ class Pipeline:
     async def cancel(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """Cancel a job; returns its status afterwards."""
         await self.owned(job_id, caller)
-        job = await jobs.cancel_job(self.redis, self.keys, self.settings, job_id)
+        job = await jobs.cancel_job(self.scripts, self.settings, job_id)
         logger.info("job %s cancel asked: now %s", job_id, job["status"],
                     extra={"event": "job.cancelled", "job_id": job_id, "status": job["status"]})
         return job
@@ -299,8 +308,8 @@ class Pipeline:
             raise Unavailable("no worker finished the embedding in time; is a worker "
                               "running for this model? (GET /readyz tells)") from None
         rows.sort(key=lambda row: row["index"])
-        record = await jobs.load_job(self.redis, self.keys, job["id"])
-        return {**job, "tokens": int(record.get("tokens", 0))}, rows
+        record = await self.record(job["id"])
+        return {**job, "tokens": record.tokens}, rows
 
     async def _request(
         self, items: list[Item], options: JobOptions, encoding: str,
@@ -309,7 +318,7 @@ class Pipeline:
         info = await self.model(options)
         await self.backlog.check(info.name, len(items), interactive=True)
         sent = interactive.request_options(options, info)
-        view = await self.views.for_job(encoding, interactive.view_record(sent))
+        view = await self.views.for_shape(encoding, **interactive.view_record(sent))
         request_id = await interactive.send_request(
             self.redis, self.keys, self.keys.queue(info.name, "fast"), items, sent)
         reply = await interactive.await_reply(self.blocking, self.keys, request_id, timeout_s)
@@ -340,10 +349,10 @@ class Pipeline:
     ) -> list[dict[str, Any]]:
         """The `top_k` inputs of a finished job nearest to `query`."""
         record = await self.owned(job_id, caller)
-        if record["status"] != "completed":
-            raise JobNotFinished(f"job {job_id} is {record['status']}; search_job needs a "
+        if record.status is not jobs.JobStatus.COMPLETED:
+            raise JobNotFinished(f"job {job_id} is {record.status.value}; search_job needs a "
                                  "completed job (poll its status first)")
-        options = JobOptions(dimensions=int(record["dimensions"]), model=record["model"])
+        options = JobOptions(dimensions=record.dimensions, model=record.model)
         _, rows = await self.embed([Item(query)], options, caller=caller)
         indexes, vectors = await results.read_vectors(self.redis, self.keys, job_id)
         if not indexes:
@@ -352,7 +361,7 @@ class Pipeline:
         best = np.argsort(-scores, kind="stable")[:top_k]
         chosen = [indexes[i] for i in best]
         texts = await results.read_texts(self.redis, self.keys, job_id, chosen,
-                                         int(record["chunk_size"]))
+                                         record.chunk_size)
         return [{"index": indexes[i], "score": float(scores[i]), **texts.get(indexes[i], {})}
                 for i in best]
 
@@ -373,7 +382,7 @@ def _cosine(
 
 
 async def _feed(
-    writer: jobs.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None
+    writer: submission.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None
 ) -> None:
     if isinstance(items, AsyncIterable):
         async for item in items:

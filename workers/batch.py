@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 
 from pipeline.embedder import Embedded, shape_vectors
-from pipeline.jobs import TERMINAL
+from pipeline.jobs import JobRecord
 from pipeline.results import ChunkResult
 from pipeline.windows import Plan, plan_texts
 
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-JOB_FIELDS = ("status", "normalize", "dimensions", "model_dimensions", "chunk_size", "prompt",
-              "chunk", "chunk_overlap")
 DIED_ON_IT = ("the worker process died while embedding this input (it was being embedded "
               "alone, after an earlier delivery of its chunk ended the same way)")
 
@@ -169,23 +167,21 @@ async def load_work(
         return requests, []
     async with redis.pipeline(transaction=False) as pipe:
         for entry in entries:
-            pipe.hmget(keys.job(entry.job_id), list(JOB_FIELDS))
+            pipe.hgetall(keys.job(entry.job_id))
             pipe.hget(keys.inputs(entry.job_id), str(entry.chunk))
         replies = await pipe.execute()
     work: list[Work] = []
     skip: list[Entry] = []
     for i, entry in enumerate(entries):
-        job, packed = replies[2 * i], replies[2 * i + 1]
-        status = job[0].decode() if job[0] else None
-        if status is None or status in TERMINAL or packed is None:
+        raw, packed = replies[2 * i], replies[2 * i + 1]
+        record = JobRecord.from_hash(raw) if raw else None
+        if record is None or record.finished or packed is None:
             skip.append(entry)  # job cancelled, finished or expired: nothing to do
             continue
         data = orjson.loads(packed)
-        dims, model_dims = int(job[2]), int(job[3])
-        work.append(Work(entry, data["texts"], data["ids"], normalize=job[1] == b"1",
-                         dimensions=dims if dims < model_dims else None,
-                         prompt=(job[5] or b"").decode(), chunk=job[6] == b"1",
-                         chunk_overlap=int(job[7] or 0)))
+        work.append(Work(entry, data["texts"], data["ids"], normalize=record.normalize,
+                         dimensions=record.output_dimensions, prompt=record.prompt,
+                         chunk=record.chunk, chunk_overlap=record.chunk_overlap))
     return requests + work, skip
 
 

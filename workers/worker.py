@@ -52,8 +52,8 @@ from pipeline import feed, metrics
 from pipeline.cache import EmbeddingCache, fingerprint
 from pipeline.connections import connect
 from pipeline.embedder import backend_of
+from pipeline.jobs import Committed, JobScripts
 from pipeline.keys import GROUP, Keys
-from pipeline.results import parse_committed, queue_commit, queue_mark_started
 from workers import interactive
 from workers.batch import (
     Entry,
@@ -95,6 +95,7 @@ class Worker:
         self.redis: RedisClient | None = None
         self.blocking: RedisClient | None = None
         self.upkeep: Upkeep | None = None
+        self.scripts: JobScripts | None = None
         self.stopping = asyncio.Event()
         # A custom embedder (a test's fake) says nothing: it is what the settings named.
         self.backend = backend_of(embedder) or settings.backend
@@ -116,6 +117,7 @@ class Worker:
         self.stopping = stop
         self.redis = connect(self.settings.redis_url)
         self.blocking = connect(self.settings.redis_url, blocking=True, max_connections=4)
+        self.scripts = JobScripts(self.redis, self.keys)
         info = self.embedder.info
         info = dataclasses.replace(info, backend=self.backend)
         self.calls.cache = self._cache(self.redis)
@@ -299,7 +301,7 @@ class Worker:
 
     async def commit(self, results: list[ChunkResult], entries: list[Entry]) -> None:
         """Commit each chunk, then ack every entry once every commit has answered."""
-        assert self.redis is not None
+        assert self.redis is not None and self.scripts is not None
         asked = [i for i, entry in enumerate(entries) if entry.request is not None]
         if asked:  # interactive requests: a reply each, no job to commit
             await interactive.reply(self.redis, self.keys, self.keys.texts_counter,
@@ -313,28 +315,29 @@ class Worker:
         # the commit of its chunk on another node, and a crash then would lose it.
         async with self.redis.pipeline(transaction=False) as pipe:
             for result in results:
-                queue_commit(pipe, self.keys, result, self.settings.result_ttl_s)
+                await self.scripts.queue_commit(pipe, result, self.settings.result_ttl_s)
             replies = await pipe.execute()
         await self._ack(entries)
-        committed = [parse_committed(r) for r in replies]
+        committed = [JobScripts.parse_committed(r) for r in replies]
         written = sum(len(r.vectors) for r, c in zip(results, committed, strict=True)
                       if c.written)
         if written:
             await self.redis.incrby(self.keys.texts_counter, written)
         await self._publish(results, committed)
 
-    async def _publish(self, results: list[ChunkResult], committed: list[Any]) -> None:
+    async def _publish(self, results: list[ChunkResult], committed: list[Committed]) -> None:
         assert self.redis is not None
-        latest: dict[str, Any] = {}
+        latest: dict[str, Committed] = {}
         for result, outcome in zip(results, committed, strict=True):
             if outcome.written:
                 latest[result.job_id] = outcome
         for job_id, outcome in latest.items():
-            data = {"id": job_id, "status": outcome.status, "done": outcome.done,
+            assert outcome.status is not None  # a written commit reports the status
+            data = {"id": job_id, "status": outcome.status.value, "done": outcome.done,
                     "failed": outcome.failed, "total": outcome.total}
-            event = f"job.{outcome.status}" if outcome.finished else "job.progress"
+            event = f"job.{outcome.status.value}" if outcome.finished else "job.progress"
             if outcome.finished:
-                logger.info("job %s %s: %d done, %d failed", job_id, outcome.status,
+                logger.info("job %s %s: %d done, %d failed", job_id, outcome.status.value,
                             outcome.done, outcome.failed,
                             extra={"event": event, "job_id": job_id, "done": outcome.done,
                                    "failed": outcome.failed, "worker_id": self.worker_id})
@@ -349,11 +352,11 @@ class Worker:
             await pipe.execute()
 
     async def _mark_started(self, job_ids: set[str]) -> None:
-        assert self.redis is not None
+        assert self.redis is not None and self.scripts is not None
         ordered = sorted(job_ids)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ordered:
-                queue_mark_started(pipe, self.keys, job_id)
+                await self.scripts.queue_mark_started(pipe, job_id)
             started = await pipe.execute()
         for job_id, changed in zip(ordered, started, strict=True):
             if changed == 1:

@@ -18,19 +18,13 @@ from pipeline.connections import connect
 from pipeline.errors import InvalidCursor, InvalidJobId, JobNotFound
 from pipeline.events import Event, check_event_id, follow_job
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import JobWriter, cancel_job, get_job
+from pipeline.jobs import CommitOutcome, Committed, JobScripts, JobStatus, get_job
+from pipeline.jobs import cancel_job as cancel_with_scripts
 from pipeline.keys import Keys
 from pipeline.models import ModelInfo
-from pipeline.results import (
-    ChunkResult,
-    Committed,
-    parse_committed,
-    parse_cursor,
-    queue_commit,
-    queue_mark_started,
-    read_page,
-)
+from pipeline.results import ChunkResult, parse_cursor, read_page
 from pipeline.settings import Settings
+from pipeline.submission import JobWriter
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +59,11 @@ async def make_job(client: Any, total: int) -> str:
     writer = JobWriter(client, KEYS, settings, JobOptions(), INFO)
     await writer.add_many(Item(f"text {i}", f"id-{i}") for i in range(total))
     record = await writer.commit()
-    return str(record["id"])
+    return record.id
+
+
+async def cancel_job(client: Any, keys: Keys, settings: Settings, job_id: str) -> dict[str, Any]:
+    return await cancel_with_scripts(JobScripts(client, keys), settings, job_id)
 
 
 def vectors_for(chunk: int, n: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -85,9 +83,9 @@ def chunk_result(job_id: str, chunk: int, n: int = CHUNK, *,
 
 async def commit(client: Any, result: ChunkResult) -> Committed:
     async with client.pipeline(transaction=False) as pipe:
-        queue_commit(pipe, KEYS, result, TTL_S)
+        await JobScripts(client, KEYS).queue_commit(pipe, result, TTL_S)
         [reply] = await pipe.execute()
-    return parse_committed(reply)
+    return JobScripts.parse_committed(reply)
 
 
 async def events_of(client: Any, job_id: str) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -110,8 +108,9 @@ async def test_committing_the_same_chunk_twice_writes_it_once(client: Any) -> No
     job_id = await make_job(client, 6)
     first = await commit(client, chunk_result(job_id, 0))
     again = await commit(client, replace(chunk_result(job_id, 0), vectors=vectors_for(1, 3)))
-    assert first == Committed(1, done=3, failed=0, total=6, status="running")
-    assert again.code == 0 and not again.written and not again.finished
+    assert first == Committed(CommitOutcome.WRITTEN, done=3, failed=0, total=6,
+                              status=JobStatus.RUNNING)
+    assert again.outcome is CommitOutcome.DUPLICATE and not again.written and not again.finished
     job = await get_job(client, KEYS, job_id)
     assert (job["done"], job["failed"], job["status"]) == (3, 0, "running")
     assert await types_of(client, job_id) == [b"result"]
@@ -134,7 +133,8 @@ async def test_a_job_finishes_exactly_when_its_last_chunk_is_committed(client: A
     assert b"end" not in await types_of(client, job_id)
 
     last = await commit(client, chunk_result(job_id, 1))
-    assert last == Committed(2, done=7, failed=0, total=7, status="completed")
+    assert last == Committed(CommitOutcome.LAST, done=7, failed=0, total=7,
+                             status=JobStatus.COMPLETED)
     job = await get_job(client, KEYS, job_id)
     assert (job["status"], job["done"], job["failed"]) == ("completed", 7, 0)
     assert job["finished_at"] is not None and job["error"] is None
@@ -149,14 +149,15 @@ async def test_a_job_finishes_exactly_when_its_last_chunk_is_committed(client: A
 async def test_a_finished_job_ignores_a_late_redelivered_chunk(client: Any) -> None:
     job_id = await make_job(client, 3)
     assert (await commit(client, chunk_result(job_id, 0))).finished
-    assert (await commit(client, chunk_result(job_id, 0))).code == 0
+    assert (await commit(client, chunk_result(job_id, 0))).outcome is CommitOutcome.DUPLICATE
     assert await types_of(client, job_id) == [b"result", b"end"]
 
 
 async def test_failed_inputs_count_as_failed_and_keep_their_reason(client: Any) -> None:
     job_id = await make_job(client, 3)
     outcome = await commit(client, chunk_result(job_id, 0, errors={1: "the model choked"}))
-    assert outcome == Committed(2, done=2, failed=1, total=3, status="completed")
+    assert outcome == Committed(CommitOutcome.LAST, done=2, failed=1, total=3,
+                                status=JobStatus.COMPLETED)
     rows = (await read_page(client, KEYS, job_id))["results"]
     assert [r["embedding"] is None for r in rows] == [False, True, False]
     assert rows[1]["error"] == "the model choked"
@@ -179,7 +180,7 @@ async def test_a_chunk_committed_after_cancel_is_dropped(client: Any) -> None:
     cancelled = await cancel_job(client, KEYS, Settings(result_ttl_s=TTL_S), job_id)
     assert cancelled["status"] == "cancelled"
     outcome = await commit(client, chunk_result(job_id, 1))
-    assert outcome.code == -2 and not outcome.written
+    assert outcome.outcome is CommitOutcome.JOB_ENDED and not outcome.written
     job = await get_job(client, KEYS, job_id)
     assert (job["status"], job["done"]) == ("cancelled", 3)
     assert await types_of(client, job_id) == [b"result", b"end"]
@@ -198,7 +199,7 @@ async def test_cancelling_a_finished_job_leaves_it_as_it_is(client: Any) -> None
 
 async def test_a_commit_for_an_expired_job_writes_nothing(client: Any) -> None:
     job_id = "e" * 32
-    assert (await commit(client, chunk_result(job_id, 0))).code == -1
+    assert (await commit(client, chunk_result(job_id, 0))).outcome is CommitOutcome.JOB_GONE
     assert await client.exists(*KEYS.job_keys(job_id)) == 0
 
 
@@ -206,14 +207,14 @@ async def test_marking_started_moves_only_a_queued_job_to_running(client: Any) -
     job_id = await make_job(client, 3)
     for _ in range(2):
         async with client.pipeline(transaction=False) as pipe:
-            queue_mark_started(pipe, KEYS, job_id)
+            await JobScripts(client, KEYS).queue_mark_started(pipe, job_id)
             await pipe.execute()
         job = await get_job(client, KEYS, job_id)
         assert job["status"] == "running" and job["started_at"] is not None
     other = await make_job(client, 3)
     await cancel_job(client, KEYS, Settings(), other)
     async with client.pipeline(transaction=False) as pipe:
-        queue_mark_started(pipe, KEYS, other)
+        await JobScripts(client, KEYS).queue_mark_started(pipe, other)
         await pipe.execute()
     assert (await get_job(client, KEYS, other))["status"] == "cancelled"
 

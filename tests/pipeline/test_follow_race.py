@@ -13,11 +13,12 @@ import pytest
 from pipeline.connections import connect
 from pipeline.events import follow_job
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import JobWriter
+from pipeline.jobs import JobScripts
 from pipeline.keys import Keys
 from pipeline.models import ModelInfo
-from pipeline.results import ChunkResult, queue_commit
+from pipeline.results import ChunkResult
 from pipeline.settings import Settings
+from pipeline.submission import JobWriter
 
 pytestmark = pytest.mark.anyio
 
@@ -50,13 +51,13 @@ async def test_results_committed_between_a_read_timeout_and_the_status_check_are
         settings = Settings(redis_url=any_redis_url, chunk_size=2)
         writer = JobWriter(redis, KEYS, settings, JobOptions(), INFO)
         await writer.add_many(Item(f"text {i}") for i in range(4))
-        job_id = (await writer.commit())["id"]
+        job_id = (await writer.commit()).id
 
         async def commit(chunk: int) -> None:
             result = ChunkResult(job_id, chunk, np.ones((2, 4), np.float32), [None, None],
                                  [], {}, 4)
             async with redis.pipeline(transaction=False) as pipe:
-                queue_commit(pipe, KEYS, result, 3600)
+                await JobScripts(redis, KEYS).queue_commit(pipe, result, 3600)
                 await pipe.execute()
 
         async def finish() -> None:

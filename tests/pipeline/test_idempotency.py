@@ -4,9 +4,10 @@ import pytest
 
 from pipeline.errors import Conflict, IdempotencyKeyReused
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import claim_idempotency_key, new_job_id
+from pipeline.jobs import new_job_id
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.submission import claim_idempotency_key
 
 pytestmark = pytest.mark.anyio
 

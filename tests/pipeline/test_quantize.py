@@ -1,5 +1,6 @@
 """Quantized delivery: the same integers as sentence-transformers' quantize_embeddings."""
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ from sentence_transformers.util import quantize_embeddings
 from pipeline.connections import connect
 from pipeline.embedder import shape_vectors
 from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.jobs import JobRecord, JobStatus
 from pipeline.keys import Keys
 from pipeline.quantize import (
     ENCODINGS,
@@ -80,12 +82,14 @@ async def test_the_first_recorded_calibration_wins(settings: Settings) -> None:
         assert not await store_calibration(redis, KEYS, "m", second)
         assert np.array_equal(await load_calibration(redis, KEYS, "m", 4), first)
         views = Views(redis, KEYS)
-        record = {"model": "m", "dimensions": "4", "model_dimensions": "4", "normalize": "0"}
+        record = JobRecord(id="a" * 32, status=JobStatus.QUEUED, total=1, model="m",
+                           dimensions=4, model_dimensions=4, normalize=False, truncate=True,
+                           chunk_size=32, chunks=1, lane="fast", created_at="", created_ts=0.0)
         view = await views.for_job("int8", record)
         assert view.ranges is not None
         assert np.array_equal(view.ranges, ranges_from(first, None, False))
         with pytest.raises(Unavailable, match="no int8/uint8 ranges"):
-            await views.for_job("uint8", {**record, "model": "other"})
+            await views.for_job("uint8", dataclasses.replace(record, model="other"))
     finally:
         await redis.aclose()
 
