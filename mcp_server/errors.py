@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +25,15 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                415: "unsupported_media_type", 422: "invalid_input", 429: "too_many_requests"}
 
 
-def error_response(status: int, code: str, message: str, **extra: Any) -> Response:
+def error_response(status: int, code: str, message: str, *,
+                   headers: dict[str, str] | None = None, **extra: Any) -> Response:
     """The one error body shape."""
     body: dict[str, Any] = {"code": code, "message": message, **extra}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return Response(orjson.dumps({"error": body}), status_code=status,
-                    media_type="application/json", headers=headers)
+                    media_type="application/json", headers=headers or None)
 
 
 async def pipeline_error(request: Request, exc: Exception) -> Response:
@@ -39,10 +42,13 @@ async def pipeline_error(request: Request, exc: Exception) -> Response:
     extra = {"indexes": exc.detail["indexes"][:100]} if "indexes" in exc.detail else {}
     if "index" in exc.detail:
         extra["index"] = exc.detail["index"]
-    response = error_response(exc.status, exc.code, exc.message, **extra)
+    # A 503 (or 429) says when to come back, so clients wait rather than hammer.
+    headers = None
     if "retry_after_s" in exc.detail:
-        response.headers["Retry-After"] = str(int(exc.detail["retry_after_s"]))
-    return response
+        headers = {"Retry-After": str(int(exc.detail["retry_after_s"]))}
+    elif isinstance(exc, Unavailable):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return error_response(exc.status, exc.code, exc.message, headers=headers, **extra)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

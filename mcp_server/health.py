@@ -37,6 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_server.payloads import pipeline_of
 from mcp_server.responses import json_response
+from pipeline.connections import redis_outage
+from pipeline.errors import Unavailable
 from pipeline.keys import Keys
 from pipeline.metrics import Histogram, read_metrics
 from pipeline.stats import lanes, live_workers
@@ -64,7 +66,7 @@ async def readyz(request: Request) -> Response:
     """200 when Redis answers and at least one worker is alive, else 503."""
     try:
         state = await pipeline_of(request).ready()
-    except (RedisError, OSError) as exc:
+    except (Unavailable, RedisError, OSError) as exc:
         return json_response({"status": "unavailable", "redis": False, "workers": 0,
                               "error": f"Redis unreachable: {exc}"}, 503)
     ready = state["workers"] > 0
@@ -163,7 +165,8 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     state: Metrics = request.app.state.metrics
     pipeline = pipeline_of(request)
-    await state.refresh(pipeline.redis, pipeline.keys)
+    with redis_outage():
+        await state.refresh(pipeline.redis, pipeline.keys)
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

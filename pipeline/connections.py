@@ -32,8 +32,9 @@ run in parallel: commands of different slots in one pipeline have no order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import redis
@@ -51,13 +52,19 @@ from redis.exceptions import (
     RedisClusterException,
     SlotNotCoveredError,
 )
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
 from redis.retry import Retry as SyncRetry
+
+from pipeline.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 2.0
+OUTAGE_RETRY_AFTER_S = 2
 # RedisClusterException messages that mean "cannot reach the cluster" rather than a bug.
 _OUTAGE_MESSAGES = ("Redis Cluster cannot be connected", "All slots are not covered")
 
@@ -114,6 +121,22 @@ def cluster_enabled(url: str) -> bool:
 def is_cluster(client: Any) -> bool:
     """Whether a client from `connect()` or `connect_sync()` talks to a cluster."""
     return isinstance(client, RedisCluster | redis.RedisCluster)
+
+
+@contextlib.contextmanager
+def redis_outage() -> Iterator[None]:
+    """Turn Redis connection and timeout errors into Unavailable (503 with Retry-After).
+
+    The one boundary where a lost Redis becomes our error, as httpx maps its
+    transport's exceptions (`map_httpcore_exceptions`): `Pipeline` runs every
+    call inside it, so no route answers 500 for an outage.
+    """
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise Unavailable(f"Redis is unreachable right now ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); retry in a moment",
+                          retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
 
 
 def _safe(url: str) -> str:

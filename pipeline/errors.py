@@ -98,8 +98,14 @@ class PayloadTooLarge(PipelineError):
 
 
 class Unavailable(PipelineError):
+    """Try again later: `retry_after_s` says when (the HTTP `Retry-After`)."""
+
     code = "unavailable"
     status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **detail: Any) -> None:
+        super().__init__(message, **detail)
+        self.retry_after_s = retry_after_s
 
 
 class Overloaded(PipelineError):

@@ -15,16 +15,25 @@ can share one Redis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Sized
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sized,
+)
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
 from pipeline import events, interactive, job_index, jobs, results, submission
 from pipeline.backlog import Backlog
-from pipeline.connections import connect
+from pipeline.connections import connect, redis_outage
 from pipeline.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -46,12 +55,42 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 ProgressCallback = Callable[[int, int], Awaitable[None]]
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 
+def _outage_is_unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Run a Pipeline call inside `redis_outage()`: a lost Redis raises Unavailable."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        with redis_outage():
+            return await fn(*args, **kwargs)
+
+    return call
+
+
+async def _events_outage_is_unavailable(
+    sequence: AsyncIterator[events.Event],
+) -> AsyncIterator[events.Event]:
+    """An event sequence whose lost Redis raises Unavailable (closed with its consumer)."""
+    try:
+        with redis_outage():
+            async for event in sequence:
+                yield event
+    finally:
+        if isinstance(sequence, AsyncGenerator):
+            await sequence.aclose()
+
+
 class Pipeline:
-    """Submit, inspect, follow and cancel jobs; embed, rank and search through them."""
+    """Submit, inspect, follow and cancel jobs; embed, rank and search through them.
+
+    Every call maps Redis connection and timeout errors to `Unavailable`
+    (`redis_outage`), so callers see one error for "Redis is down".
+    """
 
     def __init__(self, settings: Settings) -> None:
         if not settings.redis_url:
@@ -75,6 +114,7 @@ class Pipeline:
         await self.redis.aclose()
         await self.blocking.aclose()
 
+    @_outage_is_unavailable
     async def model(self, options: JobOptions) -> ModelInfo:
         """The model a job with these options will use; raises for unknown models."""
         info = await resolve_model(self.redis, self.keys.models, self.settings.model,
@@ -82,6 +122,7 @@ class Pipeline:
         submission.check_model_options(options, info)
         return info
 
+    @_outage_is_unavailable
     async def writer(
         self, options: JobOptions, caller: Caller = TRUSTED
     ) -> submission.JobWriter:
@@ -90,6 +131,7 @@ class Pipeline:
         return submission.JobWriter(self.redis, self.keys, self.settings, options, info,
                                     caller.owner)
 
+    @_outage_is_unavailable
     async def submit(
         self, items: Iterable[Item], options: JobOptions, *,
         caller: Caller = TRUSTED, idempotency_key: str | None = None,
@@ -99,6 +141,7 @@ class Pipeline:
         writer = await self.writer(options, caller)
         return await self.commit(writer, items, idempotency_key, interactive=interactive)
 
+    @_outage_is_unavailable
     async def commit(
         self, writer: submission.JobWriter,
         items: Iterable[Item] | AsyncIterable[Item] | None = None,
@@ -175,16 +218,19 @@ class Pipeline:
             raise Conflict("a submission with this Idempotency-Key is still being written; "
                            "retry in a moment to get its job") from None
 
+    @_outage_is_unavailable
     async def owned(self, job_id: str, caller: Caller) -> jobs.JobRecord:
         """The record of a job `caller` may see; JobNotFound for anyone else's."""
         record = await jobs.load_job(self.redis, self.keys, job_id)
         check_visible(job_id, record.owner, caller)
         return record
 
+    @_outage_is_unavailable
     async def job(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """A job's public status."""
         return (await self.owned(job_id, caller)).public()
 
+    @_outage_is_unavailable
     async def list_jobs(
         self, caller: Caller, *, limit: int = 50, cursor: str | None = None,
         status: str | None = None,
@@ -193,10 +239,12 @@ class Pipeline:
         return await job_index.list_jobs(self.redis, self.keys, caller, limit=limit,
                                          cursor=cursor, status=status)
 
+    @_outage_is_unavailable
     async def record(self, job_id: str) -> jobs.JobRecord:
         """A job's whole record (counters such as `tokens` included)."""
         return await jobs.load_job(self.redis, self.keys, job_id)
 
+    @_outage_is_unavailable
     async def results(
         self, job_id: str, cursor: str | None = None, limit: int = 100,
         encoding: str = "float", *, caller: Caller = TRUSTED,
@@ -207,14 +255,17 @@ class Pipeline:
         return await results.read_page(self.redis, self.keys, job_id, cursor, limit, view,
                                        record)
 
+    @_outage_is_unavailable
     async def view(self, job_id: str, encoding: str) -> VectorView:
         """How this job's vectors are delivered in `encoding` (raises for an unknown job)."""
         return await self.views.for_job(encoding, await self.record(job_id))
 
+    @_outage_is_unavailable
     async def models(self) -> list[ModelInfo]:
         """The models that live workers serve, by name."""
         return await served_models(self.redis, self.keys)
 
+    @_outage_is_unavailable
     async def cancel(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """Cancel a job; returns its status afterwards."""
         await self.owned(job_id, caller)
@@ -234,7 +285,7 @@ class Pipeline:
         stream = events.follow_job_live(self.redis, self.hubs, self.keys, self.chunk_rows,
                                         job_id, after=after, view=view)
         async with aclosing(stream):
-            async for event in stream:
+            async for event in _events_outage_is_unavailable(stream):
                 yield event
 
     async def follow_feed(
@@ -250,7 +301,7 @@ class Pipeline:
                                          after=after, replay=replay,
                                          stats_interval_s=self.settings.stats_interval_s)
         async with aclosing(stream):
-            async for event in stream:
+            async for event in _events_outage_is_unavailable(stream):
                 if await self.may_see_event(event, caller):
                     yield event
 
@@ -261,12 +312,14 @@ class Pipeline:
         job_id = event.data.get("id") if isinstance(event.data, dict) else None
         return isinstance(job_id, str) and visible(await self.owners.owner(job_id), caller)
 
+    @_outage_is_unavailable
     async def ready(self) -> dict[str, Any]:
         """Whether Redis answers and at least one worker is alive."""
         await self.redis.ping()
         workers = await live_workers(self.redis, self.keys)
         return {"redis": True, "workers": len(workers)}
 
+    @_outage_is_unavailable
     async def embed(
         self, items: list[Item], options: JobOptions, *, caller: Caller = TRUSTED,
         on_progress: ProgressCallback | None = None, timeout_s: float | None = None,
@@ -330,6 +383,7 @@ class Pipeline:
             await on_progress(len(rows), len(rows))
         return interactive.request_job(request_id, sent, rows, reply), rows
 
+    @_outage_is_unavailable
     async def similarity(
         self, query: str, candidates: list[str], options: JobOptions, *,
         caller: Caller = TRUSTED,
@@ -344,6 +398,7 @@ class Pipeline:
         return [{"text": candidates[i], "index": int(i), "score": float(scores[i])}
                 for i in order]
 
+    @_outage_is_unavailable
     async def search(
         self, job_id: str, query: str, top_k: int = 10, *, caller: Caller = TRUSTED
     ) -> list[dict[str, Any]]:
