@@ -12,6 +12,7 @@ untyped body, 413 past the byte limits as the body streams in).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -77,6 +78,7 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
         app.state.pipeline = pipeline = Pipeline(settings)
         app.state.sessions = SessionStore(pipeline.redis, pipeline.keys, settings.session_ttl_s)
         app.state.metrics = metrics
+        janitor = asyncio.create_task(app.state.pipeline.run_janitor())
         try:
             if mcp_server is not None:
                 from mcp_server.agents import mcp_lifespan
@@ -86,6 +88,9 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
             else:
                 yield
         finally:
+            janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await janitor
             await app.state.pipeline.close()
 
     app = Starlette(

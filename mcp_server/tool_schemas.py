@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from pipeline.jobs import JobStatus as Status
+from pipeline.jobs import PUBLIC_STATUSES
 
 TOP_K_MAX = 100
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 else:
     # The Literal of the status values, derived from the enum so the two cannot drift
     # (mypy cannot evaluate a Literal built at run time, hence the plain str above).
-    StatusName = Literal[tuple(s.value for s in Status)]
+    StatusName = Literal[tuple(s.value for s in PUBLIC_STATUSES)]
 RESULTS_PAGE_DEFAULT = 20
 
 JobId = Annotated[str, Field(description="The job_id submit_job returned (32 hex characters).")]
@@ -71,6 +71,10 @@ BulkInputs = Annotated[list[Any], WithJsonSchema({
 IdempotencyKey = Annotated[str | None, Field(
     description="Any string up to 255 characters; resubmitting with the same key returns the "
                 "job the first call created instead of a new one (safe retries).")]
+TimeoutS = Annotated[float | None, Field(
+    description="Seconds the job may go without progress before it ends failed (with a "
+                "reason); null for the server's bound (EMBEDSTREAM_JOB_TIMEOUT_S).",
+    json_schema_extra={"exclusiveMinimum": 0})]
 Cursor = Annotated[str | None, Field(
     description="next_cursor of the previous page; null for the first page.")]
 Limit = Annotated[int, Field(description="Results per page, 1 to 1000.",

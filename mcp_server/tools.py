@@ -183,6 +183,7 @@ class AgentTools:
         idempotency_key: schema.IdempotencyKey = None, chunk: schema.Chunk = False,
         chunk_overlap: schema.ChunkOverlap = DEFAULT_CHUNK_OVERLAP,
         prompt: schema.Prompt = None, prompt_name: schema.PromptName = None,
+        timeout_s: schema.TimeoutS = None,
     ) -> Annotated[CallToolResult, schema.JobHandle]:
         """Queue a bulk job and return its id at once."""
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -192,7 +193,7 @@ class AgentTools:
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
                                  "truncate": truncate, "model": model, "chunk": chunk,
                                  "chunk_overlap": chunk_overlap, "prompt": prompt,
-                                 "prompt_name": prompt_name})
+                                 "prompt_name": prompt_name, "timeout_s": timeout_s})
         job = await self.get_pipeline().submit(items, options, caller=context_caller(ctx),
                                                idempotency_key=idempotency_key)
         return structured({"job_id": job["id"], "total": job["total"], "status": job["status"],

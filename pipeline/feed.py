@@ -21,17 +21,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+async def append(
+    redis: RedisClient, keys: Keys, event: str, data: dict[str, Any], *, maxlen: int = 10_000
+) -> None:
+    """Append one event to the feed (raises if Redis does not take it)."""
+    await redis.xadd(keys.feed, {"type": event, "data": orjson.dumps(data)},
+                     maxlen=maxlen, approximate=True)
+
+
 async def publish(
     redis: RedisClient, keys: Keys, event: str, data: dict[str, Any], *, maxlen: int = 10_000
 ) -> None:
     """Append one event to the feed; never raises for a Redis hiccup."""
     try:
-        await redis.xadd(
-            keys.feed,
-            {"type": event, "data": orjson.dumps(data)},
-            maxlen=maxlen,
-            approximate=True,
-        )
+        await append(redis, keys, event, data, maxlen=maxlen)
     except RedisError:
         logger.warning("could not publish %s to the feed", event, exc_info=True)
 

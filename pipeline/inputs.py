@@ -20,11 +20,12 @@ from typing import Any
 from pipeline.errors import InvalidInput
 
 OPTION_FIELDS = ("normalize", "dimensions", "truncate", "model", "chunk", "chunk_overlap",
-                 "prompt", "prompt_name")
+                 "prompt", "prompt_name", "timeout_s")
 ITEM_FIELDS = ("id", "text", "metadata")
 MAX_ID_CHARS = 256
 MAX_PROMPT_CHARS = 1000
 DEFAULT_CHUNK_OVERLAP = 32
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class JobOptions:
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     prompt: str | None = None
     prompt_name: str | None = None
+    # Seconds without progress after which the job ends failed; None: the server's bound.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,18 @@ def parse_options(raw: dict[str, Any], *, allowed_extra: tuple[str, ...] = ()) -
         chunk_overlap=_overlap(raw),
         prompt=prompt,
         prompt_name=prompt_name,
+        timeout_s=_timeout(raw),
     )
+
+
+def _timeout(raw: dict[str, Any]) -> float | None:
+    value = raw.get("timeout_s")
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 < value <= MAX_TIMEOUT_S:
+        raise InvalidInput(f"'timeout_s' must be a number of seconds above 0 and at most "
+                           f"{MAX_TIMEOUT_S}, or null")
+    return float(value)
 
 
 def _overlap(raw: dict[str, Any]) -> int:
@@ -106,6 +120,8 @@ def parse_query_options(query: dict[str, str]) -> JobOptions:
             raw[name] = _query_int(name, value) if value not in ("", "null") else None
         elif name == "prompt_name":
             raw[name] = value or None
+        elif name == "timeout_s":
+            raw[name] = _query_number(name, value) if value not in ("", "null") else None
         else:
             raw[name] = value
     return parse_options(raw)
@@ -164,6 +180,13 @@ def _query_bool(name: str, value: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise InvalidInput(f"query parameter '{name}' must be true or false")
+
+
+def _query_number(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidInput(f"query parameter '{name}' must be a number") from None
 
 
 def _query_int(name: str, value: str) -> int:

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InvalidCursor, InvalidRequest
-from pipeline.jobs import JobRecord
+from pipeline.jobs import JobRecord, JobStatus
 from pipeline.tenants import Caller, visible
 
 if TYPE_CHECKING:
@@ -107,7 +107,9 @@ async def list_jobs(
         for (job_id, score), record in zip(entries, records, strict=True):
             scanned += 1
             last = (score, job_id)
-            if record is not None and visible(record.owner, caller) and (
+            # A staged job is being submitted: not shown, and not gone either.
+            if record is not None and record.status is not JobStatus.STAGED and visible(
+                    record.owner, caller) and (
                     status is None or record.status == status):
                 jobs.append(record.public())
             if len(jobs) >= limit:

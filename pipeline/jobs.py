@@ -2,14 +2,23 @@
 
 A job's life, and who makes each move (saq's `Job` is the model):
 
-    queued ──────────► running ──────────► completed
-      │   first worker     │   the commit of      (every input embedded,
-      │   to take a chunk  │   the last chunk      or some failed)
-      │   (mark_started,   │   (commit)        ──► failed
-      │   or its commit)   │                       (every input failed)
-      │                    │
-      └────────────────────┴─────────────────► cancelled
-                 a client (cancel: DELETE /v1/jobs/{id}, cancel_job)
+    staged ──► queued ─────────► running ─────────► completed
+      │         │  first worker   │  the commit of     (every input embedded,
+      │         │  to take a      │  the last chunk     or some failed)
+      │         │  chunk          │  (commit)       ──► failed
+      │         │  (mark_started, │                     (every input failed; or no
+      │         │  or its commit) │                      progress within the job's
+      │         │                 │                      timeout: the janitor, time_out)
+      │         └─────────────────┴────────────────► cancelled
+      │                       a client (cancel: DELETE /v1/jobs/{id}, cancel_job)
+      └─ the submitter (stage, then activate once every queue entry is in)
+
+`staged` belongs to the submitter (`pipeline.submission`): the record, the
+inputs and the queue entries are being written, under short TTLs, and
+`activate` makes the job `queued` only once every queue entry is in, so a
+job is wholly queued or never seen. A reader is told a staged job does not
+exist; a worker leaves its entries for later; a staged job whose submitter
+died expires by itself.
 
 `completed`, `failed` and `cancelled` are terminal (`TERMINAL_STATUSES`):
 no script moves a job out of them, and a commit arriving after one writes
@@ -26,7 +35,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from string import Template
@@ -42,11 +51,17 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+StepHook = Callable[[str], Awaitable[None]]
+
+
+async def no_step(name: str) -> None:
+    """The default step hook: nothing. Fault tests give one that dies at a chosen step."""
 
 
 class JobStatus(enum.StrEnum):
     """Where a job is in its life (see the module docstring for the moves)."""
 
+    STAGED = "staged"  # never shown: a reader is told the job does not exist
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -55,6 +70,7 @@ class JobStatus(enum.StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+PUBLIC_STATUSES = tuple(s for s in JobStatus if s is not JobStatus.STAGED)
 
 
 def new_job_id() -> str:
@@ -95,6 +111,7 @@ class JobRecord:
     chunk: bool = False
     chunk_overlap: int = 0
     prompt: str = ""
+    timeout_s: float = 3600.0
     done: int = 0
     failed: int = 0
     tokens: int = 0
@@ -114,6 +131,7 @@ class JobRecord:
             created_at=f["created_at"], created_ts=float(f["created_ts"]),
             owner=f.get("owner", ""), chunk=f.get("chunk") == "1",
             chunk_overlap=int(f.get("chunk_overlap") or 0), prompt=f.get("prompt", ""),
+            timeout_s=float(f.get("timeout_s") or 3600.0),
             done=int(f.get("done", 0)),
             failed=int(f.get("failed", 0)), tokens=int(f.get("tokens", 0)),
             started_at=f.get("started_at") or None, finished_at=f.get("finished_at") or None,
@@ -129,6 +147,7 @@ class JobRecord:
             "model_dimensions": self.model_dimensions, "normalize": int(self.normalize),
             "truncate": int(self.truncate), "chunk": int(self.chunk),
             "chunk_overlap": self.chunk_overlap, "prompt": self.prompt,
+            "timeout_s": self.timeout_s,
             "chunk_size": self.chunk_size,
             "chunks": self.chunks, "lane": self.lane, "owner": self.owner,
             "created_at": self.created_at, "created_ts": self.created_ts,
@@ -161,9 +180,10 @@ class JobRecord:
 async def load_job(redis: RedisClient, keys: Keys, job_id: str) -> JobRecord:
     """The job's record, or JobNotFound."""
     raw = await redis.hgetall(keys.job(check_job_id(job_id)))
-    if not raw:
+    record = JobRecord.from_hash(raw) if raw else None
+    if record is None or record.status is JobStatus.STAGED:
         raise JobNotFound(f"job {job_id} does not exist or has expired")
-    return JobRecord.from_hash(raw)
+    return record
 
 
 async def get_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:
@@ -171,9 +191,14 @@ async def get_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]
     return (await load_job(redis, keys, job_id)).public()
 
 
+# The server's clock (seconds, float), so no process's clock decides a timeout.
+_NOW = "(tonumber(redis.call('TIME')[1]) + tonumber(redis.call('TIME')[2]) / 1000000)"
+
+
 def _lua(template: str) -> str:
-    """A script with `$queued`, `$running`, ... replaced by the statuses' values."""
-    return Template(template).substitute({s.name.lower(): s.value for s in JobStatus})
+    """A script with `$queued`, `$running`, ... replaced by the statuses' values, `$now` by TIME."""
+    values = {s.name.lower(): s.value for s in JobStatus}
+    return Template(template).substitute(values, now=_NOW)
 
 
 # KEYS: job, inputs, vectors, events.  ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.
@@ -196,6 +221,7 @@ if status == '$queued' then
 end
 redis.call('XADD', KEYS[4], '*', 'type', 'result', 'chunk', ARGV[1],
            'done', done, 'failed', failed, 'total', total)
+redis.call('HSET', KEYS[1], 'progress_ts', $now)
 if done + failed >= total then
   status = '$completed'
   if done == 0 then
@@ -207,6 +233,9 @@ if done + failed >= total then
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
   return {'last', done, failed, total, status}
 end
+-- Still running: every key lives as long as the job may wait, then its results do.
+local live = math.floor(tonumber(redis.call('HGET', KEYS[1], 'timeout_s') or 3600) + ARGV[7])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], live) end
 return {'written', done, failed, total, status}
 """)
 
@@ -222,7 +251,7 @@ return 0
 # KEYS: job, inputs, vectors, events.  ARGV: now, ttl.
 _CANCEL = _lua("""
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'gone'} end
+if not status or status == '$staged' then return {'gone'} end
 if status == '$queued' or status == '$running' then
   redis.call('HSET', KEYS[1], 'status', '$cancelled', 'finished_at', ARGV[1])
   redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', '$cancelled')
@@ -231,6 +260,93 @@ if status == '$queued' or status == '$running' then
 end
 return {'ended'}
 """)
+
+
+# KEYS: job, inputs.  ARGV: ttl, then field, value, ... of the staged record.
+_STAGE = _lua("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+""")
+
+# KEYS: job, inputs.  ARGV: ttl.
+_KEEP_STAGED = _lua("""
+if redis.call('HGET', KEYS[1], 'status') ~= '$staged' then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+""")
+
+# KEYS: job, inputs.  Drops a job that is still staged (never one that became visible).
+_DISCARD = _lua("""
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= '$staged' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+""")
+
+# KEYS: job, inputs.  ARGV: result ttl.
+_ACTIVATE = _lua("""
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status ~= '$staged' then return 'already' end
+redis.call('HSET', KEYS[1], 'status', '$queued', 'progress_ts', $now)
+local live = math.floor(tonumber(redis.call('HGET', KEYS[1], 'timeout_s')) + ARGV[1])
+redis.call('EXPIRE', KEYS[1], live)
+redis.call('EXPIRE', KEYS[2], live)
+return 'activated'
+""")
+
+# KEYS: job, inputs, vectors, events.  ARGV: now, ttl, reason.
+_TIME_OUT = _lua("""
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status ~= '$queued' and status ~= '$running' then return 'ended' end
+local last = tonumber(redis.call('HGET', KEYS[1], 'progress_ts') or
+                      redis.call('HGET', KEYS[1], 'created_ts'))
+if $now - last < tonumber(redis.call('HGET', KEYS[1], 'timeout_s')) then return 'alive' end
+redis.call('HSET', KEYS[1], 'status', '$failed', 'error', ARGV[3], 'finished_at', ARGV[1])
+redis.call('XADD', KEYS[4], '*', 'type', 'end', 'status', '$failed')
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+return 'failed'
+""")
+
+# KEYS: job.  ARGV: event, lease ms.  1 when this caller is to publish the event now.
+_CLAIM_ANNOUNCEMENT = _lua("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local field = 'ann:' .. ARGV[1]
+local held = redis.call('HGET', KEYS[1], field)
+local now_ms = math.floor($now * 1000)
+if held == 'done' or (held and tonumber(held) > now_ms) then return 0 end
+redis.call('HSET', KEYS[1], field, now_ms + tonumber(ARGV[2]))
+return 1
+""")
+
+# KEYS: job.  ARGV: event.  (HSET on an expired job would make a key without a TTL.)
+_CONFIRM_ANNOUNCEMENT = _lua("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'ann:' .. ARGV[1], 'done')
+return 1
+""")
+
+
+class Activation(enum.Enum):
+    """What `activate` did with a staged job."""
+
+    ACTIVATED = "activated"  # now queued: visible, with its long TTLs
+    ALREADY = "already"  # someone activated it before (a retried call)
+    JOB_GONE = "gone"  # its staging expired: the submission must start again
+
+
+class TimeOut(enum.Enum):
+    """What `time_out` found."""
+
+    FAILED = "failed"  # no progress within its timeout: now failed
+    ALIVE = "alive"  # progress within its timeout: left alone
+    ENDED = "ended"  # already finished (or still staged)
+    JOB_GONE = "gone"
 
 
 class CommitOutcome(enum.Enum):
@@ -285,9 +401,18 @@ class JobScripts:
     def __init__(self, redis: RedisClient, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+        # Called between the steps of multi-step writes (submission, cancel), by name.
+        self.step: StepHook = no_step
         self._commit = redis.register_script(_COMMIT)
         self._mark_started = redis.register_script(_MARK_STARTED)
         self._cancel = redis.register_script(_CANCEL)
+        self._stage = redis.register_script(_STAGE)
+        self._keep_staged = redis.register_script(_KEEP_STAGED)
+        self._activate = redis.register_script(_ACTIVATE)
+        self._discard = redis.register_script(_DISCARD)
+        self._time_out = redis.register_script(_TIME_OUT)
+        self._claim_announcement = redis.register_script(_CLAIM_ANNOUNCEMENT)
+        self._confirm_announcement = redis.register_script(_CONFIRM_ANNOUNCEMENT)
 
     async def queue_commit(self, pipe: Any, result: ChunkResult, ttl_s: int) -> None:
         """Add one chunk's idempotent commit to `pipe`."""
@@ -317,6 +442,64 @@ class JobScripts:
         reply = await self._cancel(keys=self.keys.job_keys(job_id), args=[now_iso(), ttl_s])
         return CancelOutcome(_text(reply[0]))
 
+    async def stage(self, record: JobRecord, ttl_s: int) -> bool:
+        """Write a staged job's record (False if a record is there already)."""
+        fields = [x for pair in record.to_hash().items() for x in pair]
+        keys = [self.keys.job(record.id), self.keys.inputs(record.id)]
+        return bool(await self._stage(keys=keys, args=[ttl_s, *fields]))
+
+    async def keep_staged(self, job_id: str, ttl_s: int) -> bool:
+        """Push back the expiry of a staged job's record and inputs."""
+        keys = [self.keys.job(job_id), self.keys.inputs(job_id)]
+        return bool(await self._keep_staged(keys=keys, args=[ttl_s]))
+
+    async def activate(self, job_id: str, result_ttl_s: int) -> Activation:
+        """staged -> queued, with TTLs of the job's timeout plus the results' lifetime."""
+        keys = [self.keys.job(job_id), self.keys.inputs(job_id)]
+        return Activation(_text(await self._activate(keys=keys, args=[result_ttl_s])))
+
+    async def discard(self, job_id: str) -> bool:
+        """Drop a submission that never became visible: its staged record and inputs."""
+        keys = [self.keys.job(job_id), self.keys.inputs(job_id)]
+        return bool(await self._discard(keys=keys))
+
+    async def time_out(self, job_id: str, ttl_s: int, reason: str) -> TimeOut:
+        """Fail a queued or running job that made no progress within its timeout."""
+        reply = await self._time_out(keys=self.keys.job_keys(job_id),
+                                     args=[now_iso(), ttl_s, reason])
+        return TimeOut(_text(reply))
+
+    async def claim_announcement(self, job_id: str, event: str, lease_ms: int) -> bool:
+        """True when this caller should publish `event` now (nobody did, nobody is)."""
+        reply = await self._claim_announcement(keys=[self.keys.job(job_id)],
+                                               args=[event, lease_ms])
+        return bool(reply)
+
+    async def confirm_announcement(self, job_id: str, event: str) -> None:
+        """Record that `event` is on the feed, so nobody publishes it again."""
+        await self._confirm_announcement(keys=[self.keys.job(job_id)], args=[event])
+
+
+ANNOUNCE_LEASE_MS = 10_000
+ANNOUNCED_EVENTS = ("job.created", *(f"job.{s.value}" for s in TERMINAL_STATUSES))
+
+
+async def announce(
+    scripts: JobScripts, job_id: str, event: str, data: dict[str, Any], *, maxlen: int
+) -> bool:
+    """Publish a job's lifecycle event on the feed once, whoever notices first.
+
+    Claim, publish, confirm: a noticer that dies after its claim leaves the
+    event to the next one (the janitor) once the claim's lease ends, so the
+    event is published at least once, and twice only if a publisher stalls
+    longer than the lease between its claim and its publish.
+    """
+    if not await scripts.claim_announcement(job_id, event, ANNOUNCE_LEASE_MS):
+        return False
+    await feed.append(scripts.redis, scripts.keys, event, data, maxlen=maxlen)
+    await scripts.confirm_announcement(job_id, event)
+    return True
+
 
 async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> dict[str, Any]:
     """Cancel a queued or running job (a finished job is left as it is); its public view."""
@@ -325,6 +508,6 @@ async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> di
         raise JobNotFound(f"job {job_id} does not exist or has expired")
     job = await get_job(scripts.redis, scripts.keys, job_id)
     if outcome is CancelOutcome.CANCELLED:
-        await feed.publish(scripts.redis, scripts.keys, "job.cancelled", job,
-                           maxlen=settings.feed_maxlen)
+        await scripts.step("cancelled")
+        await announce(scripts, job_id, "job.cancelled", job, maxlen=settings.feed_maxlen)
     return job

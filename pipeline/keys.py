@@ -19,7 +19,10 @@ reads both.
     <p>:models             hash    model name -> description registered by workers
     <p>:calibration:<model> string float32 vectors of the calibration corpus (int8/uint8 ranges)
     <p>:calibrating:<model> string lock held by the worker recording them (with a TTL)
-    <p>:idem:<key>         string  idempotency key -> job id
+    <p>:idem:<key>         string  "<job id> <request digest>" once bound, or
+                                   "<job id>:<lease until, ms>" while its upload runs
+    <p>:janitor:jobs       zset    job id -> creation time, of jobs not yet announced
+                                   finished: what the job janitor walks
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
     <p>:metrics            hash    worker-side counters and histograms for /metrics
     <p>:{r:<id>}:reply     list    a worker's reply to an interactive request (expires)
@@ -115,6 +118,10 @@ class Keys:
     def idempotency(self, scope: str, key: str) -> str:
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
         return f"{self.prefix}:idem:{digest}"
+
+    @property
+    def active_jobs(self) -> str:
+        return f"{self.prefix}:janitor:jobs"
 
     @property
     def texts_counter(self) -> str:

@@ -15,6 +15,7 @@ can share one Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import (
@@ -29,9 +30,11 @@ from collections.abc import (
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+import anyio
 import numpy as np
+from redis.exceptions import RedisError
 
-from pipeline import events, interactive, job_index, jobs, results, submission
+from pipeline import events, interactive, janitor, job_index, jobs, results, submission
 from pipeline.backlog import Backlog
 from pipeline.connections import connect, redis_outage
 from pipeline.errors import (
@@ -85,6 +88,32 @@ async def _events_outage_is_unavailable(
             await sequence.aclose()
 
 
+async def _feed(
+    writer: submission.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None
+) -> None:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            await writer.add(item)
+    elif items is not None:
+        await writer.add_many(items)
+
+
+async def _shielded(cleanup: Awaitable[Any]) -> None:
+    """Run `cleanup` to its end even while the caller is being cancelled.
+
+    anyio cancel scopes (the MCP SDK's, Starlette's on a client hang-up) cancel
+    every await inside them, cleanup included: a shielded scope stops anyio's,
+    and the task behind `asyncio.shield` outlives a plain asyncio cancellation.
+    """
+    task = asyncio.ensure_future(cleanup)
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+    if task.exception() is not None:  # cleanup must not hide why it ran
+        logger.warning("cleanup failed", exc_info=task.exception())
+
+
 class Pipeline:
     """Submit, inspect, follow and cancel jobs; embed, rank and search through them.
 
@@ -99,6 +128,8 @@ class Pipeline:
         self.keys = Keys(settings.key_prefix)
         self.redis = connect(settings.redis_url)
         self.scripts = jobs.JobScripts(self.redis, self.keys)
+        self.idempotency = submission.IdempotencyKeys(self.redis, self.keys, settings,
+                                                      IDEMPOTENCY_TTL_S)
         self.blocking = connect(settings.redis_url, blocking=True)
         self.views = Views(self.redis, self.keys)
         self.owners = OwnerCache(self.redis, self.keys)
@@ -107,6 +138,15 @@ class Pipeline:
         self.chunk_rows = events.ChunkRows(self.redis, self.keys)
         self.stats = StatsSampler(self.redis, self.keys)
         self.backlog = Backlog(self.redis, self.keys, settings)
+
+    async def run_janitor(self) -> None:
+        """Sweep the active jobs every `janitor_interval_s` until cancelled (see janitor)."""
+        while True:
+            try:
+                await janitor.sweep_jobs(self.scripts, self.settings)
+            except RedisError:
+                logger.warning("job janitor failed; retrying", exc_info=True)
+            await asyncio.sleep(self.settings.janitor_interval_s)
 
     async def close(self) -> None:
         """Stop the fan-out readers, close both Redis clients."""
@@ -129,7 +169,7 @@ class Pipeline:
         """A JobWriter for a streamed submission (validate options first)."""
         info = await self.model(options)
         return submission.JobWriter(self.redis, self.keys, self.settings, options, info,
-                                    caller.owner)
+                                    caller.owner, scripts=self.scripts)
 
     @_outage_is_unavailable
     async def submit(
@@ -152,43 +192,44 @@ class Pipeline:
         A key names the first request's job. A retry of the same request (same
         options and inputs, compared by digest) gets that job; another request
         under the same key is refused with 422 rather than silently answered
-        with a job that is not its own.
+        with a job that is not its own. The key is leased to this upload while
+        it runs and bound to the job once the job is queued (see
+        `pipeline.submission`); cleanup after a failure or a cancellation runs
+        to its end, shielded from the cancellation.
 
         Backpressure (`Backlog`) is checked before anything is written and
         again once the inputs are counted, before the job is committed: a
         refused submission leaves nothing queued.
         """
-        if idempotency_key:
-            existing = await submission.claim_idempotency_key(
-                self.redis, self.keys, writer.owner, idempotency_key, writer.job_id,
-                IDEMPOTENCY_TTL_S)
+        key, scope = idempotency_key, writer.owner
+        if key:
+            existing = await submission.take_key(self.idempotency, self.redis, self.keys,
+                                                 scope, key, writer.job_id)
             if existing is not None:
-                return await self._replay(writer, items, idempotency_key, existing)
+                return await self._replay(writer, items, key, existing)
         known = len(items) if isinstance(items, Sized) else 0
         try:
-            await self.backlog.check(writer.model.name, known, interactive=interactive)
-            await _feed(writer, items)
-            if writer.total > known:
-                await self.backlog.check(writer.model.name, writer.total,
-                                         interactive=interactive)
-            if idempotency_key:
-                await submission.record_request_digest(self.redis, self.keys, writer.owner,
-                                                       idempotency_key, writer.job_id,
-                                                       writer.digest.hexdigest())
-            # Listed before it becomes visible: the list is in another hash slot.
-            await job_index.add(self.redis, self.keys, writer.owner, writer.job_id,
-                                max_age_s=2 * self.settings.result_ttl_s)
-            record = await writer.commit()
-            logger.info("job %s created: %s texts, model %s", record.id, record.total,
-                        record.model, extra={"event": "job.created", "job_id": record.id,
-                                             "total": record.total})
+            async with self._leased(scope, key, writer.job_id):
+                await self.backlog.check(writer.model.name, known, interactive=interactive)
+                await _feed(writer, items)
+                if writer.total > known:
+                    await self.backlog.check(writer.model.name, writer.total,
+                                             interactive=interactive)
+                # Listed before it becomes visible: the list is in another hash slot.
+                await job_index.add(self.redis, self.keys, writer.owner, writer.job_id,
+                                    max_age_s=2 * self.settings.result_ttl_s)
+                record = await writer.commit()
+            if key:
+                await self.idempotency.bind(scope, key, writer.job_id,
+                                            writer.digest.hexdigest())
+                await self.scripts.step("bound")
         except BaseException:
-            await writer.abort()
-            await job_index.remove(self.redis, self.keys, writer.owner, writer.job_id)
-            if idempotency_key:
-                await submission.release_idempotency_key(self.redis, self.keys, writer.owner,
-                                                         idempotency_key)
+            await _shielded(self._abandon(writer, key))
             raise
+        await self._announce_created(record)
+        logger.info("job %s created: %s texts, model %s", record.id, record.total,
+                    record.model, extra={"event": "job.created", "job_id": record.id,
+                                         "total": record.total})
         return record.public()
 
     async def _replay(
@@ -217,6 +258,49 @@ class Pipeline:
         except JobNotFound:
             raise Conflict("a submission with this Idempotency-Key is still being written; "
                            "retry in a moment to get its job") from None
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, scope: str, key: str | None, job_id: str) -> AsyncIterator[None]:
+        """Renew the upload's lease on its Idempotency-Key while the block runs."""
+        if not key:
+            yield
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.settings.idempotency_lease_s / 3)
+                with contextlib.suppress(RedisError):
+                    if not await self.idempotency.renew(scope, key, job_id):
+                        logger.warning("job %s lost its Idempotency-Key lease", job_id)
+                        return
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _abandon(self, writer: submission.JobWriter, key: str | None) -> None:
+        """After a failed submission: drop its staged keys and free its key, if never seen."""
+        try:
+            # A job that became visible runs on, and its key's lapsing lease names it.
+            if await writer.abort():
+                await job_index.remove(self.redis, self.keys, writer.owner, writer.job_id)
+                if key:
+                    await self.idempotency.release(writer.owner, key, writer.job_id)
+        except RedisError:
+            logger.warning("could not clean up job %s; its staged keys expire by themselves",
+                           writer.job_id, exc_info=True)
+
+    async def _announce_created(self, record: jobs.JobRecord) -> None:
+        try:
+            await jobs.announce(self.scripts, record.id, "job.created", record.public(),
+                                maxlen=self.settings.feed_maxlen)
+            await self.scripts.step("announced")
+        except RedisError:  # the janitor announces it
+            logger.warning("could not announce job %s", record.id, exc_info=True)
 
     @_outage_is_unavailable
     async def owned(self, job_id: str, caller: Caller) -> jobs.JobRecord:
@@ -354,7 +438,7 @@ class Pipeline:
         except asyncio.CancelledError:
             # The caller went away (an MCP client cancelled, an HTTP client
             # hung up): its texts need not be embedded any more.
-            await asyncio.shield(self.cancel(job["id"], caller))
+            await _shielded(self.cancel(job["id"], caller))
             raise
         except TimeoutError:
             await self.cancel(job["id"], caller)
@@ -435,12 +519,3 @@ def _cosine(
     scores: np.ndarray[Any, np.dtype[np.float32]] = (matrix @ vector) / np.maximum(norms, 1e-12)
     return scores
 
-
-async def _feed(
-    writer: submission.JobWriter, items: Iterable[Item] | AsyncIterable[Item] | None
-) -> None:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            await writer.add(item)
-    elif items is not None:
-        await writer.add_many(items)

@@ -78,6 +78,14 @@ class Settings:
     sse_retry_ms: int = 2000
     feed_maxlen: int = 10_000
     embed_timeout_s: float = 300.0
+    # A job that makes no progress for this long ends failed (a job's own timeout_s wins).
+    job_timeout_s: float = 3600.0
+    # Inputs and the record of a job not yet queued expire this long after their last write.
+    staging_ttl_s: int = 120
+    # An upload holds its Idempotency-Key this long past its last renewal.
+    idempotency_lease_s: float = 5.0
+    # How often a server or worker runs the job janitor (timeouts, lost feed events).
+    janitor_interval_s: float = 5.0
     embed_max_texts: int = 512
     # Whether `embedstream worker` records its model's int8/uint8 calibration at start.
     calibrate: bool = True

@@ -1,9 +1,25 @@
-"""Submission: writing a job's inputs in chunks, then its record and its queue entries.
+"""Submission: staging a job's inputs and record, queueing it, then making it visible.
 
-A job's inputs are written chunk by chunk as they arrive (`JobWriter.add`),
-so a large NDJSON upload is never held whole in memory; the job record and
-its queue entries are written only at `commit()`, after every input passed
-validation. A rejected upload leaves nothing behind and nothing queued.
+A job is wholly queued or never seen. The steps, each safe to die after:
+
+1. inputs are written chunk by chunk as they arrive (`JobWriter.add`), under
+   `staging_ttl_s`, refreshed with every chunk: an upload that dies leaves
+   keys that expire by themselves;
+2. after every input passed validation, the record is written as `staged`
+   (same TTL), and the job is added to the active-jobs index (a global key,
+   so before the job can be seen; the janitor prunes entries whose job is gone);
+3. its queue entries are added (`XADD`, in batches, refreshing the TTLs); a
+   worker that reads one while the job is still staged leaves it for later;
+4. `activate`, one script in the job's slot, makes it `queued` with its long
+   TTLs: from here on readers see it, and workers embed it;
+5. the Idempotency-Key is bound to it, and `job.created` is announced (once,
+   by whoever gets there first: the submitter or the janitor).
+
+A submitter that dies before 4 leaves nothing visible: its staged keys
+expire, its queue entries are acked by the workers that find the job gone,
+its Idempotency-Key lease lapses within `idempotency_lease_s` and a retry
+makes a new job. One that dies after 4 leaves a job that completes; a retry
+with its key finds the job (the lapsed lease names it) and binds it.
 
 Small jobs (at most `fast_lane_max_texts` inputs) go to the fast lane, which
 workers read before the bulk lane, so a single query never waits behind a
@@ -13,16 +29,26 @@ million-line upload.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pipeline import feed, tokens
-from pipeline.errors import InvalidInput, PayloadTooLarge
-from pipeline.jobs import JobRecord, JobStatus, new_job_id, now_iso
+from pipeline import tokens
+from pipeline.errors import Conflict, InvalidInput, JobNotFound, PayloadTooLarge, Unavailable
+from pipeline.jobs import (
+    Activation,
+    JobRecord,
+    JobScripts,
+    JobStatus,
+    load_job,
+    new_job_id,
+    now_iso,
+)
 from pipeline.prompts import resolve_prompt, with_prompt
 
 if TYPE_CHECKING:
@@ -80,9 +106,17 @@ class JobWriter:
     _too_long: list[int] = field(default_factory=list)
     _sizes: list[int] = field(default_factory=list)
     digest: RequestDigest = field(init=False)
+    scripts: JobScripts | None = None
 
     def __post_init__(self) -> None:
         self.digest = RequestDigest(self.options)
+        if self.scripts is None:
+            self.scripts = JobScripts(self.redis, self.keys)
+
+    @property
+    def _scripts(self) -> JobScripts:
+        assert self.scripts is not None  # set in __post_init__
+        return self.scripts
 
     async def add(self, item: Item) -> None:
         """Accept one validated input."""
@@ -106,8 +140,11 @@ class JobWriter:
             # Tokenizing is CPU work: off the event loop, so other requests keep flowing.
             await asyncio.to_thread(self._check_lengths, self._buffer,
                                     self.total - len(self._buffer))
-        await self.redis.hset(self.keys.inputs(self.job_id), str(self._chunks),
-                              pack_chunk(self._buffer))
+        inputs = self.keys.inputs(self.job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one key: one slot
+            pipe.hset(inputs, str(self._chunks), pack_chunk(self._buffer))
+            pipe.expire(inputs, self.settings.staging_ttl_s)
+            await pipe.execute()
         self._sizes.append(len(self._buffer))
         self._chunks += 1
         self._buffer = []
@@ -120,7 +157,7 @@ class JobWriter:
         self._too_long.extend(first_index + i for i, n in enumerate(counts) if n > limit)
 
     async def commit(self) -> JobRecord:
-        """Validate the whole job, write its record and queue its chunks."""
+        """Validate the whole job, stage its record, queue its chunks, make it visible."""
         await self._flush()
         if self.total == 0:
             await self.abort()
@@ -136,20 +173,27 @@ class JobWriter:
                 indexes=self._too_long,
             )
         record = self._record()
-        await self.redis.hset(self.keys.job(self.job_id), mapping=record.to_hash())
+        scripts = self._scripts
+        await scripts.stage(record, self.settings.staging_ttl_s)
+        await scripts.step("staged")
+        await self.redis.zadd(self.keys.active_jobs, {self.job_id: record.created_ts})
+        await scripts.step("indexed")
         await self._enqueue(record.lane)
-        await feed.publish(self.redis, self.keys, "job.created", record.public(),
-                           maxlen=self.settings.feed_maxlen)
-        return record
+        await scripts.step("enqueued")
+        if await scripts.activate(self.job_id, self.settings.result_ttl_s) is Activation.JOB_GONE:
+            raise Unavailable("the submission took longer than its staging time "
+                              f"({self.settings.staging_ttl_s} s) allows; retry it")
+        await scripts.step("activated")
+        return dataclasses.replace(record, status=JobStatus.QUEUED)
 
-    async def abort(self) -> None:
-        """Drop whatever inputs were written; nothing was queued."""
-        await self.redis.delete(self.keys.inputs(self.job_id))
+    async def abort(self) -> bool:
+        """Drop what was written, unless the job became visible (then it runs); True if dropped."""
+        return await self._scripts.discard(self.job_id)
 
     def _record(self) -> JobRecord:
         lane = "fast" if self.total <= self.settings.fast_lane_max_texts else "bulk"
         return JobRecord(
-            id=self.job_id, status=JobStatus.QUEUED, total=self.total,
+            id=self.job_id, status=JobStatus.STAGED, total=self.total,
             model=self.model.name,
             dimensions=self.options.dimensions or self.model.dimensions,
             model_dimensions=self.model.dimensions, normalize=self.options.normalize,
@@ -158,6 +202,7 @@ class JobWriter:
             prompt=resolve_prompt(self.options, self.model), chunk_size=self.settings.chunk_size,
             chunks=self._chunks, lane=lane, owner=self.owner, created_at=now_iso(),
             created_ts=time.time(),
+            timeout_s=self.options.timeout_s or self.settings.job_timeout_s,
         )
 
     async def _enqueue(self, lane: str) -> None:
@@ -167,6 +212,8 @@ class JobWriter:
                 for chunk in range(start, min(start + QUEUE_WRITE_BATCH, self._chunks)):
                     pipe.xadd(stream, {"job": self.job_id, "chunk": chunk, "n": self._sizes[chunk]})
                 await pipe.execute()
+            await self._scripts.keep_staged(self.job_id, self.settings.staging_ttl_s)
+            await self._scripts.step(f"enqueued:{start}")
 
 
 def check_dimensions(options: JobOptions, model: ModelInfo) -> None:
@@ -190,40 +237,173 @@ def check_model_options(options: JobOptions, model: ModelInfo) -> None:
         tokens.tokenizer(model.name)  # windows need the tokenizer: fail now, not in a worker
 
 
+class Hold(enum.Enum):
+    """What an Idempotency-Key says when a submission tries to take it."""
+
+    TAKEN = "taken"  # free: now leased to this submission
+    BOUND = "bound"  # names a queued job ("<job id> <request digest>"): answer with it
+    HELD = "held"  # another upload holds a live lease on it: 409
+    LAPSED = "lapsed"  # an upload's lease ran out: its job may or may not be visible
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """An Idempotency-Key's state, the job it names, and its raw value (for a swap)."""
+
+    hold: Hold
+    job_id: str | None = None
+    raw: bytes | None = None
+
+
+# KEYS: idem.  ARGV: job id, lease ms, ttl s.  A value "<job>:<until ms>" is a lease.
+_CLAIM_KEY = """
+local value = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not value then
+  redis.call('SET', KEYS[1], ARGV[1] .. ':' .. (now_ms + tonumber(ARGV[2])), 'EX', ARGV[3])
+  return {'taken'}
+end
+local job, until_ms = string.match(value, '^(%x+):(%d+)$')
+if not job then return {'bound', value, value} end
+if tonumber(until_ms) > now_ms then return {'held', job, value} end
+return {'lapsed', job, value}
+"""
+
+# KEYS: idem.  ARGV: expected value, job id, lease ms (0: bind to the job), ttl s.
+_SWAP_KEY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local value = ARGV[2]
+if tonumber(ARGV[3]) > 0 then
+  local t = redis.call('TIME')
+  value = value .. ':' .. (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ARGV[3])
+end
+redis.call('SET', KEYS[1], value, 'EX', ARGV[4])
+return 1
+"""
+
+# KEYS: idem.  ARGV: job id, lease ms (0: bind), ttl s, bound value.  Only this job's lease.
+_KEEP_KEY = """
+local value = redis.call('GET', KEYS[1])
+if not value or string.sub(value, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return 0 end
+if tonumber(ARGV[2]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
+  return 1
+end
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ARGV[2]
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. until_ms, 'KEEPTTL')
+return 1
+"""
+
+# KEYS: idem.  ARGV: job id.  Frees the key if this job's upload still holds it.
+_RELEASE_KEY = """
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class IdempotencyKeys:
+    """Idempotency-Keys: leased while an upload runs, bound to its job once queued.
+
+    The lease is a deadline inside the value (read against the server's clock),
+    not the key's TTL, so a lapsed lease still names its job: a retry after
+    the uploader died between making the job visible and binding the key
+    finds that job instead of making a second one.
+    """
+
+    def __init__(self, redis: RedisClient, keys: Keys, settings: Settings,
+                 bound_ttl_s: int) -> None:
+        self.keys = keys
+        self.lease_ms = int(settings.idempotency_lease_s * 1000)
+        self.bound_ttl_s = bound_ttl_s
+        self._claim = redis.register_script(_CLAIM_KEY)
+        self._swap = redis.register_script(_SWAP_KEY)
+        self._keep = redis.register_script(_KEEP_KEY)
+        self._release = redis.register_script(_RELEASE_KEY)
+
+    async def claim(self, scope: str, key: str, job_id: str) -> KeyState:
+        """Lease the key to `job_id` if it is free; else say what holds it."""
+        reply = await self._claim(keys=[self.keys.idempotency(scope, key)],
+                                  args=[job_id, self.lease_ms, self.bound_ttl_s])
+        hold = Hold(_text(reply[0]))
+        if len(reply) == 1:
+            return KeyState(hold)
+        return KeyState(hold, _text(reply[1]), reply[2])
+
+    async def swap(self, scope: str, key: str, expected: bytes, job_id: str,
+                   *, lease: bool) -> bool:
+        """Replace the value if unchanged: lease it to `job_id`, or bind it to that job."""
+        reply = await self._swap(keys=[self.keys.idempotency(scope, key)],
+                                 args=[expected, job_id, self.lease_ms if lease else 0,
+                                       self.bound_ttl_s])
+        return bool(reply)
+
+    async def renew(self, scope: str, key: str, job_id: str) -> bool:
+        """Push this upload's lease back; False if the lease was lost."""
+        reply = await self._keep(keys=[self.keys.idempotency(scope, key)],
+                                 args=[job_id, self.lease_ms, self.bound_ttl_s, ""])
+        return bool(reply)
+
+    async def bind(self, scope: str, key: str, job_id: str, digest: str) -> bool:
+        """Turn this upload's lease into the binding to its (now queued) job and request."""
+        reply = await self._keep(keys=[self.keys.idempotency(scope, key)],
+                                 args=[job_id, 0, self.bound_ttl_s, f"{job_id} {digest}"])
+        return bool(reply)
+
+    async def release(self, scope: str, key: str, job_id: str) -> None:
+        """Free the key of a submission that was rejected or died, so a retry can use it."""
+        await self._release(keys=[self.keys.idempotency(scope, key)], args=[job_id])
+
+
+MAX_KEY_TRIES = 5
+
+
 @dataclass(frozen=True)
 class IdempotencyClaim:
     """The job an Idempotency-Key already names, and the digest of its request
-    (None while that request is still being uploaded)."""
+    (None when its uploader died before binding it: nothing to compare with)."""
 
     job_id: str
     digest: str | None
 
 
-async def claim_idempotency_key(
-    redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, ttl_s: int
+async def take_key(
+    idem: IdempotencyKeys, redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str
 ) -> IdempotencyClaim | None:
-    """Bind an Idempotency-Key to job_id; return what it already names, if anything.
+    """Lease `key` to the submission of `job_id` (None), or what the key already names.
 
-    The value is `<job id>` while the upload runs, then `<job id> <digest>`
-    (`record_request_digest`), so a later request can be compared with it.
+    Raises Conflict while another upload holds a live lease on the key.
     """
-    name = keys.idempotency(scope, key)
-    if await redis.set(name, job_id, nx=True, ex=ttl_s):
-        return None
-    existing = await redis.get(name)
-    if not existing:
-        return None
-    bound, _, digest = existing.decode().partition(" ")
-    return IdempotencyClaim(bound, digest or None)
+    for _ in range(MAX_KEY_TRIES):
+        state = await idem.claim(scope, key, job_id)
+        if state.hold is Hold.TAKEN:
+            return None
+        if state.hold is Hold.HELD:
+            raise Conflict("a submission with this Idempotency-Key is being uploaded right "
+                           "now; retry in a moment to get its job")
+        assert state.job_id is not None and state.raw is not None
+        named, _, digest = state.job_id.partition(" ")
+        if await _visible(redis, keys, named):
+            if state.hold is Hold.BOUND or await idem.swap(scope, key, state.raw,
+                                                           named, lease=False):
+                return IdempotencyClaim(named, digest or None)
+        elif await idem.swap(scope, key, state.raw, job_id, lease=True):
+            return None  # the job it named never became visible, or expired: start afresh
+    raise Conflict("this Idempotency-Key kept changing hands; retry in a moment")
 
 
-async def record_request_digest(
-    redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str, digest: str
-) -> None:
-    """Store the request's digest with the key this upload holds (its TTL kept)."""
-    await redis.set(keys.idempotency(scope, key), f"{job_id} {digest}", xx=True, keepttl=True)
-
-
-async def release_idempotency_key(redis: RedisClient, keys: Keys, scope: str, key: str) -> None:
-    """Forget a key whose job was rejected, so a corrected retry can use it."""
-    await redis.delete(keys.idempotency(scope, key))
+async def _visible(redis: RedisClient, keys: Keys, job_id: str) -> bool:
+    try:
+        await load_job(redis, keys, job_id)
+    except JobNotFound:
+        return False
+    return True

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ import numpy as np
 import orjson
 
 from pipeline.embedder import Embedded, shape_vectors
-from pipeline.jobs import JobRecord
+from pipeline.jobs import JobRecord, JobStatus
 from pipeline.results import ChunkResult
 from pipeline.windows import Plan, plan_texts
 
@@ -157,10 +158,19 @@ def request_work(entry: Entry) -> Work:
                 chunk_overlap=int(options.get("chunk_overlap") or 0))
 
 
+STAGED_WAIT_S = 2.0
+STAGED_POLL_S = 0.02
+
+
 async def load_work(
     redis: RedisClient, keys: Keys, entries: list[Entry]
 ) -> tuple[list[Work], list[Entry]]:
-    """Fetch texts and options; return (work to do, entries to just ack)."""
+    """Fetch texts and options; return (work to do, entries to just ack).
+
+    An entry of a job still staged (its submitter adds queue entries before it
+    makes the job visible) is waited on briefly, then left pending: a worker
+    reclaims it later, when the job is queued or gone.
+    """
     requests = [request_work(e) for e in entries if e.request is not None]
     entries = [e for e in entries if e.request is None]
     if not entries:
@@ -172,9 +182,13 @@ async def load_work(
         replies = await pipe.execute()
     work: list[Work] = []
     skip: list[Entry] = []
+    staged: list[Entry] = []
     for i, entry in enumerate(entries):
         raw, packed = replies[2 * i], replies[2 * i + 1]
         record = JobRecord.from_hash(raw) if raw else None
+        if record is not None and record.status is JobStatus.STAGED:
+            staged.append(entry)
+            continue
         if record is None or record.finished or packed is None:
             skip.append(entry)  # job cancelled, finished or expired: nothing to do
             continue
@@ -182,7 +196,31 @@ async def load_work(
         work.append(Work(entry, data["texts"], data["ids"], normalize=record.normalize,
                          dimensions=record.output_dimensions, prompt=record.prompt,
                          chunk=record.chunk, chunk_overlap=record.chunk_overlap))
+    if staged:
+        later_work, later_skip = await load_work(redis, keys,
+                                                 await _activated(redis, keys, staged))
+        work += later_work
+        skip += later_skip
     return requests + work, skip
+
+
+async def _activated(redis: RedisClient, keys: Keys, entries: list[Entry]) -> list[Entry]:
+    """The entries whose job stopped being staged within STAGED_WAIT_S (queued or gone)."""
+    deadline = time.monotonic() + STAGED_WAIT_S
+    while True:
+        async with redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.hget(keys.job(entry.job_id), "status")
+            statuses = await pipe.execute()
+        if all(s != JobStatus.STAGED.value.encode() for s in statuses):
+            return entries
+        if time.monotonic() >= deadline:
+            left = [e for e, s in zip(entries, statuses, strict=True)
+                    if s == JobStatus.STAGED.value.encode()]
+            logger.info("leaving %d entries of staged jobs for later", len(left))
+            return [e for e, s in zip(entries, statuses, strict=True)
+                    if s != JobStatus.STAGED.value.encode()]
+        await asyncio.sleep(STAGED_POLL_S)
 
 
 async def embed_work(embedder: Embedder, work: list[Work]) -> None:

@@ -41,6 +41,8 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 
 from pipeline import feed
+from pipeline.janitor import sweep_jobs
+from pipeline.jobs import JobScripts
 from pipeline.keys import GROUP
 from workers.batch import Entry, parse_entry
 from workers.lanes import Forgotten, Lanes
@@ -64,6 +66,7 @@ class Upkeep:
     def __init__(self, redis: RedisClient, keys: Keys, settings: Settings, worker_id: str,
                  model: ModelInfo, streams: tuple[str, ...]) -> None:
         self.redis = redis
+        self.scripts = JobScripts(redis, keys)
         self.keys = keys
         self.settings = settings
         self.worker_id = worker_id
@@ -138,6 +141,7 @@ class Upkeep:
                     self._next_janitor = time.monotonic() + JANITOR_EVERY_S
                     await self.sweep_dead_workers()
                     await self.trim_queues()
+                    await sweep_jobs(self.scripts, self.settings)
             except RedisError:
                 logger.warning("upkeep failed; retrying", exc_info=True)
             with contextlib.suppress(TimeoutError):

@@ -45,14 +45,14 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import feed, metrics
 from pipeline.cache import EmbeddingCache, fingerprint
 from pipeline.connections import connect
 from pipeline.embedder import backend_of
-from pipeline.jobs import Committed, JobScripts
+from pipeline.jobs import Committed, JobScripts, announce
 from pipeline.keys import GROUP, Keys
 from workers import interactive
 from workers.batch import (
@@ -341,8 +341,16 @@ class Worker:
                             outcome.done, outcome.failed,
                             extra={"event": event, "job_id": job_id, "done": outcome.done,
                                    "failed": outcome.failed, "worker_id": self.worker_id})
-            await feed.publish(self.redis, self.keys, event, data,
+            if not outcome.finished:
+                await feed.publish(self.redis, self.keys, event, data,
+                                   maxlen=self.settings.feed_maxlen)
+                continue
+            assert self.scripts is not None
+            try:  # once, whoever notices: the janitor announces it if this fails
+                await announce(self.scripts, job_id, event, data,
                                maxlen=self.settings.feed_maxlen)
+            except RedisError:
+                logger.warning("could not announce %s of job %s", event, job_id, exc_info=True)
 
     async def _ack(self, entries: list[Entry]) -> None:
         assert self.redis is not None

@@ -33,7 +33,7 @@ async def test_a_stopped_redis_answers_503_with_retry_after_on_every_route(
     app = create_app(settings, with_mcp=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             created = await client.post("/v1/jobs", json={"inputs": ["hello"]})
             assert created.status_code == 202, created.text
             job_id = created.json()["id"]

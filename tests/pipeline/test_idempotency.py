@@ -7,7 +7,7 @@ from pipeline.inputs import Item, JobOptions
 from pipeline.jobs import new_job_id
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
-from pipeline.submission import claim_idempotency_key
+from pipeline.submission import Hold
 
 pytestmark = pytest.mark.anyio
 
@@ -19,8 +19,7 @@ async def test_a_retry_during_the_first_submission_gets_a_409_not_a_missing_job(
     try:
         # The first submission has claimed the key but not yet written its job.
         in_flight = new_job_id()
-        assert await claim_idempotency_key(pipeline.redis, pipeline.keys, "", "k1", in_flight,
-                                           60) is None
+        assert (await pipeline.idempotency.claim("", "k1", in_flight)).hold is Hold.TAKEN
         with pytest.raises(Conflict, match="retry in a moment"):
             await pipeline.submit([Item("hello")], JobOptions(), idempotency_key="k1")
     finally:

@@ -4,7 +4,7 @@ import dataclasses
 import typing
 
 from mcp_server.tool_schemas import StatusName
-from pipeline.jobs import TERMINAL_STATUSES, JobRecord, JobStatus
+from pipeline.jobs import PUBLIC_STATUSES, TERMINAL_STATUSES, JobRecord, JobStatus
 
 
 def a_record(**changes: typing.Any) -> JobRecord:
@@ -39,4 +39,5 @@ def test_the_terminal_statuses_are_the_three_ends() -> None:
 
 
 def test_the_mcp_status_literal_is_derived_from_the_enum() -> None:
-    assert typing.get_args(StatusName) == tuple(s.value for s in JobStatus)
+    assert typing.get_args(StatusName) == tuple(s.value for s in PUBLIC_STATUSES)
+    assert "staged" not in typing.get_args(StatusName)

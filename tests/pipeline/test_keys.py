@@ -70,6 +70,7 @@ def test_every_key_name_is_pinned() -> None:
     assert keys.job_index("") == "es:jobs:-"
     session = hashlib.sha256(b"s3cret").hexdigest()[:32]
     assert keys.session("s3cret") == f"es:session:{session}"
+    assert keys.active_jobs == "es:janitor:jobs"
     assert GROUP == "workers"
     assert LANES == ("fast", "bulk")
 
@@ -128,7 +129,8 @@ def test_keys_shared_across_jobs_have_slots_of_their_own() -> None:
     keys = Keys("es")
     job_slot = key_slot(keys.job(JOB))
     shared = [*keys.queues(MODEL), keys.feed, keys.workers, keys.models,
-              keys.heartbeat("w"), keys.idempotency("", "k"), keys.texts_counter]
+              keys.heartbeat("w"), keys.idempotency("", "k"), keys.texts_counter,
+              keys.active_jobs]
     assert job_slot not in {key_slot(name) for name in shared}
     assert key_slot(keys.queue(MODEL, "fast")) == key_slot(keys.queue(MODEL, "bulk"))
 

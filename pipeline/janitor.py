@@ -1,0 +1,97 @@
+"""The job janitor: no job waits forever, and every lifecycle event reaches the feed.
+
+Any server and any worker runs `sweep_jobs` now and then (`janitor_interval_s`);
+many may run at once, because every change it makes is one script that checks
+the job's state itself (`time_out`, `claim_announcement`). It walks the index
+of active jobs (`keys.active_jobs`, added before a job can be seen):
+
+- a job whose record is gone (its staging expired, or its results did) is
+  dropped from the index; a job id never comes back once its record is gone,
+  so the drop cannot orphan a live job;
+- a staged job is left to its submitter (its keys expire by themselves);
+- a queued or running job gets its `job.created` announced if its submitter
+  died before doing so, and is failed once it made no progress within its
+  timeout, with a reason saying whether any live worker serves its model;
+- a finished job gets its `job.<status>` announced if the process that
+  finished it died before doing so, then leaves the index.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.jobs import JobRecord, JobScripts, JobStatus, TimeOut, announce
+from pipeline.stats import served_models
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SWEEP_MAX_JOBS = 10_000
+
+
+@dataclass
+class Sweep:
+    """What one sweep did (for logs and tests)."""
+
+    seen: int = 0
+    timed_out: int = 0
+    announced: int = 0
+    dropped: int = 0
+
+
+async def sweep_jobs(scripts: JobScripts, settings: Settings) -> Sweep:
+    """One pass over the active jobs (see the module docstring)."""
+    redis, keys = scripts.redis, scripts.keys
+    sweep = Sweep()
+    ids = [raw.decode() for raw in await redis.zrange(keys.active_jobs, 0, SWEEP_MAX_JOBS - 1)]
+    served: set[str] | None = None
+    for job_id in ids:
+        sweep.seen += 1
+        raw = await redis.hgetall(keys.job(job_id))
+        if not raw:
+            sweep.dropped += await redis.zrem(keys.active_jobs, job_id)
+            continue
+        record = JobRecord.from_hash(raw)
+        if record.status is JobStatus.STAGED:
+            continue
+        if not record.finished:
+            sweep.announced += await _announce(scripts, settings, record, "job.created", raw)
+            if served is None:
+                served = {model.name for model in await served_models(redis, keys)}
+            record = await _time_out(scripts, settings, record, record.model in served, sweep)
+        if record.finished:
+            event = f"job.{record.status.value}"
+            sweep.announced += await _announce(scripts, settings, record, event, raw)
+            if await redis.hget(keys.job(job_id), f"ann:{event}") in (b"done", None):
+                sweep.dropped += await redis.zrem(keys.active_jobs, job_id)
+    return sweep
+
+
+async def _announce(scripts: JobScripts, settings: Settings, record: JobRecord, event: str,
+                    raw: dict[bytes, bytes]) -> int:
+    if raw.get(f"ann:{event}".encode()) == b"done":
+        return 0
+    return int(await announce(scripts, record.id, event, record.public(),
+                              maxlen=settings.feed_maxlen))
+
+
+async def _time_out(scripts: JobScripts, settings: Settings, record: JobRecord, served: bool,
+                    sweep: Sweep) -> JobRecord:
+    """Fail the job if it made no progress within its timeout; the record afterwards."""
+    if served:
+        reason = (f"no progress within the job's timeout of {record.timeout_s:g} s, though a "
+                  f"live worker serves {record.model}")
+    else:
+        reason = (f"no live worker serves model {record.model}, and the job made no progress "
+                  f"within its timeout of {record.timeout_s:g} s")
+    if await scripts.time_out(record.id, settings.result_ttl_s, reason) is not TimeOut.FAILED:
+        return record
+    sweep.timed_out += 1
+    logger.warning("job %s failed: %s", record.id, reason,
+                   extra={"event": "job.failed", "job_id": record.id})
+    raw = await scripts.redis.hgetall(scripts.keys.job(record.id))
+    return JobRecord.from_hash(raw) if raw else record
