@@ -12,8 +12,8 @@ of active jobs (`keys.active_jobs`, added before a job can be seen):
 - a queued or running job gets its `job.created` announced if its submitter
   died before doing so, and is failed once it made no progress within its
   timeout, with a reason saying whether any live worker serves its model;
-- a finished job gets its `job.<status>` announced if the process that
-  finished it died before doing so, then leaves the index.
+- a finished job gets its `job.created` and `job.<status>` announced if the
+  processes that made those moves died before doing so, then leaves the index.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ async def sweep_jobs(scripts: JobScripts, settings: Settings) -> Sweep:
         record = JobRecord.from_hash(raw)
         if record.status is JobStatus.STAGED:
             continue
+        # Created before finished, even for a job that ran its course unannounced.
+        sweep.announced += await _announce(scripts, settings, record, "job.created", raw)
         if not record.finished:
-            sweep.announced += await _announce(scripts, settings, record, "job.created", raw)
             if served is None:
                 served = {model.name for model in await served_models(redis, keys)}
             record = await _time_out(scripts, settings, record, record.model in served, sweep)

@@ -501,6 +501,17 @@ async def announce(
     return True
 
 
+async def announce_created(scripts: JobScripts, job_id: str, *, maxlen: int) -> bool:
+    """Announce `job.created` unless someone did: whoever announces a later event calls
+    this first, so the feed tells a job's creation before its end even when its
+    submitter died right after making it visible."""
+    raw = await scripts.redis.hgetall(scripts.keys.job(job_id))
+    if not raw or raw.get(b"ann:job.created") == b"done":
+        return False
+    record = JobRecord.from_hash(raw)
+    return await announce(scripts, job_id, "job.created", record.public(), maxlen=maxlen)
+
+
 async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> dict[str, Any]:
     """Cancel a queued or running job (a finished job is left as it is); its public view."""
     outcome = await scripts.cancel(check_job_id(job_id), settings.result_ttl_s)
@@ -509,5 +520,6 @@ async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> di
     job = await get_job(scripts.redis, scripts.keys, job_id)
     if outcome is CancelOutcome.CANCELLED:
         await scripts.step("cancelled")
+        await announce_created(scripts, job_id, maxlen=settings.feed_maxlen)
         await announce(scripts, job_id, "job.cancelled", job, maxlen=settings.feed_maxlen)
     return job

@@ -52,7 +52,7 @@ from pipeline import feed, metrics
 from pipeline.cache import EmbeddingCache, fingerprint
 from pipeline.connections import connect
 from pipeline.embedder import backend_of
-from pipeline.jobs import Committed, JobScripts, announce
+from pipeline.jobs import Committed, JobScripts, announce, announce_created
 from pipeline.keys import GROUP, Keys
 from workers import interactive
 from workers.batch import (
@@ -347,6 +347,7 @@ class Worker:
                 continue
             assert self.scripts is not None
             try:  # once, whoever notices: the janitor announces it if this fails
+                await announce_created(self.scripts, job_id, maxlen=self.settings.feed_maxlen)
                 await announce(self.scripts, job_id, event, data,
                                maxlen=self.settings.feed_maxlen)
             except RedisError:
