@@ -56,6 +56,9 @@ def middleware_for(settings: Settings) -> list[Middleware]:
     return stack
 
 
+JANITOR_STOP_S = 10.0
+
+
 def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
     """Build the app for `settings` (which must name a Redis URL)."""
     routes: list[BaseRoute] = [
@@ -78,7 +81,8 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
         app.state.pipeline = pipeline = Pipeline(settings)
         app.state.sessions = SessionStore(pipeline.redis, pipeline.keys, settings.session_ttl_s)
         app.state.metrics = metrics
-        janitor = asyncio.create_task(app.state.pipeline.run_janitor())
+        stop_janitor = asyncio.Event()
+        janitor = asyncio.create_task(app.state.pipeline.run_janitor(stop_janitor))
         try:
             if mcp_server is not None:
                 from mcp_server.agents import mcp_lifespan
@@ -88,9 +92,13 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
             else:
                 yield
         finally:
-            janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await janitor
+            stop_janitor.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(janitor), JANITOR_STOP_S)
+            if not janitor.done():  # a sweep stuck on an unreachable Redis
+                janitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await janitor
             await app.state.pipeline.close()
 
     app = Starlette(

@@ -139,14 +139,19 @@ class Pipeline:
         self.stats = StatsSampler(self.redis, self.keys)
         self.backlog = Backlog(self.redis, self.keys, settings)
 
-    async def run_janitor(self) -> None:
-        """Sweep the active jobs every `janitor_interval_s` until cancelled (see janitor)."""
-        while True:
+    async def run_janitor(self, stop: asyncio.Event) -> None:
+        """Sweep the active jobs every `janitor_interval_s` until `stop` (see janitor).
+
+        Stopped between sweeps, never cancelled inside one: a Redis command
+        cancelled mid-reply can leave its connection so that closing the client hangs.
+        """
+        while not stop.is_set():
             try:
                 await janitor.sweep_jobs(self.scripts, self.settings)
             except RedisError:
                 logger.warning("job janitor failed; retrying", exc_info=True)
-            await asyncio.sleep(self.settings.janitor_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.janitor_interval_s)
 
     async def close(self) -> None:
         """Stop the fan-out readers, close both Redis clients."""
