@@ -89,7 +89,15 @@ def connect(url: str, *, blocking: bool = False, max_connections: int = 512) -> 
     }
     if cluster_enabled(url):
         return ClusterClient.from_url(url, **options)
-    return aioredis.Redis.from_url(url, **options)
+    if blocking:
+        return aioredis.Redis.from_url(url, **options)
+    # Commands wait for a free connection rather than fail at the cap: a server
+    # with a thousand SSE subscribers then holds a few dozen connections, not
+    # one per subscriber, and never answers "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=COMMAND_TIMEOUT_S, **options)
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def connect_sync(url: str) -> redis.Redis | redis.RedisCluster:

@@ -62,6 +62,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], Awaitable[None]]
 IDEMPOTENCY_TTL_S = 24 * 3600
+COMMAND_CONNECTIONS = 16
 
 
 def _outage_is_unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -126,7 +127,9 @@ class Pipeline:
             raise Unavailable("no Redis URL: set EMBEDSTREAM_REDIS_URL or run `embedstream up`")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis = connect(settings.redis_url)
+        # Commands share a small pool (they wait for a free connection); blocking
+        # reads get their own, one per fan-out hub or interactive wait.
+        self.redis = connect(settings.redis_url, max_connections=COMMAND_CONNECTIONS)
         self.scripts = jobs.JobScripts(self.redis, self.keys)
         self.idempotency = submission.IdempotencyKeys(self.redis, self.keys, settings,
                                                       IDEMPOTENCY_TTL_S)
