@@ -245,7 +245,7 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] 
     models = list(dict.fromkeys(model or [settings.model]))
     from pipeline.embedded import redis_for
 
-    with redis_for(settings) as url:
+    with redis_for(settings, adopt=True) as url:
         settings = settings.replace(redis_url=url)
         total = workers * len(models)
         threads = str(max(1, (os.cpu_count() or 1) // max(1, total)))

@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,7 @@ LOG_FILE = "server.log"
 POLL_S = 0.05
 LOG_TAIL_LINES = 20
 PORT_ATTEMPTS = 3
+KEEPER_POLL_S = 0.5
 SNAPSHOT_POINTS = ("3600", "1", "300", "100", "60", "10000")
 
 
@@ -104,8 +106,15 @@ def find_running(data_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def redis_for(settings: Settings, *, timeout_s: float = 15.0) -> Iterator[str]:
-    """Yield a Redis URL: the configured one, a running embedded server's, or a new one's."""
+def redis_for(
+    settings: Settings, *, timeout_s: float = 15.0, adopt: bool = False
+) -> Iterator[str]:
+    """Yield a Redis URL: the configured one, a running embedded server's, or a new one's.
+
+    With `adopt`, a process that found another process's server keeps it: when
+    that server goes away (its owner exited), this process starts the server
+    again on the same port and data, so its children reconnect to the same URL.
+    """
     if settings.redis_url:
         yield settings.redis_url
         return
@@ -114,7 +123,8 @@ def redis_for(settings: Settings, *, timeout_s: float = 15.0) -> Iterator[str]:
         url = find_running(settings.data_dir)
         if url is not None:
             logger.info("using the embedded server already running at %s", url)
-            yield url
+            with ServerKeeper(settings.data_dir, url) if adopt else contextlib.nullcontext():
+                yield url
             return
         server = EmbeddedRedis(settings.data_dir)
         try:
@@ -128,6 +138,50 @@ def redis_for(settings: Settings, *, timeout_s: float = 15.0) -> Iterator[str]:
         with server:
             yield server.url
         return
+
+
+class ServerKeeper:
+    """Keeps another process's embedded server available at its URL, by restarting it here.
+
+    A second `up` on a data directory uses the first one's server; when the
+    first `up` exits it stops that server. The keeper notices within
+    `KEEPER_POLL_S` and starts a server on the same port with the same data
+    (AOF), then owns it and stops it when its own context closes. Meanwhile
+    requests answer 503 (Redis unreachable) and workers retry.
+    """
+
+    def __init__(self, data_dir: Path, url: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = _host_port(url)[1]
+        self.server: EmbeddedRedis | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="embedded-keeper", daemon=True)
+
+    def __enter__(self) -> ServerKeeper:
+        if self.port is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.server is not None:
+            self.server.stop()
+
+    def _watch(self) -> None:
+        while self.server is None and not self._stop.wait(KEEPER_POLL_S):
+            if find_running(self.data_dir) is not None:
+                continue
+            server = EmbeddedRedis(self.data_dir, port=self.port)
+            try:
+                server.start()
+            except Unavailable as error:  # the owner is still stopping, or the port is taken
+                logger.info("embedded server not restarted yet: %s", str(error).splitlines()[0])
+                continue
+            logger.warning("the embedded server's owner left; serving %s from this process",
+                           server.url)
+            self.server = server
 
 
 class EmbeddedRedis:
