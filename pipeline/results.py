@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pipeline.keys import Keys
 
 MAX_PAGE = 1000
+SEARCH_PAGE_CHUNKS = 64
 MAX_SCAN_CHUNKS = 4096
 
 @dataclass(frozen=True)
@@ -180,28 +181,59 @@ async def read_chunk_rows(
     return render_rows(chunk * chunk_size, vec, meta, encoding)
 
 
-async def read_vectors(
-    redis: RedisClient, keys: Keys, job_id: str
-) -> tuple[list[int], np.ndarray[Any, np.dtype[np.float32]]]:
-    """Every stored vector of a job with its index (failed inputs left out)."""
-    record = await load_job(redis, keys, job_id)
-    chunk_size = record.chunk_size
-    stored = await redis.hgetall(keys.vectors(job_id))
-    indexes: list[int] = []
-    blocks: list[np.ndarray[Any, np.dtype[np.float32]]] = []
-    for name, meta_raw in stored.items():
-        if not name.startswith(b"m:") or b"v:" + name[2:] not in stored:
+async def nearest(
+    redis: RedisClient, keys: Keys, record: JobRecord,
+    query: np.ndarray[Any, np.dtype[np.float32]], top_k: int,
+    *, page_chunks: int = SEARCH_PAGE_CHUNKS,
+) -> list[tuple[int, float]]:
+    """(index, cosine) of the job's `top_k` vectors nearest to `query`, best first.
+
+    The vectors are read `page_chunks` chunks at a time and only the best
+    `top_k` so far are kept, so memory stays bounded by one page whatever the
+    job's size (a page of 64 chunks of 32 384-float vectors is 3 MB). Failed
+    inputs are left out.
+    """
+    unit = query / max(float(np.linalg.norm(query)), 1e-12)
+    best_index = np.zeros(0, dtype=np.int64)
+    best_score = np.zeros(0, dtype=np.float32)
+    for first in range(0, record.chunks, page_chunks):
+        chunks = range(first, min(first + page_chunks, record.chunks))
+        fields = [f for c in chunks for f in (f"v:{c}", f"m:{c}")]
+        stored = await redis.hmget(keys.vectors(record.id), fields)
+        indexes, scores = _page_scores(chunks, stored, record.chunk_size, unit)
+        best_index = np.concatenate([best_index, indexes])
+        best_score = np.concatenate([best_score, scores])
+        if len(best_score) > top_k:
+            keep = np.argpartition(-best_score, top_k - 1)[:top_k]
+            best_index, best_score = best_index[keep], best_score[keep]
+    order = np.lexsort((best_index, -best_score))
+    return [(int(best_index[i]), float(best_score[i])) for i in order]
+
+
+def _page_scores(
+    chunks: range, stored: list[bytes | None], chunk_size: int,
+    unit: np.ndarray[Any, np.dtype[np.float32]],
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.float32]]]:
+    """Indexes and cosines to `unit` of one page's stored vectors (failed inputs left out)."""
+    indexes: list[np.ndarray[Any, np.dtype[np.int64]]] = []
+    scores: list[np.ndarray[Any, np.dtype[np.float32]]] = []
+    for offset, chunk in enumerate(chunks):
+        vec, meta_raw = stored[2 * offset], stored[2 * offset + 1]
+        if vec is None or meta_raw is None:
             continue
-        chunk = int(name[2:])
         meta = orjson.loads(meta_raw)
-        matrix = np.frombuffer(stored[b"v:" + name[2:]], dtype="<f4")
-        matrix = matrix.reshape(int(meta["n"]), int(meta["dims"]))
+        matrix = np.frombuffer(vec, dtype="<f4").reshape(int(meta["n"]), int(meta["dims"]))
         failed = {int(k) for k in (meta.get("errors") or {})}
-        keep = [i for i in range(len(matrix)) if i not in failed]
-        indexes.extend(chunk * chunk_size + i for i in keep)
-        blocks.append(matrix[keep])
-    dims = record.dimensions
-    return indexes, (np.vstack(blocks) if blocks else np.zeros((0, dims), dtype=np.float32))
+        keep = np.array([i for i in range(len(matrix)) if i not in failed], dtype=np.int64)
+        if not len(keep):
+            continue
+        rows = matrix[keep]
+        norms = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
+        scores.append(((rows @ unit) / norms).astype(np.float32))
+        indexes.append(chunk * chunk_size + keep)
+    if not indexes:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    return np.concatenate(indexes), np.concatenate(scores)
 
 
 async def read_texts(

@@ -501,16 +501,11 @@ class Pipeline:
                                  "completed job (poll its status first)")
         options = JobOptions(dimensions=record.dimensions, model=record.model)
         _, rows = await self.embed([Item(query)], options, caller=caller)
-        indexes, vectors = await results.read_vectors(self.redis, self.keys, job_id)
-        if not indexes:
-            return []
-        scores = _cosine(vectors, _matrix(rows)[0])
-        best = np.argsort(-scores, kind="stable")[:top_k]
-        chosen = [indexes[i] for i in best]
-        texts = await results.read_texts(self.redis, self.keys, job_id, chosen,
-                                         record.chunk_size)
-        return [{"index": indexes[i], "score": float(scores[i]), **texts.get(indexes[i], {})}
-                for i in best]
+        hits = await results.nearest(self.redis, self.keys, record, _matrix(rows)[0], top_k)
+        texts = await results.read_texts(self.redis, self.keys, job_id,
+                                         [index for index, _ in hits], record.chunk_size)
+        return [{"index": index, "score": score, **texts.get(index, {})}
+                for index, score in hits]
 
 
 def _matrix(rows: list[dict[str, Any]]) -> np.ndarray[Any, np.dtype[np.float32]]:
