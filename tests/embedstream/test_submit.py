@@ -28,7 +28,13 @@ from processes import ROOT, Process, start_server, start_worker, wait_for_worker
 from sts_data import STS_DIR
 from typer.testing import CliRunner
 
-from embedstream.bulk import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, EXIT_UNREACHABLE
+from embedstream.bulk import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_FAILED_INPUTS,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+)
 from embedstream.cli import app
 from pipeline.embedded import EmbeddedRedis
 
@@ -173,6 +179,26 @@ def test_results_of_a_cancelled_job_exit_4_with_nan_rows_for_what_was_never_made
     texts = [f"to be cancelled {i}" for i in np.flatnonzero(made)]
     if texts:  # the worker may have made a few chunks before the cancel
         np.testing.assert_allclose(matrix[made], expected(texts), atol=1e-6)
+
+
+def test_a_job_with_a_failed_input_exits_3_with_a_nan_row_for_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # A model of its own, served by a worker that fails any text containing POISON.
+    worker = start_worker(stack.redis_url, tmp_path, "poison", EMBEDSTREAM_MODEL="poison-model",
+                          EMBEDSTREAM_BACKEND="fakes:PoisonEmbedder", EMBEDSTREAM_CALIBRATE="0")
+    try:
+        wait_for_workers(stack.base, 2)
+        source = tmp_path / "poisoned.txt"
+        source.write_text("a good line\nthis one is POISON\nanother good line\n")
+        out = tmp_path / "poisoned.npy"
+        result = run_cli("submit", str(source), "--out", str(out), "--model", "poison-model",
+                         "--url", stack.base, "-q")
+    finally:
+        worker.stop()
+    assert result.exit_code == EXIT_FAILED_INPUTS, result.output
+    matrix = np.load(out)
+    assert np.isnan(matrix[1]).all() and not np.isnan(matrix[[0, 2]]).any()
 
 
 def test_an_unreachable_server_exits_5_saying_so(tmp_path: Path) -> None:
