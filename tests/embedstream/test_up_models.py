@@ -20,7 +20,7 @@ def test_up_starts_workers_for_each_model_and_serves_the_first_as_default(
     served: list[Settings] = []
 
     @contextlib.contextmanager
-    def fake_redis(settings: Settings) -> Iterator[str]:
+    def fake_redis(settings: Settings, **_: Any) -> Iterator[str]:
         yield "redis://127.0.0.1:1"
 
     def fake_spawn(settings: Settings, *args: Any) -> Any:

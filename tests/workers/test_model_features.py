@@ -134,6 +134,9 @@ async def test_two_models_are_served_side_by_side_and_one_dying_spares_the_other
     path_a, path_b = tiny_models
     ref_a = SentenceTransformer(str(path_a), device="cpu")
     ref_b = SentenceTransformer(str(path_b), device="cpu")
+    # Heartbeats with room to spare: on a loaded machine a 1 s TTL lapses and a
+    # live worker's model drops out of the listing.
+    fast_settings = fast_settings.replace(heartbeat_ttl_s=3.0, visibility_timeout_s=5.0)
     async with running(fast_settings, embedder_for(fast_settings, path_a)) as worker_a, \
             running(fast_settings, embedder_for(fast_settings, path_b)):
         listed = {model.name: model for model in await pipeline.models()}
