@@ -15,10 +15,11 @@ from sse_client import read_events
 pytestmark = pytest.mark.slow
 
 
-def start_up(data_dir: Path, log: Path) -> tuple[Process, str]:
+def start_up(data_dir: Path, log: Path, log_level: str = "warning",
+             **extra_env: str) -> tuple[Process, str]:
     port = free_port()
-    env = {"EMBEDSTREAM_REDIS_URL": "", "EMBEDSTREAM_DATA_DIR": str(data_dir)}
-    process = Process(["up", "--port", str(port), "--workers", "1", "--log-level", "warning"],
+    env = {"EMBEDSTREAM_REDIS_URL": "", "EMBEDSTREAM_DATA_DIR": str(data_dir), **extra_env}
+    process = Process(["up", "--port", str(port), "--workers", "1", "--log-level", log_level],
                       log, env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -72,19 +73,8 @@ def test_up_runs_the_pipeline_and_a_second_up_finds_the_first_ones_jobs(tmp_path
 
 def start_fake_up(data_dir: Path, log: Path) -> tuple[Process, str]:
     """`up` with the fake embedder, on a data dir that may already have a running `up`."""
-    port = free_port()
-    env = {"EMBEDSTREAM_REDIS_URL": "", "EMBEDSTREAM_DATA_DIR": str(data_dir),
-           "EMBEDSTREAM_BACKEND": "fakes:HashEmbedder", "EMBEDSTREAM_CALIBRATE": "0"}
-    process = Process(["up", "--port", str(port), "--workers", "1", "--log-level", "info"],
-                      log, env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(process, f"{base}/healthz", 90)
-        wait_for_workers(base, 1)
-    except BaseException:
-        process.stop()
-        raise
-    return process, base
+    return start_up(data_dir, log, "info", EMBEDSTREAM_BACKEND="fakes:HashEmbedder",
+                    EMBEDSTREAM_CALIBRATE="0")
 
 
 def completed(base: str, texts: list[str]) -> dict[str, object]:
