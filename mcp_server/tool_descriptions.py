@@ -53,15 +53,16 @@ A job's status and progress.
 Use it after submit_job, every few seconds, until status is "completed" (or "failed" / \
 "cancelled"); job_results and search_job need the job_id it reports on.
 Returns {{id, status (queued | running | completed | failed | cancelled), total, done, failed, \
-model, dimensions, created_at, started_at, finished_at, error}}; done/total is the progress.""",
+model, dimensions, created_at, started_at, finished_at, error, backend}}; done/total is the \
+progress; backend is what embedded it.""",
     "job_results": """\
 One page of a job's results (its vectors), in input order.
 Use it when you need the vectors themselves; to find relevant inputs, search_job is far \
 cheaper. Start without a cursor and pass each next_cursor back until it is null. Works while \
 the job runs: a page then ends at the first result not made yet. limit is 1 to {page_max} \
 (default {page_default}); prefer encoding "base64" and small pages to keep your context small.
-Returns {{results: [{{index, id, embedding, truncated, error}}], next_cursor}}; embedding is \
-null for an input that failed, with the reason in error.""",
+Returns {{results: [{{index, id, embedding, truncated, error}}], next_cursor, backend}}; \
+embedding is null for an input that failed, with the reason in error.""",
     "search_job": """\
 Semantic search over a completed job: the top_k of its inputs nearest in meaning to a query \
 text, best first.

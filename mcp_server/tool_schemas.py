@@ -135,6 +135,9 @@ class JobStatus(BaseModel):
     started_at: str | None
     finished_at: str | None
     error: str | None
+    backend: str | None = Field(
+        default=None, description="What embedded the job (onnx, onnx-int8, torch; "
+                                  "comma-separated if workers of several did); null until then.")
 
 
 class ResultRow(BaseModel):
@@ -158,6 +161,8 @@ class ResultsPage(BaseModel):
     next_cursor: str | None = Field(
         description="Pass it as cursor for the next page; null when there are no more. While the "
                     "job runs, a page ends at the first result not made yet.")
+    backend: str | None = Field(
+        default=None, description="What embedded the job, as job_status says.")
 
 
 class SearchHit(BaseModel):

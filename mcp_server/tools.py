@@ -218,7 +218,8 @@ class AgentTools:
                                                  check_encoding(encoding),
                                                  caller=context_caller(ctx))
         rows = [_plain_row(row) for row in page["results"]]
-        return structured({"results": rows, "next_cursor": page["next_cursor"]})
+        return structured({"results": rows, "next_cursor": page["next_cursor"],
+                           "backend": page["backend"]})
 
     @tool_errors
     async def search_job(

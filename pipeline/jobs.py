@@ -115,6 +115,7 @@ class JobRecord:
     done: int = 0
     failed: int = 0
     tokens: int = 0
+    backend: str = ""
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = None
@@ -134,6 +135,7 @@ class JobRecord:
             timeout_s=float(f.get("timeout_s") or 3600.0),
             done=int(f.get("done", 0)),
             failed=int(f.get("failed", 0)), tokens=int(f.get("tokens", 0)),
+            backend=f.get("backend", ""),
             started_at=f.get("started_at") or None, finished_at=f.get("finished_at") or None,
             error=f.get("error") or None,
         )
@@ -153,7 +155,7 @@ class JobRecord:
             "created_at": self.created_at, "created_ts": self.created_ts,
         }
         optional = {"started_at": self.started_at, "finished_at": self.finished_at,
-                    "error": self.error}
+                    "error": self.error, "backend": self.backend or None}
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
 
@@ -173,7 +175,7 @@ class JobRecord:
             "done": self.done, "failed": self.failed, "model": self.model,
             "dimensions": self.dimensions, "created_at": self.created_at or None,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "error": self.error,
+            "error": self.error, "backend": self.backend or None,
         }
 
 
@@ -201,7 +203,8 @@ def _lua(template: str) -> str:
     return Template(template).substitute(values, now=_NOW)
 
 
-# KEYS: job, inputs, vectors, events.  ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens.
+# KEYS: job, inputs, vectors, events.
+# ARGV: chunk, vectors, meta, done, failed, now, ttl, tokens, backend.
 _COMMIT = _lua("""
 local marker = 'm:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[3], marker) == 1 then return {'duplicate'} end
@@ -214,6 +217,14 @@ redis.call('HSET', KEYS[3], 'v:' .. ARGV[1], ARGV[2], marker, ARGV[3])
 local done = redis.call('HINCRBY', KEYS[1], 'done', ARGV[4])
 local failed = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[8])
+if ARGV[9] ~= '' then  -- the backends that embedded the job, in the order they first did
+  local seen = redis.call('HGET', KEYS[1], 'backend')
+  if not seen then
+    redis.call('HSET', KEYS[1], 'backend', ARGV[9])
+  elseif not string.find(',' .. seen .. ',', ',' .. ARGV[9] .. ',', 1, true) then
+    redis.call('HSET', KEYS[1], 'backend', seen .. ',' .. ARGV[9])
+  end
+end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if status == '$queued' then
   redis.call('HSET', KEYS[1], 'status', '$running', 'started_at', ARGV[6])
@@ -421,7 +432,7 @@ class JobScripts:
             keys=self.keys.job_keys(result.job_id),
             args=[result.chunk, vectors, result.meta(),
                   len(result.vectors) - len(result.errors), len(result.errors), now_iso(),
-                  ttl_s, result.tokens],
+                  ttl_s, result.tokens, result.backend],
             client=pipe)
 
     @staticmethod

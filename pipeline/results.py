@@ -46,6 +46,7 @@ class ChunkResult:
     errors: dict[int, str]
     tokens: int
     chunks: list[int] | None = None  # windows per input, for a job with `chunk: true`
+    backend: str = ""  # what embedded it (the job records it); "" for a chunk given up on
 
     def meta(self) -> bytes:
         ids = self.ids if any(i is not None for i in self.ids) else None
@@ -113,7 +114,8 @@ async def read_page(
     `next_cursor` points there. Once the job is finished, chunks never made
     (a cancelled job's) are skipped and the page reads on past them, so it is
     never empty while results remain (at most `MAX_SCAN_CHUNKS` chunks are
-    looked at a page). `next_cursor` is null at the end.
+    looked at a page). `next_cursor` is null at the end. `backend` is what
+    embedded the job so far (as its status says).
     """
     record = record or await load_job(redis, keys, job_id)
     total, chunk_size = record.total, record.chunk_size
@@ -129,7 +131,8 @@ async def read_page(
             if not page.take(chunk, stored[2 * offset], stored[2 * offset + 1], encoding):
                 break
     more = page.position < total
-    return {"results": page.rows, "next_cursor": str(page.position) if more else None}
+    return {"results": page.rows, "next_cursor": str(page.position) if more else None,
+            "backend": record.backend or None}
 
 
 @dataclass

@@ -318,7 +318,7 @@ def _stack(embedder: Embedder, item: Work, rows: list[Embedded | None]) -> None:
     item.longest = np.array([int(r.token_counts[1]) if r is not None else 0 for r in rows])
 
 
-def chunk_result(item: Work, max_seq_length: int) -> ChunkResult:
+def chunk_result(item: Work, max_seq_length: int, backend: str = "") -> ChunkResult:
     """Shape an embedded chunk's vectors and flag truncated or failed inputs."""
     assert item.vectors is not None and item.tokens is not None and item.longest is not None
     vectors = shape_vectors(item.vectors, item.dimensions, item.normalize)
@@ -332,7 +332,7 @@ def chunk_result(item: Work, max_seq_length: int) -> ChunkResult:
     truncated = [int(i) for i in np.flatnonzero(item.longest > max_seq_length)]
     chunks = item.plan.sizes if item.plan is not None and item.plan.chunked else None
     return ChunkResult(item.entry.job_id, item.entry.chunk, vectors, item.ids, truncated,
-                       errors, int(item.tokens.sum()), chunks)
+                       errors, int(item.tokens.sum()), chunks, backend)
 
 
 def failed_result(item: Work, reason: str, dims: int) -> ChunkResult:

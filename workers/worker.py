@@ -270,7 +270,8 @@ class Worker:
             await self.calls.embed(group, between_calls=between)
         embed_s = time.perf_counter() - started
         max_seq = self.embedder.info.max_seq_length
-        await self.commit([chunk_result(w, max_seq) for w in group], [w.entry for w in group])
+        await self.commit([chunk_result(w, max_seq, self.backend) for w in group],
+                          [w.entry for w in group])
         texts = sum(len(w.texts) for w in group)
         await metrics.record_batch(self.redis, self.keys, self.worker_id, texts,
                                    _tokens(group), embed_s)

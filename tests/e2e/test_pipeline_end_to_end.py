@@ -99,6 +99,7 @@ def test_sts_dev_through_the_pipeline_matches_direct_encoding(stack: str) -> Non
 
     assert end is not None and end["status"] == "completed" and end["done"] == len(texts)
     assert names[-1] == "end" and "progress" in names
+    assert end["backend"] == "onnx"  # the CPU default, as the job records it
     assert sorted(rows) == list(range(len(texts)))
     got = np.array([rows[i] for i in range(len(texts))], dtype=np.float32)
     direct = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(texts)

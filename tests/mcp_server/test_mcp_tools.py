@@ -219,7 +219,7 @@ async def test_cancel_job_stops_a_queued_job(settings: Settings) -> None:
         status = await call(client, "job_status", job_id=handle["job_id"])
         page = await call(client, "job_results", job_id=handle["job_id"])
     assert cancelled["status"] == status["status"] == "cancelled"
-    assert page == {"results": [], "next_cursor": None}
+    assert page == {"results": [], "next_cursor": None, "backend": None}
 
 
 BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [

@@ -36,7 +36,7 @@ JOB_KEY = re.compile(rb"^es:\{[0-9a-f]{32}\}:")
 UNKNOWN_JOB = "0" * 32
 NDJSON = {"content-type": "application/x-ndjson"}
 STATUS_FIELDS = {"id", "status", "total", "done", "failed", "model", "dimensions",
-                 "created_at", "started_at", "finished_at", "error"}
+                 "created_at", "started_at", "finished_at", "error", "backend"}
 
 
 @pytest.fixture
@@ -568,7 +568,7 @@ async def test_results_page_by_cursor_and_limit_in_index_order(
     while True:
         params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
         page = (await client.get(f"/v1/jobs/{job_id}/results", params=params)).json()
-        assert set(page) == {"results", "next_cursor"}
+        assert set(page) == {"results", "next_cursor", "backend"}
         seen += page["results"]
         cursor = page["next_cursor"]
         cursors.append(cursor)
@@ -617,7 +617,7 @@ async def test_delete_cancels_a_queued_job_and_ends_its_events(
     assert [e["event"] for e in events] == ["end"]
     assert events[0]["data"]["status"] == "cancelled" and events[0]["id"]
     page = (await client.get(f"/v1/jobs/{job_id}/results")).json()
-    assert page == {"results": [], "next_cursor": None}
+    assert page == {"results": [], "next_cursor": None, "backend": None}
     again = await client.delete(f"/v1/jobs/{job_id}")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
 

@@ -149,6 +149,20 @@ async def test_a_job_finishes_exactly_when_its_last_chunk_is_committed(client: A
         assert 0 < await client.ttl(key) <= TTL_S
 
 
+async def test_the_job_records_the_backends_that_embedded_it(client: Any) -> None:
+    job_id = await make_job(client, 4 * CHUNK)
+    assert (await get_job(client, KEYS, job_id))["backend"] is None
+    await commit(client, replace(chunk_result(job_id, 0), backend="onnx"))
+    await commit(client, replace(chunk_result(job_id, 1), backend="onnx"))
+    assert (await get_job(client, KEYS, job_id))["backend"] == "onnx"
+    page = await read_page(client, KEYS, job_id, limit=1)
+    assert page["backend"] == "onnx"
+    await commit(client, replace(chunk_result(job_id, 2), backend="onnx-int8"))
+    await commit(client, chunk_result(job_id, 3))  # given up on: no backend
+    job = await get_job(client, KEYS, job_id)
+    assert job["status"] == "completed" and job["backend"] == "onnx,onnx-int8"
+
+
 async def test_a_finished_job_ignores_a_late_redelivered_chunk(client: Any) -> None:
     job_id = await make_job(client, 3)
     assert (await commit(client, chunk_result(job_id, 0))).finished
@@ -257,7 +271,8 @@ async def test_a_page_can_start_inside_a_chunk(client: Any) -> None:
     page = await read_page(client, KEYS, job_id, "7", limit=100)
     assert [r["index"] for r in page["results"]] == [7, 8]
     assert page["next_cursor"] is None
-    assert await read_page(client, KEYS, job_id, "9") == {"results": [], "next_cursor": None}
+    assert await read_page(client, KEYS, job_id, "9") == {"results": [], "next_cursor": None,
+                                                           "backend": None}
 
 
 async def test_a_running_jobs_page_stops_at_the_first_chunk_not_made(client: Any) -> None:
@@ -268,7 +283,7 @@ async def test_a_running_jobs_page_stops_at_the_first_chunk_not_made(client: Any
     assert [r["index"] for r in page["results"]] == [0, 1, 2]
     assert page["next_cursor"] == "3"
     again = await read_page(client, KEYS, job_id, page["next_cursor"], limit=100)
-    assert again == {"results": [], "next_cursor": "3"}
+    assert again == {"results": [], "next_cursor": "3", "backend": None}
     await commit(client, chunk_result(job_id, 1))
     rest = await read_page(client, KEYS, job_id, "3", limit=100)
     assert [r["index"] for r in rest["results"]] == [3, 4, 5, 6, 7, 8]
