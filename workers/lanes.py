@@ -1,4 +1,4 @@
-"""The atomic operations on one model's queue lanes: trim, forget a consumer, release.
+"""The atomic operations on one model's queue lanes: trim, forget, release, claim.
 
 Each is one Lua script over both lanes of the model (`{q:<model>}:fast` and
 `:bulk` share a hash slot, so this also holds on Redis Cluster), registered
@@ -20,6 +20,11 @@ peer's XREADGROUP in between changes what the decision was based on.
   reclaimable by any peer at once, and RETRYCOUNT one less undoes the
   delivery that never was an attempt, so a rolling restart does not push
   healthy chunks towards the poison limit.
+- Claim: fast-lane entries one at a time up to a budget of texts, in one
+  round trip. An entry carries up to `fast_lane_max_texts` texts, so reading
+  a budget's count of entries at once could take far more texts than one
+  model call holds and leave peers idle; reading one by one from the
+  worker took a round trip per entry.
 
 Inside Lua, replies come in RESP2 shapes on Redis 7.0 and Valkey 9 alike:
 the XPENDING summary is `{count, min|false, max|false, consumers|false}`,
@@ -101,6 +106,27 @@ return released
 """
 
 
+# KEYS: one lane. ARGV: group, consumer, budget of texts.
+# Returns the new entries read (XREADGROUP's `{id, {field, value, ...}}`), one at a
+# time until their `n` fields reach the budget or the lane has no more.
+_CLAIM = """
+local got, texts = {}, 0
+while texts < tonumber(ARGV[3]) do
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+                           'STREAMS', KEYS[1], '>')
+  if not reply then break end
+  local entry = reply[1][2][1]
+  got[#got + 1] = entry
+  local fields, n = entry[2], 1
+  for i = 1, #fields, 2 do
+    if fields[i] == 'n' then n = tonumber(fields[i + 1]) or 1 end
+  end
+  texts = texts + n
+end
+return got
+"""
+
+
 class Forgotten(enum.Enum):
     """What forgetting a consumer did on one lane."""
 
@@ -127,6 +153,7 @@ class Lanes:
         self._trim = redis.register_script(_TRIM)
         self._forget = redis.register_script(_FORGET)
         self._release = redis.register_script(_RELEASE)
+        self._claim = redis.register_script(_CLAIM)
 
     async def trim(self) -> list[Trimmed]:
         """Drop acked entries: everything below the oldest pending or undelivered one."""
@@ -150,3 +177,10 @@ class Lanes:
             return 0
         return int(await self._release(keys=list(self.lanes), args=args))
 
+
+    async def claim(self, lane: str, consumer: str,
+                    budget: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """New entries of `lane` for `consumer`, read one by one up to `budget` texts."""
+        replies = await self._claim(keys=[lane], args=[GROUP, consumer, budget])
+        return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                for entry_id, flat in replies or ()]

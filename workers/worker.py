@@ -204,18 +204,14 @@ class Worker:
 
         One at a time because an entry may carry up to `fast_lane_max_texts`
         texts: reading a whole batch's count of entries at once is how one
-        worker came to hoard the lane while its peers idled.
+        worker came to hoard the lane while its peers idled. One script reads
+        them (`workers.lanes`): one round trip however many it takes.
         """
-        assert self.redis is not None
-        entries: list[Entry] = []
-        while sum(e.size for e in entries) < self.settings.call_max_texts:
-            reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.streams[0]: ">"},
-                                                count=1)
-            claimed = _entries(reply)
-            if not claimed:
-                break
-            entries += claimed
-        return entries
+        assert self.upkeep is not None
+        fast = self.streams[0]
+        claimed = await self.upkeep.lanes.claim(fast, self.worker_id,
+                                                self.settings.call_max_texts)
+        return _entries([(fast, claimed)])
 
     async def _serve_fast_lane(self) -> None:
         """Between two model calls of a bulk batch: embed and commit waiting fast-lane work."""

@@ -17,6 +17,7 @@ from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from workers.batch import Entry, Work
 from workers.batching import ModelCalls
+from workers.upkeep import Upkeep
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -164,6 +165,8 @@ async def test_a_worker_claims_fast_lane_entries_only_until_they_fill_one_call(
         await submit(pipeline, [f"query {n} text {i}" for i in range(3)])
     worker = Worker(fast_settings.replace(call_max_texts=4), HashEmbedder(fast_settings), "w")
     worker.redis = pipeline.redis
+    worker.upkeep = Upkeep(pipeline.redis, worker.keys, worker.settings, "w",
+                           worker.embedder.info, worker.streams)
     entries = await worker._claim_fast()
     assert [e.size for e in entries] == [3, 3]  # four peers may take the other four
 

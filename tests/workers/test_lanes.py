@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 from fakes import HashEmbedder
+from redis.exceptions import ResponseError
 
 from pipeline.connections import connect
 from pipeline.keys import GROUP, Keys
@@ -216,3 +217,24 @@ async def test_concurrent_sweeps_and_trims_leave_every_pending_entry_claimable(
                 tg.start_soon(janitor, upkeep)
     claimed = await client.xautoclaim(BULK, GROUP, "rescuer", 0, count=1000)
     assert sorted(entry_id for entry_id, fields in claimed[1] if fields) == sorted(held)
+
+
+async def test_claim_reads_entries_one_by_one_until_their_texts_fill_the_budget(
+    client: Any,
+) -> None:
+    lanes = Lanes(client, (FAST, BULK))
+    async with client.pipeline(transaction=False) as pipe:
+        for size in (3, 3, 3, 1):
+            pipe.xadd(FAST, {"req": f"r{size}", "n": size})
+        ids = list(await pipe.execute())
+    first = await lanes.claim(FAST, "worker", 4)
+    assert [(i, f[b"n"]) for i, f in first] == [(ids[0], b"3"), (ids[1], b"3")]
+    assert await pending_of(client, "worker", FAST) == ids[:2]
+    assert [i for i, _ in await lanes.claim(FAST, "peer", 100)] == ids[2:]
+    assert await lanes.claim(FAST, "worker", 4) == []  # nothing new: no entry, no error
+
+
+async def test_claim_on_a_lane_without_its_group_raises_nogroup(client: Any) -> None:
+    await client.delete(FAST)
+    with pytest.raises(ResponseError, match="NOGROUP"):
+        await Lanes(client, (FAST, BULK)).claim(FAST, "worker", 4)
