@@ -60,8 +60,14 @@ class Backlog:
             return
         lanes = ("fast",) if interactive else ("fast", "bulk")
         waiting = await self.waiting_texts(model, lanes)
-        if waiting + adding <= limit:
-            return
+        if waiting + adding > limit:
+            await self.refuse(model, waiting, adding, interactive=interactive)
+
+    async def refuse(self, model: str, waiting: int, adding: int, *,
+                     interactive: bool = False) -> None:
+        """Raise Overloaded for `adding` texts with `waiting` already queued."""
+        limit = (self.settings.interactive_backlog if interactive
+                 else self.settings.max_backlog)
         retry_s = await self.retry_after_s(waiting + adding - limit)
         kind = "interactive requests" if interactive else "jobs"
         raise Overloaded(

@@ -7,6 +7,7 @@ events and a stream follower. An interactive request (`/v1/embeddings`, MCP
 and options, and one reply list the server blocks on:
 
     server  XADD <fast lane> req=<id> n=<texts> inputs=<packed> options=<json>
+            (one script with the backlog check: `EMBEDSTREAM_INTERACTIVE_BACKLOG`)
     worker  embeds it, RPUSH + EXPIRE <p>:{r:<id>}:reply <meta, vectors>, then XACK
     server  BLPOP <p>:{r:<id>}:reply
 
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from pipeline.keys import GROUP
 from pipeline.prompts import resolve_prompt
 from pipeline.submission import pack_chunk
 
@@ -39,6 +41,30 @@ if TYPE_CHECKING:
     from pipeline.models import ModelInfo
 
 REPLY_TTL_S = 120
+
+# KEYS: the fast lane.  ARGV: group, limit (texts; 0 for none), texts an entry
+# counts for, texts adding, then the entry's field/value pairs.
+# The backlog check and the XADD in one step: {'queued', id} or {'full', waiting texts}.
+_SEND = """
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local waiting = nil
+  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+  if type(groups) == 'table' and not groups.err then
+    for _, group in ipairs(groups) do
+      local fields = {}
+      for j = 1, #group, 2 do fields[group[j]] = group[j + 1] end
+      if fields['name'] == ARGV[1] then waiting = fields['lag'] end
+    end
+    if not waiting then waiting = redis.call('XLEN', KEYS[1]) end
+  else
+    waiting = 0  -- no lane yet
+  end
+  waiting = tonumber(waiting) * tonumber(ARGV[3])
+  if waiting + tonumber(ARGV[4]) > limit then return {'full', waiting} end
+end
+return {'queued', redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))}
+"""
 
 
 def is_light(items: list[Item], options: JobOptions, max_texts: int) -> bool:
@@ -58,14 +84,24 @@ def request_options(options: JobOptions, model: ModelInfo) -> dict[str, Any]:
             "chunk": options.chunk, "chunk_overlap": options.chunk_overlap}
 
 
-async def send_request(
-    redis: RedisClient, keys: Keys, stream: str, items: list[Item], options: dict[str, Any]
-) -> str:
-    """Queue a request on the fast lane; returns its id (its reply key's tag)."""
-    request_id = uuid.uuid4().hex
-    await redis.xadd(stream, {"req": request_id, "n": len(items), "inputs": pack_chunk(items),
-                              "options": orjson.dumps(options)})
-    return request_id
+class Sender:
+    """Queues requests on a fast lane, unless its backlog is full (one round trip)."""
+
+    def __init__(self, redis: RedisClient, limit: int, entry_texts: int) -> None:
+        self.limit = limit
+        self.entry_texts = entry_texts
+        self._send = redis.register_script(_SEND)
+
+    async def send(self, stream: str, items: list[Item], options: dict[str, Any]) -> str | int:
+        """The request's id (its reply key's tag), or the texts waiting when the lane is full."""
+        request_id = uuid.uuid4().hex
+        fields = ["req", request_id, "n", len(items), "inputs", pack_chunk(items),
+                  "options", orjson.dumps(options)]
+        outcome, value = await self._send(
+            keys=[stream], args=[GROUP, self.limit, self.entry_texts, len(items), *fields])
+        if outcome in (b"full", "full"):
+            return int(value)
+        return request_id
 
 
 async def await_reply(

@@ -149,6 +149,13 @@ def requested_model_name(requested: str, default: str) -> str:
     return stripped
 
 
+def find_served(served: list[ModelInfo], default: str, requested: str | None) -> ModelInfo | None:
+    """The model of `served` that a job with this `model` option uses, if any."""
+    name = canonical_model_name(default) if requested is None \
+        else requested_model_name(requested, default)
+    return next((model for model in served if model.name == name), None)
+
+
 async def resolve_model(
     redis: Any, models_key: str, default: str, requested: str | None,
     served: list[ModelInfo] | None = None,
@@ -167,10 +174,8 @@ async def resolve_model(
 
     default_name = canonical_model_name(default)
     name = default_name if requested is None else requested_model_name(requested, default)
-    if served is not None:
-        for model in served:
-            if model.name == name:
-                return model
+    if served is not None and (model := find_served(served, default, requested)):
+        return model
     raw = await redis.hget(models_key, name)
     is_default = name == default_name
     if raw is not None and (served is None or is_default):

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -49,7 +50,7 @@ from pipeline.errors import (
 from pipeline.fanout import Hubs
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
-from pipeline.models import ModelInfo, resolve_model
+from pipeline.models import ModelInfo, find_served, resolve_model
 from pipeline.quantize import VectorView, Views
 from pipeline.stats import StatsSampler, live_workers, served_models
 from pipeline.tenants import TRUSTED, Caller, OwnerCache, check_visible, visible
@@ -63,6 +64,7 @@ T = TypeVar("T")
 ProgressCallback = Callable[[int, int], Awaitable[None]]
 IDEMPOTENCY_TTL_S = 24 * 3600
 COMMAND_CONNECTIONS = 16
+SERVED_CACHE_S = 1.0
 
 
 def _outage_is_unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -141,6 +143,9 @@ class Pipeline:
         self.chunk_rows = events.ChunkRows(self.redis, self.keys)
         self.stats = StatsSampler(self.redis, self.keys)
         self.backlog = Backlog(self.redis, self.keys, settings)
+        self.requests = interactive.Sender(self.redis, settings.interactive_backlog,
+                                           settings.chunk_size)
+        self._served: tuple[float, list[ModelInfo]] = (-SERVED_CACHE_S, [])
 
     async def run_janitor(self, stop: asyncio.Event) -> None:
         """Sweep the active jobs every `janitor_interval_s` until `stop` (see janitor).
@@ -163,10 +168,23 @@ class Pipeline:
         await self.blocking.aclose()
 
     @_outage_is_unavailable
-    async def model(self, options: JobOptions) -> ModelInfo:
-        """The model a job with these options will use; raises for unknown models."""
-        info = await resolve_model(self.redis, self.keys.models, self.settings.model,
-                                   options.model, await self.models())
+    async def model(self, options: JobOptions, *, recent: bool = False) -> ModelInfo:
+        """The model a job with these options will use; raises for unknown models.
+
+        `recent` (interactive requests) takes a model seen served in the last
+        `SERVED_CACHE_S` from memory: a request then costs two Redis round
+        trips (queue and reply), not five. A model not seen there is looked up
+        afresh, so a worker that just started is found at once; one that just
+        died may still be taken for live that second longer (its request waits
+        for a peer, as it would have had the worker died a moment later).
+        """
+        seen_at, served = self._served
+        info = None
+        if recent and time.monotonic() - seen_at < SERVED_CACHE_S:
+            info = find_served(served, self.settings.model, options.model)
+        if info is None:
+            info = await resolve_model(self.redis, self.keys.models, self.settings.model,
+                                       options.model, await self.models())
         submission.check_model_options(options, info)
         return info
 
@@ -355,7 +373,9 @@ class Pipeline:
     @_outage_is_unavailable
     async def models(self) -> list[ModelInfo]:
         """The models that live workers serve, by name."""
-        return await served_models(self.redis, self.keys)
+        served = await served_models(self.redis, self.keys)
+        self._served = (time.monotonic(), served)
+        return served
 
     @_outage_is_unavailable
     async def cancel(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
@@ -460,12 +480,13 @@ class Pipeline:
         self, items: list[Item], options: JobOptions, encoding: str,
         on_progress: ProgressCallback | None, timeout_s: float,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        info = await self.model(options)
-        await self.backlog.check(info.name, len(items), interactive=True)
+        info = await self.model(options, recent=True)
         sent = interactive.request_options(options, info)
         view = await self.views.for_shape(encoding, **interactive.view_record(sent))
-        request_id = await interactive.send_request(
-            self.redis, self.keys, self.keys.queue(info.name, "fast"), items, sent)
+        request_id = await self.requests.send(self.keys.queue(info.name, "fast"), items, sent)
+        if isinstance(request_id, int):  # the fast lane's backlog is full: nothing queued
+            await self.backlog.refuse(info.name, request_id, len(items), interactive=True)
+        assert isinstance(request_id, str)
         reply = await interactive.await_reply(self.blocking, self.keys, request_id, timeout_s)
         if reply is None:
             raise Unavailable("no worker finished the embedding in time; is a worker "

@@ -20,6 +20,8 @@ from mcp import Client
 from mcp_server.agents import build_mcp
 from mcp_server.app import create_app
 from pipeline.connections import connect
+from pipeline.errors import Overloaded
+from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
 from pipeline.models import DEFAULT_MODEL
 from pipeline.service import Pipeline
@@ -92,5 +94,27 @@ async def test_mcp_submit_job_past_the_backlog_is_a_tool_error_saying_when_to_re
         assert await queued(pipeline.redis) == (2, 1)
         # The bulk lane is full; interactive requests have a budget of their own.
         await pipeline.backlog.check(DEFAULT_MODEL, 4, interactive=True)
+    finally:
+        await pipeline.close()
+
+
+async def test_past_the_interactive_budget_a_request_is_429_and_nothing_is_queued(
+    limited: Settings
+) -> None:
+    pipeline = Pipeline(limited)
+    fast = KEYS.queue(DEFAULT_MODEL, "fast")
+    try:
+        # Two waiting requests count as two entries of 4 texts: the budget of 8 is full.
+        for text in ("first", "second"):
+            assert isinstance(await pipeline.requests.send(fast, [Item(text)], {}), str)
+        assert await pipeline.requests.send(fast, [Item("third")], {}) == 8
+        with pytest.raises(Overloaded, match="retry in"):
+            await pipeline.embed([Item("a query")], JobOptions())
+        async with serving(limited) as http:
+            refused = await http.post("/v1/embeddings", json={"input": "a query"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 3600
+        assert await pipeline.redis.xlen(fast) == 2
     finally:
         await pipeline.close()
