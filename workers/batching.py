@@ -10,6 +10,12 @@ What a claimed batch of chunks costs the model:
   is short enough that the fast lane waits at most about one call;
 - between two model calls `between_calls` runs: the worker serves the fast
   lane there, so an interactive request never waits for a whole bulk batch;
+- while interactive requests are arriving (`busy()` says so: the worker
+  served one in the last `BUSY_S` seconds), calls are cut to a quarter of
+  the budgets (`BUSY_CUT`), so a request waits about a quarter as long for
+  the call in hand. Each call is cut when it is due, so a batch begun in a
+  quiet spell cuts finer from the first request on. Bulk throughput pays
+  for it only meanwhile (see `bench/table.py`);
 - a call that fails is retried text by text, so a poison input fails alone
   (as data, on every chunk that carries it) and every other text still gets
   its vector.
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BetweenCalls = Callable[[], Awaitable[None]]
+BUSY_S = 1.0
+BUSY_CUT = 4
 CHARS_PER_TOKEN = 4  # a word piece is about four characters of English
 SPECIAL_TOKENS = 2
 
@@ -49,11 +57,13 @@ class ModelCalls:
     """Embeds the texts of claimed chunks: deduplicated, cached, in token-budget calls."""
 
     def __init__(self, embedder: Embedder, cache: EmbeddingCache | None, *,
-                 max_texts: int, max_tokens: int) -> None:
+                 max_texts: int, max_tokens: int,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self.embedder = embedder
         self.cache = cache
         self.max_texts = max_texts
         self.max_tokens = max_tokens
+        self.busy = busy
 
     async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None) -> None:
         """Fill each chunk's raw vectors, token counts and per-input errors."""
@@ -82,28 +92,38 @@ class ModelCalls:
 
     def calls(self, texts: Sequence[str]) -> list[list[str]]:
         """Length-sorted groups of texts, each within the call's token and text budgets."""
-        limit = self.embedder.info.max_seq_length
         ordered = sorted(texts, key=len)
         groups: list[list[str]] = []
-        for text in ordered:
-            tokens = min(limit, len(text) // CHARS_PER_TOKEN + SPECIAL_TOKENS)
-            group = groups[-1] if groups else None
-            # Sorted ascending, so the newest text is the longest: it sets the padding.
-            if group is not None and len(group) < self.max_texts and \
-                    (len(group) + 1) * tokens <= self.max_tokens:
-                group.append(text)
-            else:
-                groups.append([text])
+        while ordered:
+            groups.append(self._next_call(ordered, self.max_texts, self.max_tokens))
+            ordered = ordered[len(groups[-1]):]
         return groups
+
+    def _next_call(self, ordered: Sequence[str], max_texts: int, max_tokens: int) -> list[str]:
+        """The first texts of length-sorted `ordered` that fit in one call's budgets."""
+        limit = self.embedder.info.max_seq_length
+        group = [ordered[0]]
+        for text in ordered[1:max_texts]:
+            tokens = min(limit, len(text) // CHARS_PER_TOKEN + SPECIAL_TOKENS)
+            # Sorted ascending, so the newest text is the longest: it sets the padding.
+            if (len(group) + 1) * tokens > max_tokens:
+                break
+            group.append(text)
+        return group
 
     async def _compute(
         self, texts: list[str], between_calls: BetweenCalls | None
     ) -> tuple[dict[str, Cached], dict[str, str]]:
         made: dict[str, Cached] = {}
         errors: dict[str, str] = {}
-        for number, group in enumerate(self.calls(texts)):
-            if number and between_calls is not None:
+        ordered = sorted(texts, key=len)
+        while ordered:
+            if len(ordered) < len(texts) and between_calls is not None:
                 await between_calls()
+            cut = BUSY_CUT if self.busy() else 1
+            group = self._next_call(ordered, max(1, self.max_texts // cut),
+                                    max(1, self.max_tokens // cut))
+            ordered = ordered[len(group):]
             await self._call(group, made, errors)
         return made, errors
 

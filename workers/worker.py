@@ -65,7 +65,7 @@ from workers.batch import (
     open_attempts,
     parse_entry,
 )
-from workers.batching import BetweenCalls, ModelCalls
+from workers.batching import BUSY_S, BetweenCalls, ModelCalls
 from workers.upkeep import Upkeep
 
 if TYPE_CHECKING:
@@ -100,7 +100,8 @@ class Worker:
         # A custom embedder (a test's fake) says nothing: it is what the settings named.
         self.backend = backend_of(embedder) or settings.backend
         self.calls = ModelCalls(embedder, None, max_texts=settings.call_max_texts,
-                                max_tokens=settings.call_max_tokens)
+                                max_tokens=settings.call_max_tokens, busy=self._fast_lane_busy)
+        self._fast_served_at = -BUSY_S
 
     def _cache(self, redis: RedisClient) -> EmbeddingCache | None:
         """The shared cache, for embedders that say which revision of the model they run."""
@@ -192,6 +193,8 @@ class Worker:
         reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {fast: ">", bulk: ">"},
                                                count=1, block=self.settings.block_ms)
         entries = _entries(reply)
+        if any(e.stream == fast for e in entries):
+            self._fast_served_at = time.monotonic()
         room = (self.settings.batch_max_texts - sum(e.size for e in entries)) \
             // self.settings.chunk_size
         if entries and room > 0:
@@ -211,7 +214,13 @@ class Worker:
         fast = self.streams[0]
         claimed = await self.upkeep.lanes.claim(fast, self.worker_id,
                                                 self.settings.call_max_texts)
+        if claimed:
+            self._fast_served_at = time.monotonic()
         return _entries([(fast, claimed)])
+
+    def _fast_lane_busy(self) -> bool:
+        """Whether interactive work came in the last `BUSY_S` (bulk calls are cut finer)."""
+        return time.monotonic() - self._fast_served_at < BUSY_S
 
     async def _serve_fast_lane(self) -> None:
         """Between two model calls of a bulk batch: embed and commit waiting fast-lane work."""

@@ -1,5 +1,6 @@
 """Model calls: deduplicated, cached, cut by tokens, and the fast lane served between them."""
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 
@@ -10,6 +11,7 @@ from fakes import HashEmbedder, expected_vector, raw_vector
 from test_worker_recovery import all_rows, create_groups, quick, running, submit, wait_end
 
 from pipeline.cache import Cached, EmbeddingCache, fingerprint
+from pipeline.embedder import Embedded
 from pipeline.keys import Keys
 from pipeline.metrics import read_metrics
 from pipeline.models import DEFAULT_MODEL
@@ -87,6 +89,27 @@ async def test_calls_are_cut_by_padded_tokens_so_one_long_text_pads_no_short_one
     assert len(groups[0]) == 3
 
 
+async def test_while_interactive_work_comes_in_bulk_calls_are_cut_to_a_quarter(
+    settings: Settings
+) -> None:
+    sizes: list[int] = []
+
+    class Recording(HashEmbedder):
+        def embed(self, texts: Sequence[str]) -> Embedded:
+            sizes.append(len(texts))
+            return super().embed(texts)
+
+    served = asyncio.Event()
+
+    async def between_calls() -> None:
+        served.set()  # as if the worker had served a request between two calls
+
+    calls = ModelCalls(Recording(settings), None, max_texts=8, max_tokens=4096,
+                       busy=served.is_set)
+    await calls.embed([work_of([f"bulk text {i}" for i in range(20)])], between_calls)
+    assert sizes == [8, 2, 2, 2, 2, 2, 2]  # the first call was cut in a quiet spell
+
+
 async def test_resubmitted_texts_come_from_the_cache_with_the_same_vectors(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:
@@ -154,7 +177,8 @@ async def test_the_fast_lane_is_served_between_the_model_calls_of_a_bulk_batch(
     order = [call[0] for call in embedder.calls]
     position = order.index("an interactive query")
     assert position == 1  # right after the call that was running when it arrived
-    assert len(order) == 5  # 16 bulk texts in calls of 4, and the query
+    # 16 bulk texts in calls of 4 until the query came, then of 1 (it may be followed).
+    assert [len(call) for call in embedder.calls] == [4, 1] + [1] * 12
 
 
 async def test_a_worker_claims_fast_lane_entries_only_until_they_fill_one_call(
