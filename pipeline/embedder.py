@@ -84,17 +84,36 @@ class SentenceTransformerEmbedder:
         )
 
     def embed(self, texts: Sequence[str]) -> Embedded:
-        """Embed texts as given; rows keep the order of `texts`."""
-        vectors = self.model.encode(
-            list(texts),
-            # The job's prompt is already in the texts (the worker prepends it):
-            # "" stops encode() from adding the model's default prompt again.
-            prompt="",
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return Embedded(np.asarray(vectors, dtype=np.float32), self._count_tokens(texts))
+        """Embed texts as given; rows keep the order of `texts`.
+
+        What `encode()` does for one batch, without its per-call overhead: the
+        worker already hands over length-sorted calls of a few texts. Features
+        come from the model's own `preprocess` and go through the model's
+        modules (pooling and normalization included), so the vectors are
+        encode()'s. The job's prompt is already in the texts (the worker
+        prepends it), so no prompt is added here. Token counts come from the
+        attention mask; only texts cut at the model's limit are tokenized
+        again, untruncated, for their true count.
+        """
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        batch = list(texts)
+        vectors = np.empty((0, self.info.dimensions), dtype=np.float32)
+        counts = np.zeros(len(batch), dtype=np.int64)
+        with torch.inference_mode():
+            for start in range(0, len(batch), self.batch_size):
+                part = batch[start:start + self.batch_size]
+                features = batch_to_device(self.model.preprocess(part), self.model.device)
+                out = self.model(features)["sentence_embedding"]
+                vectors = np.vstack([vectors, out.float().cpu().numpy()])
+                mask = features.get("attention_mask")
+                if mask is not None:
+                    counts[start:start + len(part)] = mask.sum(dim=1).cpu().numpy()
+        at_limit = [i for i, n in enumerate(counts) if n >= self.info.max_seq_length or n == 0]
+        if at_limit:
+            counts[at_limit] = self._count_tokens([batch[i] for i in at_limit])
+        return Embedded(np.ascontiguousarray(vectors, dtype=np.float32), counts)
 
     def _count_tokens(self, texts: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
         if self._tokenizer is None:
