@@ -6,9 +6,11 @@ quality figure is STS-B dev Spearman. It starts an embedded Valkey, the
 server, and one worker at a time (onnx, torch, onnx-int8: the worker under
 test is the only one running), and measures the raw baseline
 (`SentenceTransformer.encode` in a child process, batch 32, no worker
-running) before and after, on the same texts. Every worker, and the raw
-model, is first run in on 1,000 other sentences of the same split. Compare
-ratios, not absolute figures: the machine may be shared. Prints one table; asserts nothing.
+running) just before and just after each backend's bulk runs, on the same
+texts; each bulk figure is the better of two runs against the better of
+those two raw runs. Every worker, and the raw model, is first run in on
+1,000 other sentences of the same split. Compare ratios, not absolute
+figures: the machine may be shared, and its speed drifts. Prints one table; asserts nothing.
 
     .venv/bin/python bench/table.py [--texts 4000] [--backlog 12000] [--clients 32]
 """
@@ -200,7 +202,8 @@ def concurrent_rate(base: str, texts: list[str], clients: int) -> float:
     failures: list[int] = []
 
     def client_loop() -> None:
-        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+        connection = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port,
+                                                timeout=120)
         try:
             while True:
                 with lock:
@@ -296,22 +299,32 @@ def measure(args: argparse.Namespace, raw: Raw, texts: list[str], root: Path) ->
     rows: list[Row] = []
     everything = sentences()
     probes = probe_texts()
-    raw_rate = raw.rate()
     raw_p50 = raw.one_text_p50_ms()
     backlog = (everything * 2)[:args.backlog]
+    raws: list[float] = []
     with EmbeddedRedis(root / "redis") as redis_server:
         server, base = start_server(redis_server.url, root)
         try:
-            rates = {}
+            rates, baselines = {}, {}
             for backend in ("onnx", "torch", "onnx-int8"):
                 with worker(redis_server.url, root, base, backend, cache=False):
-                    rates[backend] = len(texts) / bulk(base, texts)
+                    # The machine's speed drifts by 10-20% over minutes: each figure
+                    # is the better of two runs, against the better of two raw runs
+                    # made just before and just after it (the worker idle then).
+                    before = raw.rate()
+                    rates[backend] = max(len(texts) / bulk(base, texts) for _ in range(2))
+                    if backend == "onnx":
+                        plain = rates[backend]
+                        subs = max(len(texts) / with_subscribers(base, texts, args.subscribers)
+                                   for _ in range(2))
+                    after = raw.rate()
+                    baselines[backend] = max(before, after)
+                    raws += [before, after]
                     if backend == "onnx":
                         idle_p50 = one_text_p50_ms(base, probes[:40])
                         conc = concurrent_rate(
                             base, [f"{i} {t}" for i, t in enumerate(texts[:1000])],
                             args.clients)
-                        subs = len(texts) / with_subscribers(base, texts, args.subscribers)
                         busy_p50 = behind_backlog_p50_ms(base, backlog, probes[40:60])
             with worker(redis_server.url, root, base, "onnx", cache=True) as cached:
                 fresh = [f"cache run: {t}" for t in texts]
@@ -322,17 +335,19 @@ def measure(args: argparse.Namespace, raw: Raw, texts: list[str], root: Path) ->
         finally:
             server.stop()
     fp32_rho, int8_rho, int8_cos = sts_quality()
-    after = raw.rate()
-    base_rate = (raw_rate + after) / 2
+    base_rate = baselines["onnx"]
+
+    def bulk_row(name: str, backend: str, target: str) -> Row:
+        rate, baseline = rates[backend], baselines[backend]
+        return (name, f"{rate:.0f} texts/s", f"{baseline:.0f} texts/s",
+                f"{rate / baseline:.2f}", target)
+
     rows += [
-        ("raw SentenceTransformer.encode", f"{base_rate:.0f} texts/s",
-         f"{raw_rate:.0f} before, {after:.0f} after", "", ""),
-        ("bulk REST->SSE, onnx fp32 / raw", f"{rates['onnx']:.0f} texts/s",
-         f"{base_rate:.0f} texts/s", f"{rates['onnx'] / base_rate:.2f}", ">= 1.15"),
-        ("bulk, torch / raw", f"{rates['torch']:.0f} texts/s", f"{base_rate:.0f} texts/s",
-         f"{rates['torch'] / base_rate:.2f}", ">= 0.90"),
-        ("bulk, onnx-int8 / raw", f"{rates['onnx-int8']:.0f} texts/s",
-         f"{base_rate:.0f} texts/s", f"{rates['onnx-int8'] / base_rate:.2f}", ">= 2.0"),
+        ("raw SentenceTransformer.encode", f"{statistics.median(raws):.0f} texts/s",
+         f"{min(raws):.0f} to {max(raws):.0f} over {len(raws)} runs", "", ""),
+        bulk_row("bulk REST->SSE, onnx fp32 / raw", "onnx", ">= 1.15"),
+        bulk_row("bulk, torch / raw", "torch", ">= 0.90"),
+        bulk_row("bulk, onnx-int8 / raw", "onnx-int8", ">= 2.0"),
         ("  STS-B dev Spearman int8 vs fp32", f"{int8_rho:.4f}", f"{fp32_rho:.4f}",
          f"{int8_rho - fp32_rho:+.4f} (cos {int8_cos:.3f})", "within 0.005"),
         (f"{args.clients} concurrent 1-text clients / raw", f"{conc:.0f} texts/s",
@@ -344,7 +359,7 @@ def measure(args: argparse.Namespace, raw: Raw, texts: list[str], root: Path) ->
         (f"same {len(texts)} texts again / first", f"{again_s:.2f} s", f"{first_s:.2f} s",
          f"{again_s / first_s:.3f}", "<= 0.10"),
         (f"bulk with {args.subscribers} feed subscribers / without", f"{subs:.0f} texts/s",
-         f"{rates['onnx']:.0f} texts/s", f"{subs / rates['onnx']:.2f}", ">= 0.90"),
+         f"{plain:.0f} texts/s", f"{subs / plain:.2f}", ">= 0.90"),
         ("server RSS / worker RSS (peak)", f"{server_rss:.0f} MB", f"{worker_rss:.0f} MB",
          "", "<= 250 MB / <= 1.2 GB"),
     ]
