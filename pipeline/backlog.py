@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.errors import Overloaded
 from pipeline.stats import lane_state
@@ -52,10 +52,13 @@ class Backlog:
             waiting += state.waiting * self.settings.chunk_size
         return waiting
 
+    def limit(self, interactive: bool) -> int:
+        """Texts that may wait, for jobs or for interactive requests (0: no limit)."""
+        return self.settings.interactive_backlog if interactive else self.settings.max_backlog
+
     async def check(self, model: str, adding: int, *, interactive: bool = False) -> None:
         """Raise Overloaded when `adding` more texts would pass the model's limit."""
-        limit = (self.settings.interactive_backlog if interactive
-                 else self.settings.max_backlog)
+        limit = self.limit(interactive)
         if limit <= 0:
             return
         lanes = ("fast",) if interactive else ("fast", "bulk")
@@ -64,10 +67,9 @@ class Backlog:
             await self.refuse(model, waiting, adding, interactive=interactive)
 
     async def refuse(self, model: str, waiting: int, adding: int, *,
-                     interactive: bool = False) -> None:
+                     interactive: bool = False) -> NoReturn:
         """Raise Overloaded for `adding` texts with `waiting` already queued."""
-        limit = (self.settings.interactive_backlog if interactive
-                 else self.settings.max_backlog)
+        limit = self.limit(interactive)
         retry_s = await self.retry_after_s(waiting + adding - limit)
         kind = "interactive requests" if interactive else "jobs"
         raise Overloaded(

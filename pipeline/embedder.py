@@ -99,21 +99,21 @@ class SentenceTransformerEmbedder:
         from sentence_transformers.util import batch_to_device
 
         batch = list(texts)
-        vectors = np.empty((0, self.info.dimensions), dtype=np.float32)
+        parts = [np.empty((0, self.info.dimensions), dtype=np.float32)]
         counts = np.zeros(len(batch), dtype=np.int64)
         with torch.inference_mode():
             for start in range(0, len(batch), self.batch_size):
                 part = batch[start:start + self.batch_size]
                 features = batch_to_device(self.model.preprocess(part), self.model.device)
                 out = self.model(features)["sentence_embedding"]
-                vectors = np.vstack([vectors, out.float().cpu().numpy()])
+                parts.append(out.float().cpu().numpy())
                 mask = features.get("attention_mask")
                 if mask is not None:
                     counts[start:start + len(part)] = mask.sum(dim=1).cpu().numpy()
         at_limit = [i for i, n in enumerate(counts) if n >= self.info.max_seq_length or n == 0]
         if at_limit:
             counts[at_limit] = self._count_tokens([batch[i] for i in at_limit])
-        return Embedded(np.ascontiguousarray(vectors, dtype=np.float32), counts)
+        return Embedded(np.concatenate(parts).astype(np.float32, copy=False), counts)
 
     def _count_tokens(self, texts: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
         if self._tokenizer is None:

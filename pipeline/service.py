@@ -143,7 +143,7 @@ class Pipeline:
         self.chunk_rows = events.ChunkRows(self.redis, self.keys)
         self.stats = StatsSampler(self.redis, self.keys)
         self.backlog = Backlog(self.redis, self.keys, settings)
-        self.requests = interactive.Sender(self.redis, settings.interactive_backlog,
+        self.requests = interactive.Sender(self.redis, self.backlog.limit(interactive=True),
                                            settings.chunk_size)
         self._served: tuple[float, list[ModelInfo]] = (-SERVED_CACHE_S, [])
 
@@ -486,7 +486,6 @@ class Pipeline:
         request_id = await self.requests.send(self.keys.queue(info.name, "fast"), items, sent)
         if isinstance(request_id, int):  # the fast lane's backlog is full: nothing queued
             await self.backlog.refuse(info.name, request_id, len(items), interactive=True)
-        assert isinstance(request_id, str)
         reply = await interactive.await_reply(self.blocking, self.keys, request_id, timeout_s)
         if reply is None:
             raise Unavailable("no worker finished the embedding in time; is a worker "

@@ -212,14 +212,13 @@ async def _activated(redis: RedisClient, keys: Keys, entries: list[Entry]) -> li
             for entry in entries:
                 pipe.hget(keys.job(entry.job_id), "status")
             statuses = await pipe.execute()
-        if all(s != JobStatus.STAGED.value.encode() for s in statuses):
+        ready = [e for e, s in zip(entries, statuses, strict=True)
+                 if s != JobStatus.STAGED.value.encode()]
+        if len(ready) == len(entries):
             return entries
         if time.monotonic() >= deadline:
-            left = [e for e, s in zip(entries, statuses, strict=True)
-                    if s == JobStatus.STAGED.value.encode()]
-            logger.info("leaving %d entries of staged jobs for later", len(left))
-            return [e for e, s in zip(entries, statuses, strict=True)
-                    if s != JobStatus.STAGED.value.encode()]
+            logger.info("leaving %d entries of staged jobs for later", len(entries) - len(ready))
+            return ready
         await asyncio.sleep(STAGED_POLL_S)
 
 

@@ -177,7 +177,6 @@ class Lanes:
             return 0
         return int(await self._release(keys=list(self.lanes), args=args))
 
-
     async def claim(self, lane: str, consumer: str,
                     budget: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """New entries of `lane` for `consumer`, read one by one up to `budget` texts."""
