@@ -38,6 +38,7 @@ from mcp_server.host_guard import HostGuard, HostPolicy
 from mcp_server.sessions import SessionStore
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 
 CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key",
                 "Last-Event-ID", "Mcp-Session-Id", "Mcp-Protocol-Version"]
@@ -96,9 +97,7 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(janitor), JANITOR_STOP_S)
             if not janitor.done():  # a sweep stuck on an unreachable Redis
-                janitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await janitor
+                await cancel_and_wait(janitor)
             await app.state.pipeline.close()
 
     app = Starlette(

@@ -29,7 +29,6 @@ Deliberate choices, so nobody "fixes" them:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
+
+from pipeline.tasks import cancel_and_wait, honour_cancel
 
 if TYPE_CHECKING:
     from pipeline.connections import RedisClient
@@ -172,6 +173,7 @@ class StreamHub:
     async def _read(self) -> None:
         try:
             while True:
+                honour_cancel()
                 try:
                     if await self._read_once():
                         return
@@ -213,6 +215,7 @@ class StreamHub:
     async def _tick(self, tick: Ticker) -> None:
         interval_s, sample = tick
         while not self.stopped:
+            honour_cancel()
             try:
                 data = await sample()
             except RedisError:
@@ -236,9 +239,7 @@ class StreamHub:
     async def close(self) -> None:
         """Stop reading now (the process is shutting down)."""
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)
         if not self.stopped:
             self._stop()
 

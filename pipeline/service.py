@@ -53,6 +53,7 @@ from pipeline.keys import Keys
 from pipeline.models import ModelInfo, find_served, resolve_model
 from pipeline.quantize import VectorView, Views
 from pipeline.stats import StatsSampler, live_workers, served_models
+from pipeline.tasks import cancel_and_wait, honour_cancel
 from pipeline.tenants import TRUSTED, Caller, OwnerCache, check_visible, visible
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class Pipeline:
         cancelled mid-reply can leave its connection so that closing the client hangs.
         """
         while not stop.is_set():
+            honour_cancel()
             try:
                 await janitor.sweep_jobs(self.scripts, self.settings)
             except RedisError:
@@ -304,9 +306,7 @@ class Pipeline:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _abandon(self, writer: submission.JobWriter, key: str | None) -> None:
         """After a failed submission: drop its staged keys and free its key, if never seen."""

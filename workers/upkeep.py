@@ -44,6 +44,7 @@ from pipeline import feed
 from pipeline.janitor import sweep_jobs
 from pipeline.jobs import JobScripts
 from pipeline.keys import GROUP
+from pipeline.tasks import honour_cancel
 from workers.batch import Entry, parse_entry
 from workers.lanes import Forgotten, Lanes
 
@@ -131,6 +132,7 @@ class Upkeep:
         interval = min(self.settings.heartbeat_interval_s,
                        self.settings.visibility_timeout_s / 3)
         while not stop.is_set():
+            honour_cancel()
             try:
                 if await self.beat():
                     await feed.publish(self.redis, self.keys, "worker.up",

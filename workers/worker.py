@@ -54,6 +54,7 @@ from pipeline.connections import connect
 from pipeline.embedder import backend_of
 from pipeline.jobs import Committed, JobScripts, announce, announce_created
 from pipeline.keys import GROUP, Keys
+from pipeline.tasks import cancel_and_wait, honour_cancel
 from workers import interactive
 from workers.batch import (
     Entry,
@@ -135,8 +136,7 @@ class Worker:
                 await self._loop(stop)
             finally:
                 upkeep_stop.set()
-                upkeep_task.cancel()
-                await asyncio.gather(upkeep_task, return_exceptions=True)
+                await cancel_and_wait(upkeep_task)
                 await self.upkeep.deregister()
         finally:
             await self.redis.aclose()
@@ -145,6 +145,7 @@ class Worker:
     async def _loop(self, stop: asyncio.Event) -> None:
         await self._drain_own_pending()
         while not stop.is_set():
+            honour_cancel()
             try:
                 entries = await self._claim()
                 if entries:

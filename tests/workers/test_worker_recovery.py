@@ -32,6 +32,7 @@ from pipeline.keys import GROUP, Keys
 from pipeline.models import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 from workers.upkeep import Upkeep
 from workers.worker import Worker
 
@@ -89,8 +90,8 @@ class Running:
             return None
 
         self.worker.upkeep.deregister = silent  # type: ignore[method-assign]
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        with anyio.fail_after(10):
+            await cancel_and_wait(self.task)
 
 
 @contextlib.asynccontextmanager
