@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +78,9 @@ class Upkeep:
         self.info = {"id": worker_id, "model": model.name, "backend": model.backend,
                      "host": socket.gethostname(),
                      "pid": os.getpid(), "started_at": time.time()}
-        self._leased: dict[str, set[bytes]] = {}
+        # A multiset: one entry can be held by two blocks at once (a batch, and the
+        # commit of its last call still running after the batch's block has ended).
+        self._leased: dict[str, Counter[bytes]] = {}
         self._next_reclaim = 0.0
         self._next_janitor = 0.0
         self._cursors: dict[str, bytes] = {}
@@ -154,14 +157,17 @@ class Upkeep:
         """Keep renewing these entries' leases while the block runs (blocks may nest)."""
         mine = [(entry.stream, entry.entry_id) for entry in entries]
         for stream, entry_id in mine:
-            self._leased.setdefault(stream, set()).add(entry_id)
+            self._leased.setdefault(stream, Counter())[entry_id] += 1
         try:
             yield
         finally:
-            # Only this block's entries: the fast lane is served inside a bulk
-            # batch's block, whose entries must stay leased.
+            # Only this block's hold: the fast lane is served inside a bulk batch's
+            # block, and a commit can outlive its batch's block.
             for stream, entry_id in mine:
-                self._leased.get(stream, set()).discard(entry_id)
+                held = self._leased[stream]
+                held[entry_id] -= 1
+                if held[entry_id] <= 0:
+                    del held[entry_id]
 
     async def renew_leases(self) -> None:
         """Reset the idle time of entries being worked on (JUSTID: no delivery bump)."""

@@ -1,6 +1,7 @@
 """Model calls: deduplicated, cached, cut by tokens, and the fast lane served between them."""
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 
@@ -200,3 +201,14 @@ async def wait_first_call(embedder: StallingEmbedder) -> None:
         while not embedder.first_call.is_set():
             await anyio.sleep(0.01)
 
+
+
+@pytest.mark.parametrize(("backend", "scale"), [("torch", 2), ("onnx", 1), ("onnx-int8", 1)])
+def test_torch_calls_are_twice_the_size_of_onnx_calls(
+    fast_settings: Settings, backend: str, scale: int
+) -> None:
+    fake = HashEmbedder(fast_settings)
+    fake.info = dataclasses.replace(fake.info, backend=backend)
+    calls = Worker(fast_settings, fake).calls
+    assert (calls.max_texts, calls.max_tokens) == (
+        fast_settings.call_max_texts * scale, fast_settings.call_max_tokens * scale)
