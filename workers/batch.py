@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pipeline.embedder import Embedder
     from pipeline.keys import Keys
     from pipeline.models import ModelInfo
+    from workers.batching import ModelThread
 
 logger = logging.getLogger(__name__)
 
@@ -222,18 +223,18 @@ async def _activated(redis: RedisClient, keys: Keys, entries: list[Entry]) -> li
         await asyncio.sleep(STAGED_POLL_S)
 
 
-async def embed_work(embedder: Embedder, work: list[Work]) -> None:
+async def embed_work(model: ModelThread, work: list[Work]) -> None:
     """Embed every chunk in one model call, falling back to smaller calls on failure."""
-    plans = [item.planned(embedder.info) for item in work]
+    plans = [item.planned(model.embedder.info) for item in work]
     texts = [text for plan in plans for text in plan.texts]
     try:
-        embedded = await asyncio.to_thread(embedder.embed, texts)
+        embedded = await model.embed(texts)
     except Exception:
         # Even a batch of one text goes on to `_embed_texts_alone`, which records
         # the failure on that text: re-raising would leave the entry pending, to be
         # redelivered until given up on with a misleading "worker stopped" reason.
         logger.exception("batch of %d texts failed; retrying piece by piece", len(texts))
-        await _embed_apart(embedder, work)
+        await _embed_apart(model, work)
         return
     offset = 0
     for item, plan in zip(work, plans, strict=True):
@@ -243,27 +244,27 @@ async def embed_work(embedder: Embedder, work: list[Work]) -> None:
         offset += n
 
 
-async def _embed_apart(embedder: Embedder, work: list[Work]) -> None:
+async def _embed_apart(model: ModelThread, work: list[Work]) -> None:
     for item in work:
         if len(work) > 1:
             try:
-                await embed_work(embedder, [item])
+                await embed_work(model, [item])
                 continue
             except Exception:
                 logger.exception("chunk %s/%d failed; retrying text by text",
                                  item.entry.job_id, item.entry.chunk)
-        await _embed_texts_alone(embedder, item)
+        await _embed_texts_alone(model, item)
 
 
-async def _embed_texts_alone(embedder: Embedder, item: Work) -> None:
+async def _embed_texts_alone(model: ModelThread, item: Work) -> None:
     # One model call per input (all of its windows when chunked), so one bad
     # input fails alone.
-    plan = item.planned(embedder.info)
-    rows = [await _embed_one(embedder, item, plan, i) for i in range(len(item.texts))]
-    _stack(embedder, item, rows)
+    plan = item.planned(model.embedder.info)
+    rows = [await _embed_one(model, item, plan, i) for i in range(len(item.texts))]
+    _stack(model.embedder, item, rows)
 
 
-async def embed_attempted(redis: RedisClient, keys: Keys, embedder: Embedder, item: Work,
+async def embed_attempted(redis: RedisClient, keys: Keys, model: ModelThread, item: Work,
                           ttl_s: int) -> None:
     """Embed a redelivered chunk text by text, recording each attempt before it is made."""
     key = keys.attempt(item.entry.job_id, item.entry.chunk)
@@ -272,7 +273,7 @@ async def embed_attempted(redis: RedisClient, keys: Keys, embedder: Embedder, it
     if given_up:
         logger.warning("chunk %s/%d: giving up inputs %s, on which a worker died",
                        item.entry.job_id, item.entry.chunk, sorted(given_up))
-    plan = item.planned(embedder.info)
+    plan = item.planned(model.embedder.info)
     rows: list[Embedded | None] = []
     for i in range(len(item.texts)):
         if i in given_up:
@@ -280,9 +281,9 @@ async def embed_attempted(redis: RedisClient, keys: Keys, embedder: Embedder, it
             rows.append(None)
             continue
         await redis.set(key, Attempt(i, given_up).dump(), ex=ttl_s)
-        rows.append(await _embed_one(embedder, item, plan, i))
+        rows.append(await _embed_one(model, item, plan, i))
     await redis.set(key, Attempt(None, given_up).dump(), ex=ttl_s)
-    _stack(embedder, item, rows)
+    _stack(model.embedder, item, rows)
 
 
 async def open_attempts(redis: RedisClient, keys: Keys, work: list[Work]) -> list[Work]:
@@ -295,10 +296,10 @@ async def open_attempts(redis: RedisClient, keys: Keys, work: list[Work]) -> lis
     return [w for w, r in zip(work, records, strict=True) if r and r.trying is not None]
 
 
-async def _embed_one(embedder: Embedder, item: Work, plan: Plan, i: int) -> Embedded | None:
+async def _embed_one(model: ModelThread, item: Work, plan: Plan, i: int) -> Embedded | None:
     try:
         alone = plan.part(i)
-        embedded = await asyncio.to_thread(embedder.embed, alone.texts)
+        embedded = await model.embed(alone.texts)
         vectors, counts, longest = alone.pool(embedded.vectors, embedded.token_counts)
         return Embedded(vectors, np.concatenate([counts, longest]))
     except Exception as exc:

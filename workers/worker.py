@@ -290,7 +290,7 @@ class Worker:
         assert self.redis is not None
         started = time.perf_counter()
         if group[0].entry.deliveries > 1:
-            await embed_attempted(self.redis, self.keys, self.embedder, group[0],
+            await embed_attempted(self.redis, self.keys, self.calls.model, group[0],
                                   self.settings.result_ttl_s)
         else:
             await self.calls.embed(group, between_calls=between)
