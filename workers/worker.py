@@ -83,6 +83,9 @@ logger = logging.getLogger(__name__)
 TORCH_CALL_SCALE = 2
 
 
+ReadAhead = tuple[list["Entry"], contextlib.ExitStack]
+
+
 def new_worker_id() -> str:
     """host-pid-random: readable in XINFO CONSUMERS, unique across restarts."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -110,10 +113,16 @@ class Worker:
                                 max_tokens=settings.call_max_tokens * scale,
                                 busy=self._fast_lane_busy)
         self._fast_served_at = -BUSY_S
-        # The commit of the last bulk model call, running while the model does the
-        # next: at most one at a time (`_commit_behind`).
+        # Bulk batches overlap Redis with the model: the commit of one runs while the
+        # model embeds the next (`_commit_behind`, one at a time), and the next is
+        # read while the model embeds the last group of one (`_read_ahead`).
+        # False: embed, commit, read, in line (bench/overlap.py compares the two).
+        self.overlap = True
         self._committing: asyncio.Task[None] | None = None
-        self.commit_behind = True
+        # The next bulk batch, claimed while the model embeds this one's last call
+        # (`_read_ahead`), and the lease hold on its entries until it is processed.
+        self._ahead: asyncio.Task[ReadAhead] | None = None
+        self._ahead_held: contextlib.ExitStack | None = None
 
     def _cache(self, redis: RedisClient) -> EmbeddingCache | None:
         """The shared cache, for embedders that say which revision of the model they run."""
@@ -145,10 +154,12 @@ class Worker:
                 ready.set()
             try:
                 await self._loop(stop)
+                await self._hand_back_read_ahead()
                 await self._settle()  # the last commit lands before the goodbye
             finally:
-                if self._committing is not None:  # cancelled, or failed: not left running
-                    await cancel_and_wait(self._committing)
+                for task in (self._ahead, self._committing):
+                    if task is not None:  # cancelled, or failed: not left running
+                        await cancel_and_wait(task)
                 upkeep_stop.set()
                 await cancel_and_wait(upkeep_task)
                 await self.upkeep.deregister()
@@ -163,7 +174,10 @@ class Worker:
             try:
                 entries = await self._claim()
                 if entries:
-                    await self.process(entries)
+                    try:
+                        await self.process(entries)
+                    finally:
+                        self._drop_read_ahead_hold()
             except (RedisConnectionError, RedisTimeoutError):
                 logger.warning("lost Redis; retrying in 1s", exc_info=True)
                 await _wait(stop, 1.0)
@@ -204,6 +218,10 @@ class Worker:
         entries = await self._claim_fast()
         if entries:
             return entries  # alone: the bulk lane can wait one short batch
+        if self._ahead is not None:
+            entries = await self._take_read_ahead()
+            if entries:
+                return entries
         # COUNT is per stream: one entry of each lane at most, then bulk up to the budget.
         reply = await self.blocking.xreadgroup(GROUP, self.worker_id, {fast: ">", bulk: ">"},
                                                count=1, block=self.settings.block_ms)
@@ -273,12 +291,14 @@ class Worker:
         steps += batches([w for w in work if w.entry.deliveries == 1],
                          self.settings.batch_max_texts)
         between = self._serve_fast_lane if interruptible else None
-        behind = self.commit_behind and work[0].entry.stream == self.streams[1]
+        behind = self.overlap and work[0].entry.stream == self.streams[1]
         with self.upkeep.leasing(w.entry for w in work):
             for number, group in enumerate(steps):
                 if number and self.stopping.is_set():
                     await self.upkeep.release([w.entry for g in steps[number:] for w in g])
                     return
+                if behind and number == len(steps) - 1:
+                    self._start_read_ahead()
                 embed_s = await self._embed(group, between)
                 if behind:
                     await self._commit_behind(group, embed_s)
@@ -326,6 +346,48 @@ class Worker:
                 await self._finish(group, embed_s)
 
         self._committing = asyncio.create_task(commit(), name=f"commit {self.worker_id}")
+
+    def _start_read_ahead(self) -> None:
+        """Claim the next bulk batch while the model embeds this batch's last group."""
+        if self._ahead is None and not self.stopping.is_set():
+            self._ahead = asyncio.create_task(self._read_ahead(),
+                                              name=f"read-ahead {self.worker_id}")
+
+    async def _read_ahead(self) -> ReadAhead:
+        """Up to a batch of bulk entries, without blocking; leased from the moment they
+        are read, so they are not taken for stale while they wait for the model."""
+        assert self.redis is not None and self.upkeep is not None
+        room = self.settings.batch_max_texts // self.settings.chunk_size
+        reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.streams[1]: ">"},
+                                            count=room)
+        entries = _entries(reply)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.upkeep.leasing(entries))
+            return entries, stack.pop_all()
+
+    async def _take_read_ahead(self) -> list[Entry]:
+        """The entries read ahead; their hold lasts until the batch is processed."""
+        assert self._ahead is not None
+        task, self._ahead = self._ahead, None
+        entries, self._ahead_held = await task
+        return entries
+
+    def _drop_read_ahead_hold(self) -> None:
+        held, self._ahead_held = self._ahead_held, None
+        if held is not None:
+            held.close()
+
+    async def _hand_back_read_ahead(self) -> None:
+        """Stopping: entries read ahead and never started go back to the peers at once."""
+        if self._ahead is None:
+            return
+        entries = await self._take_read_ahead()
+        try:
+            if entries:
+                assert self.upkeep is not None
+                await self.upkeep.release(entries)
+        finally:
+            self._drop_read_ahead_hold()
 
     async def _settle(self) -> None:
         """Wait for the commit in flight, if any; what it raised is raised here."""

@@ -1,9 +1,12 @@
-"""The commit of one bulk batch runs while the model embeds the next.
+"""Redis work overlaps the model's: the next bulk batch is read, and the last one
+committed, while the model embeds.
 
 A fake model that takes 50 ms a call and a commit slowed by 50 ms: with the
 commit behind, some commit and some model call are under way at the same
-moment; with it off (the old order: embed, commit, embed), never. Either way
-every index arrives exactly once.
+moment; with it off (the old order: embed, commit, embed), never. The next
+batch is claimed during the last model call of the one before. Either way
+every index arrives exactly once, and a worker that stops hands back what it
+read ahead.
 """
 
 import asyncio
@@ -13,9 +16,20 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from fakes import HashEmbedder
-from test_worker_recovery import assert_every_index_once, quick, running, submit, texts_of, wait_end
+from fakes import GateEmbedder, HashEmbedder
+from test_worker_recovery import (
+    BULK,
+    assert_every_index_once,
+    create_groups,
+    quick,
+    running,
+    submit,
+    texts_of,
+    wait_end,
+    wait_entered,
+)
 
+from pipeline.keys import GROUP
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from workers.worker import Worker
@@ -76,16 +90,61 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         await real_commit(self, results, entries)
         commits.append((started, time.monotonic()))
 
+    reads: list[Span] = []
+    real_read_ahead = Worker._read_ahead
+
+    async def read_ahead(self: Worker) -> Any:
+        started = time.monotonic()
+        found = await real_read_ahead(self)
+        if found[0]:
+            reads.append((started, time.monotonic()))
+        return found
+
     monkeypatch.setattr(Worker, "commit", slow_commit)
+    monkeypatch.setattr(Worker, "_read_ahead", read_ahead)
     texts = texts_of(1, 32)
     async with running(fast_settings, embedder) as run:
-        run.worker.commit_behind = behind
+        run.worker.overlap = behind
         job_id = await submit(pipeline, texts)
         end = await wait_end(pipeline, job_id)
     assert end["status"] == "completed" and len(commits) == 4
     assert len(embedder.spans) == 4
     if behind:
         assert overlapping(commits, embedder.spans) >= 2
+        # Batches 2, 3 and 4 were each read while the model embedded the one before.
+        assert len(reads) == 3 and overlapping(reads, embedder.spans) == 3
     else:
         assert overlapping(commits, embedder.spans) == 0
+        assert reads == []
     await assert_every_index_once(pipeline, job_id, texts)
+
+
+async def test_a_stopping_worker_hands_back_the_batch_it_read_ahead(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    patient = fast_settings.replace(visibility_timeout_s=60.0)
+    await create_groups(pipeline.redis)
+    texts = texts_of(1, 24)  # three batches of 8
+    job_id = await submit(pipeline, texts)
+    gate = GateEmbedder(patient)
+    try:
+        async with running(patient, gate, worker_id="worker-1") as run:
+            await wait_entered(gate)  # batch 1 in the model, batch 2 read ahead
+            run.stop.set()
+            gate.open()
+            await asyncio.wait_for(run.task, 10)
+    finally:
+        gate.open()
+    assert gate.calls == [texts[:8]]
+    job = await pipeline.job(job_id)
+    assert job["done"] == 8
+    # Batch 2's two chunks were read ahead and are handed back: idle past the
+    # timeout, and the delivery that was no attempt is not counted.
+    rows = await pipeline.redis.xpending_range(BULK, GROUP, "-", "+", 10)
+    assert [(r["consumer"], r["times_delivered"]) for r in rows] == [(b"worker-1", 0)] * 2
+    assert all(r["time_since_delivered"] >= 60_000 for r in rows)
+    peer = HashEmbedder(patient)  # a minute's visibility timeout: only a release explains it
+    async with running(patient, peer):
+        await wait_end(pipeline, job_id, timeout_s=10)
+    await assert_every_index_once(pipeline, job_id, texts)
+    assert sorted(peer.embedded_texts) == sorted(texts[8:])
