@@ -3,7 +3,7 @@
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import anyio
 import numpy as np
@@ -52,15 +52,6 @@ class StallingEmbedder(CachingEmbedder):
 @pytest.fixture
 def fast_settings(settings: Settings) -> Settings:
     return quick(settings).replace(call_max_texts=4, batch_max_texts=16)
-
-
-@pytest.fixture
-async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
-    service = Pipeline(fast_settings)
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 def work_of(texts: list[str], chunk: int = 0) -> Work:

@@ -5,7 +5,6 @@ attempt record a dying worker leaves); tests/e2e/test_worker_signals.py has
 the real segfaulting process.
 """
 
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -34,15 +33,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def fast_settings(settings: Settings) -> Settings:
     return quick(settings)
-
-
-@pytest.fixture
-async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
-    service = Pipeline(fast_settings)
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 async def die_holding(pipeline: Pipeline, job_id: str, record: dict[str, object] | None,

@@ -5,7 +5,6 @@ real-process SIGTERM cases are in tests/e2e/test_worker_signals.py.
 """
 
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -34,15 +33,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def fast_settings(settings: Settings) -> Settings:
     return quick(settings)
-
-
-@pytest.fixture
-async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
-    service = Pipeline(fast_settings)
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 async def test_a_stopped_worker_commits_its_model_call_and_hands_back_the_rest(

@@ -8,7 +8,6 @@ once, one result event per chunk, nothing left pending.
 """
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -46,15 +45,6 @@ class Died(Exception):
 @pytest.fixture
 def fast_settings(settings: Settings) -> Settings:
     return quick(settings)
-
-
-@pytest.fixture
-async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
-    service = Pipeline(fast_settings)
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 COMMIT_BOUNDARIES = {

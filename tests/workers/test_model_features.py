@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +65,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture
 def fast_settings(settings: Settings) -> Settings:
     return quick(settings).replace(batch_max_texts=64)
-
-
-@pytest.fixture
-async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
-    service = Pipeline(fast_settings)
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 def embedder_for(settings: Settings, model: Path | str) -> SentenceTransformerEmbedder:

@@ -12,7 +12,7 @@ read ahead.
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -61,15 +61,6 @@ class TimedEmbedder(HashEmbedder):
 def fast_settings(settings: Settings) -> Settings:
     # Claims of 8 texts in two chunks of 4: a 32-text job is four batches, four commits.
     return quick(settings).replace(batch_max_texts=8, call_max_texts=8)
-
-
-@pytest.fixture
-async def pipeline(fast_settings: Settings) -> AsyncIterator[Pipeline]:
-    service = Pipeline(fast_settings)
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 def overlapping(a: list[Span], b: list[Span]) -> int:
