@@ -452,8 +452,9 @@ class Worker:
                 latest[result.job_id] = outcome
         for job_id, outcome in latest.items():
             assert outcome.status is not None  # a written commit reports the status
-            data = {"id": job_id, "status": outcome.status.value, "done": outcome.done,
-                    "failed": outcome.failed, "total": outcome.total}
+            data: dict[str, Any] = {"id": job_id, "status": outcome.status.value,
+                                    "done": outcome.done, "failed": outcome.failed,
+                                    "total": outcome.total}
             event = f"job.{outcome.status.value}" if outcome.finished else "job.progress"
             if outcome.finished:
                 logger.info("job %s %s: %d done, %d failed", job_id, outcome.status.value,
@@ -466,6 +467,9 @@ class Worker:
                 continue
             assert self.scripts is not None
             try:  # once, whoever notices: the janitor announces it if this fails
+                # What embedded the job, as the janitor's announcement and the job say.
+                backend = await self.redis.hget(self.keys.job(job_id), "backend")
+                data["backend"] = backend.decode() if backend else None
                 await announce_created(self.scripts, job_id, maxlen=self.settings.feed_maxlen)
                 await announce(self.scripts, job_id, event, data,
                                maxlen=self.settings.feed_maxlen)

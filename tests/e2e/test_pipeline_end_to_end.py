@@ -192,6 +192,8 @@ def test_the_live_feed_shows_a_job_with_stats_and_resumes_without_repeats(stack:
     mine = [e for e in seen if e.event.startswith("job.") and e.data["id"] == job_id]
     assert mine[0].event == "job.created" and mine[-1].event == "job.completed"
     assert mine[-1].data["done"] == 100
+    assert mine[-1].data["backend"] == httpx.get(f"{stack}/v1/jobs/{job_id}").json()["backend"]
+    assert mine[-1].data["backend"]
     stats = [e for e in seen if e.event == "stats"]
     assert stats and stats[0].data["workers"] == 2
     assert {"queued_chunks", "running_chunks", "texts_total", "texts_per_s"} <= set(stats[0].data)
