@@ -512,15 +512,19 @@ async def announce(
     return True
 
 
-async def announce_created(scripts: JobScripts, job_id: str, *, maxlen: int) -> bool:
+async def announce_created(scripts: JobScripts, job_id: str, *, maxlen: int
+                           ) -> JobRecord | None:
     """Announce `job.created` unless someone did: whoever announces a later event calls
     this first, so the feed tells a job's creation before its end even when its
-    submitter died right after making it visible."""
+    submitter died right after making it visible. The job's record as read here
+    (None if the job is gone), for the caller's own event."""
     raw = await scripts.redis.hgetall(scripts.keys.job(job_id))
-    if not raw or raw.get(b"ann:job.created") == b"done":
-        return False
+    if not raw:
+        return None
     record = JobRecord.from_hash(raw)
-    return await announce(scripts, job_id, "job.created", record.public(), maxlen=maxlen)
+    if raw.get(b"ann:job.created") != b"done":
+        await announce(scripts, job_id, "job.created", record.public(), maxlen=maxlen)
+    return record
 
 
 async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> dict[str, Any]:

@@ -169,6 +169,13 @@ class Upkeep:
                 if held[entry_id] <= 0:
                     del held[entry_id]
 
+    def hold(self, entries: Iterable[Entry]) -> contextlib.ExitStack:
+        """`leasing(entries)` begun now and ended by the returned stack's close(), for
+        entries whose work outlives the caller's block (a task of their own)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.leasing(entries))
+            return stack.pop_all()
+
     async def renew_leases(self) -> None:
         """Reset the idle time of entries being worked on (JUSTID: no delivery bump)."""
         for stream, ids in list(self._leased.items()):

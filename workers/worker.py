@@ -83,8 +83,7 @@ logger = logging.getLogger(__name__)
 # model alone (`bench/torch_calls.py`) gains less, within its noise.
 TORCH_CALL_SCALE = 2
 
-
-ReadAhead = tuple[list["Entry"], contextlib.ExitStack]
+ReadAhead = tuple[list[Entry], contextlib.ExitStack]
 
 
 def new_worker_id() -> str:
@@ -338,9 +337,7 @@ class Worker:
         """
         await self._settle()
         assert self.upkeep is not None
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self.upkeep.leasing(w.entry for w in group))
-            held = stack.pop_all()
+        held = self.upkeep.hold(w.entry for w in group)
 
         async def commit() -> None:
             with held:
@@ -362,9 +359,7 @@ class Worker:
         reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.streams[1]: ">"},
                                             count=room)
         entries = _entries(reply)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self.upkeep.leasing(entries))
-            return entries, stack.pop_all()
+        return entries, self.upkeep.hold(entries)
 
     async def _take_read_ahead(self) -> list[Entry]:
         """The entries read ahead; their hold lasts until the batch is processed."""
@@ -467,10 +462,10 @@ class Worker:
                 continue
             assert self.scripts is not None
             try:  # once, whoever notices: the janitor announces it if this fails
+                record = await announce_created(self.scripts, job_id,
+                                                maxlen=self.settings.feed_maxlen)
                 # What embedded the job, as the janitor's announcement and the job say.
-                backend = await self.redis.hget(self.keys.job(job_id), "backend")
-                data["backend"] = backend.decode() if backend else None
-                await announce_created(self.scripts, job_id, maxlen=self.settings.feed_maxlen)
+                data["backend"] = (record.backend or None) if record is not None else None
                 await announce(self.scripts, job_id, event, data,
                                maxlen=self.settings.feed_maxlen)
             except RedisError:
