@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from processes import start_server, start_worker, wait_for_workers  # noqa: E402
 
-from pipeline.embedded import EmbeddedRedis  # noqa: E402
+from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

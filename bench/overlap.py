@@ -32,12 +32,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from table import EXPORTS, sentences  # noqa: E402
 
-from pipeline.embedded import EmbeddedRedis  # noqa: E402
-from pipeline.embedder import load_embedder  # noqa: E402
 from pipeline.inputs import Item, JobOptions  # noqa: E402
-from pipeline.models import bundled_model_dir  # noqa: E402
+from pipeline.model.info import bundled_model_dir  # noqa: E402
+from pipeline.model.loading import load_embedder  # noqa: E402
 from pipeline.service import Pipeline  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
+from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
 from workers.worker import Worker  # noqa: E402
 
 

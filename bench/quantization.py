@@ -2,7 +2,7 @@
 
 Embeds the STS-B dev pairs and the calibration corpus with the bundled model
 (sentence-transformers directly, as a worker does), quantizes the vectors
-with embedstream's own code (`pipeline.quantize`, the ranges from the shipped
+with embedstream's own code (`pipeline.jobs.quantize`, the ranges from the shipped
 calibration corpus) and scores each pair: cosine for float, int8 and uint8
 (on the integers as delivered), Hamming similarity (minus the number of
 differing bits) for ubinary. Prints a Markdown table for the README.
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.models import bundled_model_dir  # noqa: E402
-from pipeline.quantize import calibration_texts, quantize, ranges_from  # noqa: E402
+from pipeline.jobs.quantize import calibration_texts, quantize, ranges_from  # noqa: E402
+from pipeline.model.info import bundled_model_dir  # noqa: E402
 
 DEV = ROOT / "tests" / "data" / "stsbenchmark" / "sts-dev.csv"
 BYTES = {"float": 4 * 384, "int8": 384, "uint8": 384, "ubinary": 384 // 8}

@@ -24,11 +24,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import results
-from pipeline.connections import RedisClient, connect
-from pipeline.embedded import EmbeddedRedis
-from pipeline.jobs import JobRecord, JobStatus
+from pipeline.jobs import results
+from pipeline.jobs.record import JobRecord, JobStatus
 from pipeline.keys import Keys
+from pipeline.store.connections import RedisClient, connect
+from pipeline.store.embedded import EmbeddedRedis
 
 CHUNK, DIMS, JOB = 32, 384, "ab" * 16
 

@@ -45,8 +45,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from processes import Process, start_server, start_worker, wait_for_workers  # noqa: E402
 from sse_client import read_events  # noqa: E402
 
-from pipeline.embedded import EmbeddedRedis  # noqa: E402
-from pipeline.models import bundled_model_dir  # noqa: E402
+from pipeline.model.info import bundled_model_dir  # noqa: E402
+from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
 
 STS = ROOT / "tests" / "data" / "stsbenchmark"
 EXPORTS = ROOT / ".embedstream" / "onnx"
@@ -302,7 +302,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def sts_quality() -> tuple[float, float, float]:
     """STS-B dev Spearman for onnx fp32 and int8, and their mean cosine to each other."""
-    from pipeline.embedder import load_embedder
+    from pipeline.model.loading import load_embedder
     from pipeline.settings import Settings
 
     first, second, gold = dev_pairs()

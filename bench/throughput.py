@@ -29,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from processes import start_server, start_worker, wait_for_workers  # noqa: E402
 from sse_client import read_events  # noqa: E402
 
-from pipeline.embedded import EmbeddedRedis  # noqa: E402
-from pipeline.models import bundled_model_dir  # noqa: E402
+from pipeline.model.info import bundled_model_dir  # noqa: E402
+from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
 
 STS = ROOT / "tests" / "data" / "stsbenchmark" / "sts-train.csv"
 

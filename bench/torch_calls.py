@@ -26,10 +26,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from table import sentences  # noqa: E402
 
-from pipeline.embedder import SentenceTransformerEmbedder  # noqa: E402
-from pipeline.models import bundled_model_dir  # noqa: E402
+from pipeline.model.info import bundled_model_dir  # noqa: E402
+from pipeline.model.torch_backend import SentenceTransformerEmbedder  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from workers.batching import ModelCalls  # noqa: E402
+from workers.model_calls import ModelCalls  # noqa: E402
 
 # (claim texts, call texts, call tokens): the default's worker, torch's, and longer sorts.
 SHAPES = [(128, 16, 1024), (128, 32, 2048), (256, 32, 2048), (512, 32, 2048)]

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from embedstream.logs import configure as configure_logs
-from pipeline.settings import PREFIX, Settings
+from pipeline import PREFIX, Settings
 
 app = typer.Typer(help="A streaming embedding pipeline on Redis Streams.",
                   no_args_is_help=True, add_completion=False,
@@ -127,7 +127,7 @@ def serve(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = N
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model, host=host,
                          port=port, api_keys=_api_keys(api_keys), insecure=insecure or None)
     _check_bind(settings)
-    from pipeline.embedded import redis_for
+    from pipeline.store import redis_for
 
     with redis_for(settings) as url:
         asyncio.run(_serve(settings.replace(redis_url=url), log_level))
@@ -188,14 +188,14 @@ def worker(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = 
     _logging(log_level, log_format)
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model,
                          backend=backend, device=device)
-    from pipeline.embedded import redis_for
+    from pipeline.store import redis_for
 
     with redis_for(settings) as url:
         asyncio.run(_work(settings.replace(redis_url=url), name))
 
 
 async def _work(settings: Settings, name: str | None) -> None:
-    from pipeline.embedder import load_embedder
+    from pipeline.model import load_embedder
     from workers.calibration import calibrate
     from workers.worker import Worker
 
@@ -243,7 +243,7 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] 
                          insecure=insecure or None)
     _check_bind(settings)
     models = list(dict.fromkeys(model or [settings.model]))
-    from pipeline.embedded import redis_for
+    from pipeline.store import redis_for
 
     with redis_for(settings, adopt=True) as url:
         settings = settings.replace(redis_url=url)
@@ -260,9 +260,8 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] 
 
 async def _announce(settings: Settings, workers: int, models: list[str]) -> None:
     """Print the URLs (the port is bound), then one `ready` line once a worker is up."""
-    from pipeline.connections import connect
-    from pipeline.keys import Keys
-    from pipeline.stats import live_workers
+    from pipeline import Keys
+    from pipeline.store import connect, live_workers
 
     base = f"http://{settings.host}:{settings.port}"
     for line in (f"redis:     {settings.redis_url}", f"api:       {base}/v1/jobs",
@@ -314,7 +313,7 @@ def mcp(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = Non
     _logging(log_level, log_format)
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model)
     from mcp_server.agents import run_stdio
-    from pipeline.embedded import find_running, redis_for
+    from pipeline.store import find_running, redis_for
 
     # stdout is the protocol's: tell the agent's user on stderr, which
     # desktop agents show in their MCP server logs.

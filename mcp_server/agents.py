@@ -45,10 +45,8 @@ from starlette.types import Receive, Scope, Send
 from mcp_server.job_updates import JOB_URI_TEMPLATE, JobUpdates, OwnedSubscriptions
 from mcp_server.tool_descriptions import INSTRUCTIONS
 from mcp_server.tools import AgentTools, context_caller
-from pipeline.embedded import redis_for
-from pipeline.errors import InvalidJobId, JobNotFound, PipelineError
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
+from pipeline import InvalidJobId, JobNotFound, Pipeline, PipelineError, Settings
+from pipeline.store import redis_for
 
 MCP_PATH = "/mcp"
 SSE_PATH = "/sse"

@@ -27,18 +27,18 @@ from mcp_server import (
     event_routes,
     health,
     job_routes,
-    models,
     session_routes,
+)
+from mcp_server import (
+    model_routes as models,
 )
 from mcp_server.auth import APIKeyMiddleware
 from mcp_server.body_guard import BodyGuard
-from mcp_server.errors import EXCEPTION_HANDLERS
 from mcp_server.health import Metrics, RequestMetrics
 from mcp_server.host_guard import HostGuard, HostPolicy
+from mcp_server.http_errors import EXCEPTION_HANDLERS
 from mcp_server.sessions import SessionStore
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
-from pipeline.tasks import cancel_and_wait
+from pipeline import Pipeline, Settings, cancel_and_wait
 
 CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key",
                 "Last-Event-ID", "Mcp-Session-Id", "Mcp-Protocol-Version"]

@@ -27,10 +27,10 @@ import hmac
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mcp_server.errors import error_response
+from mcp_server.http_errors import error_response
 from mcp_server.sessions import SESSION_COOKIE, Session, SessionStore
-from pipeline.settings import Settings
-from pipeline.tenants import TRUSTED, Caller, owner_id
+from pipeline import Settings
+from pipeline.jobs import TRUSTED, Caller, owner_id
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 OPEN_ROUTES = frozenset({("POST", "/v1/session")})

@@ -18,9 +18,8 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcp_server.errors import error_response
-from pipeline.errors import PayloadTooLarge
-from pipeline.settings import Settings
+from mcp_server.http_errors import error_response
+from pipeline import PayloadTooLarge, Settings
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/ndjson",

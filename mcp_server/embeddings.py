@@ -18,9 +18,8 @@ from starlette.routing import Route
 
 from mcp_server.payloads import json_body, pipeline_of, request_caller, settings_of
 from mcp_server.responses import json_response
-from pipeline.errors import InvalidInput, PayloadTooLarge
-from pipeline.inputs import Item, parse_item, parse_options
-from pipeline.quantize import ENCODINGS
+from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options
+from pipeline.jobs import ENCODINGS
 
 OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 EXTRA_FIELDS = ("normalize", "truncate", "chunk", "chunk_overlap", "prompt", "prompt_name")

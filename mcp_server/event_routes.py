@@ -7,7 +7,7 @@ validated before the stream opens, so a malformed one is a 400, not a broken
 stream. Vectors are serialized by orjson straight from numpy (no per-float
 Python work); NaN cannot occur (the worker fails such inputs). Every stream
 is built by `mcp_server.responses.event_stream`, and read through the
-process's fan-out hubs (one Redis reader per stream, `pipeline.fanout`).
+process's fan-out hubs (one Redis reader per stream, `pipeline.store.fanout`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from mcp_server.payloads import pipeline_of, query_encoding, request_caller, settings_of
 from mcp_server.responses import event_stream
-from pipeline.events import check_event_id
+from pipeline.jobs import check_event_id
 
 
 def resume_cursor(request: Request) -> str | None:

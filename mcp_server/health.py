@@ -37,11 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_server.payloads import pipeline_of
 from mcp_server.responses import json_response
-from pipeline.connections import redis_outage
-from pipeline.errors import Unavailable
-from pipeline.keys import Keys
-from pipeline.metrics import Histogram, read_metrics
-from pipeline.stats import lanes, live_workers
+from pipeline import Keys, Unavailable
+from pipeline.store import Histogram, lanes, live_workers, read_metrics, redis_outage
 
 COUNTER_HELP = {
     "batches": "Model calls made by workers",

@@ -23,11 +23,8 @@ from mcp_server.payloads import (
     settings_of,
 )
 from mcp_server.responses import json_response
-from pipeline.errors import InvalidInput
-from pipeline.inputs import Item, parse_item, parse_options, parse_query_options
-from pipeline.job_index import MAX_LIMIT
-from pipeline.jobs import check_job_id
-from pipeline.results import MAX_PAGE
+from pipeline import InvalidInput, Item, parse_item, parse_options, parse_query_options
+from pipeline.jobs import MAX_LIMIT, MAX_PAGE, check_job_id
 
 MAX_IDEMPOTENCY_KEY = 255
 

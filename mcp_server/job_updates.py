@@ -39,10 +39,8 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated, S
 from redis.exceptions import RedisError
 
 from mcp_server.auth import caller_of
-from pipeline.errors import PipelineError
-from pipeline.jobs import JOB_ID
-from pipeline.service import Pipeline
-from pipeline.tenants import Caller, visible
+from pipeline import Pipeline, PipelineError
+from pipeline.jobs import JOB_ID, Caller, visible
 
 logger = logging.getLogger(__name__)
 

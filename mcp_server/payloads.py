@@ -18,11 +18,15 @@ from starlette.requests import Request
 
 from mcp_server.auth import caller_of
 from mcp_server.body_guard import body_kind
-from pipeline.errors import InvalidInput, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from pipeline.quantize import ENCODINGS
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
-from pipeline.tenants import Caller
+from pipeline import (
+    InvalidInput,
+    InvalidRequest,
+    PayloadTooLarge,
+    Pipeline,
+    Settings,
+    UnsupportedMediaType,
+)
+from pipeline.jobs import ENCODINGS, Caller
 
 MAX_LINE_BYTES = 1024 * 1024
 

@@ -32,9 +32,9 @@ import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
-from pipeline.events import Event
-from pipeline.fanout import SubscriberDropped
-from pipeline.settings import Settings
+from pipeline import Settings
+from pipeline.jobs import Event
+from pipeline.store import SubscriberDropped
 
 SEND_TIMEOUT_S = 30.0
 SHUTDOWN_GRACE_S = 1.0

@@ -23,7 +23,7 @@ from mcp_server.auth import CALLER, SESSION, KeyRing, caller_of
 from mcp_server.payloads import json_body, settings_of
 from mcp_server.responses import json_response
 from mcp_server.sessions import SESSION_COOKIE, Session, SessionStore
-from pipeline.errors import InvalidInput, InvalidRequest, Unauthorized
+from pipeline import InvalidInput, InvalidRequest, Unauthorized
 
 
 def _store(request: Request) -> SessionStore:

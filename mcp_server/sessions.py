@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.tenants import Caller
+from pipeline.jobs import Caller
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.keys import Keys
+    from pipeline import Keys
+    from pipeline.store import RedisClient
 
 SESSION_COOKIE = "embedstream_session"
 

@@ -37,16 +37,22 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from mcp_server import tool_schemas as schema
 from mcp_server.auth import caller_of
 from mcp_server.job_updates import job_uri
-from mcp_server.models import model_object
+from mcp_server.model_routes import model_object
 from mcp_server.tool_descriptions import DESCRIPTIONS
-from pipeline.errors import InvalidInput, PayloadTooLarge, PipelineError, Unavailable
-from pipeline.inputs import DEFAULT_CHUNK_OVERLAP, JobOptions, parse_item, parse_options
-from pipeline.jobs import JobStatus
-from pipeline.quantize import check_encoding
-from pipeline.results import MAX_PAGE
-from pipeline.service import Pipeline, ProgressCallback
-from pipeline.settings import Settings
-from pipeline.tenants import Caller
+from pipeline import (
+    DEFAULT_CHUNK_OVERLAP,
+    InvalidInput,
+    JobOptions,
+    PayloadTooLarge,
+    Pipeline,
+    PipelineError,
+    ProgressCallback,
+    Settings,
+    Unavailable,
+    parse_item,
+    parse_options,
+)
+from pipeline.jobs import MAX_PAGE, Caller, JobStatus, check_encoding
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -35,9 +35,6 @@ import anyio
 import numpy as np
 from redis.exceptions import RedisError
 
-from pipeline import events, interactive, janitor, job_index, jobs, results, submission
-from pipeline.backlog import Backlog
-from pipeline.connections import connect, redis_outage
 from pipeline.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -47,14 +44,20 @@ from pipeline.errors import (
     PipelineError,
     Unavailable,
 )
-from pipeline.fanout import Hubs
 from pipeline.inputs import Item, JobOptions
+from pipeline.jobs import events, interactive, janitor, results, submission
+from pipeline.jobs import index as job_index
+from pipeline.jobs.backlog import Backlog
+from pipeline.jobs.quantize import VectorView, Views
+from pipeline.jobs.record import JobRecord, JobStatus, load_job
+from pipeline.jobs.scripts import JobScripts, announce, cancel_job
+from pipeline.jobs.tenants import TRUSTED, Caller, OwnerCache, check_visible, visible
 from pipeline.keys import Keys
-from pipeline.models import ModelInfo, find_served, resolve_model
-from pipeline.quantize import VectorView, Views
-from pipeline.stats import StatsSampler, live_workers, served_models
+from pipeline.model.info import ModelInfo, find_served, resolve_model
+from pipeline.store.connections import connect, redis_outage
+from pipeline.store.fanout import Hubs
+from pipeline.store.stats import StatsSampler, live_workers, served_models
 from pipeline.tasks import cancel_and_wait, honour_cancel
-from pipeline.tenants import TRUSTED, Caller, OwnerCache, check_visible, visible
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -133,7 +136,7 @@ class Pipeline:
         # Commands share a small pool (they wait for a free connection); blocking
         # reads get their own, one per fan-out hub or interactive wait.
         self.redis = connect(settings.redis_url, max_connections=COMMAND_CONNECTIONS)
-        self.scripts = jobs.JobScripts(self.redis, self.keys)
+        self.scripts = JobScripts(self.redis, self.keys)
         self.idempotency = submission.IdempotencyKeys(self.redis, self.keys, settings,
                                                       IDEMPOTENCY_TTL_S)
         self.blocking = connect(settings.redis_url, blocking=True)
@@ -222,7 +225,7 @@ class Pipeline:
         under the same key is refused with 422 rather than silently answered
         with a job that is not its own. The key is leased to this upload while
         it runs and bound to the job once the job is queued (see
-        `pipeline.submission`); cleanup after a failure or a cancellation runs
+        `pipeline.jobs.submission`); cleanup after a failure or a cancellation runs
         to its end, shielded from the cancellation.
 
         Backpressure (`Backlog`) is checked before anything is written and
@@ -320,18 +323,18 @@ class Pipeline:
             logger.warning("could not clean up job %s; its staged keys expire by themselves",
                            writer.job_id, exc_info=True)
 
-    async def _announce_created(self, record: jobs.JobRecord) -> None:
+    async def _announce_created(self, record: JobRecord) -> None:
         try:
-            await jobs.announce(self.scripts, record.id, "job.created", record.public(),
+            await announce(self.scripts, record.id, "job.created", record.public(),
                                 maxlen=self.settings.feed_maxlen)
             await self.scripts.step("announced")
         except RedisError:  # the janitor announces it
             logger.warning("could not announce job %s", record.id, exc_info=True)
 
     @_outage_is_unavailable
-    async def owned(self, job_id: str, caller: Caller) -> jobs.JobRecord:
+    async def owned(self, job_id: str, caller: Caller) -> JobRecord:
         """The record of a job `caller` may see; JobNotFound for anyone else's."""
-        record = await jobs.load_job(self.redis, self.keys, job_id)
+        record = await load_job(self.redis, self.keys, job_id)
         check_visible(job_id, record.owner, caller)
         return record
 
@@ -350,9 +353,9 @@ class Pipeline:
                                          cursor=cursor, status=status)
 
     @_outage_is_unavailable
-    async def record(self, job_id: str) -> jobs.JobRecord:
+    async def record(self, job_id: str) -> JobRecord:
         """A job's whole record (counters such as `tokens` included)."""
-        return await jobs.load_job(self.redis, self.keys, job_id)
+        return await load_job(self.redis, self.keys, job_id)
 
     @_outage_is_unavailable
     async def results(
@@ -381,7 +384,7 @@ class Pipeline:
     async def cancel(self, job_id: str, caller: Caller = TRUSTED) -> dict[str, Any]:
         """Cancel a job; returns its status afterwards."""
         await self.owned(job_id, caller)
-        job = await jobs.cancel_job(self.scripts, self.settings, job_id)
+        job = await cancel_job(self.scripts, self.settings, job_id)
         logger.info("job %s cancel asked: now %s", job_id, job["status"],
                     extra={"event": "job.cancelled", "job_id": job_id, "status": job["status"]})
         return job
@@ -440,7 +443,7 @@ class Pipeline:
         """Embed a few texts through the queue and wait: (job, rows in index order).
 
         At most `fast_lane_max_texts` texts go as one interactive request (no
-        job: `pipeline.interactive`); more, or `truncate: false`, as a job.
+        job: `pipeline.jobs.interactive`); more, or `truncate: false`, as a job.
         The job dict carries `tokens` either way.
         """
         timeout_s = timeout_s or self.settings.embed_timeout_s
@@ -516,7 +519,7 @@ class Pipeline:
     ) -> list[dict[str, Any]]:
         """The `top_k` inputs of a finished job nearest to `query`."""
         record = await self.owned(job_id, caller)
-        if record.status is not jobs.JobStatus.COMPLETED:
+        if record.status is not JobStatus.COMPLETED:
             raise JobNotFinished(f"job {job_id} is {record.status.value}; search_job needs a "
                                  "completed job (poll its status first)")
         options = JobOptions(dimensions=record.dimensions, model=record.model)

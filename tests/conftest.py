@@ -27,10 +27,11 @@ from pathlib import Path
 import pytest
 from cluster import ValkeyCluster
 
-from pipeline.connections import connect_sync
-from pipeline.embedded import EmbeddedRedis, find_server_binary
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
+from pipeline.store.connections import connect_sync
+from pipeline.store.embedded import EmbeddedRedis
+from pipeline.store.server_files import find_server_binary
 
 REDIS7_MISSING = "redis-server not on PATH; apt-get install redis-server"
 

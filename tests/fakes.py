@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embedder import Embedded, shape_vectors
-from pipeline.models import ModelInfo, canonical_model_name, describe_local_model
+from pipeline.model.embedder import Embedded, shape_vectors
+from pipeline.model.info import ModelInfo, canonical_model_name, describe_local_model
 from pipeline.settings import Settings
 
 FAKE_DIMENSIONS = 8

@@ -22,14 +22,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.connections import connect
-from pipeline.keys import Keys
-from pipeline.quantize import calibration_texts, has_calibration, store_calibration
+from pipeline import Keys
+from pipeline.jobs import calibration_texts, has_calibration, store_calibration
+from pipeline.store import connect
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.embedder import Embedder
-    from pipeline.settings import Settings
+    from pipeline import Settings
+    from pipeline.model import Embedder
+    from pipeline.store import RedisClient
 
 logger = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.keys import GROUP
+from pipeline import GROUP
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from pipeline.connections import RedisClient
+    from pipeline.store import RedisClient
 
 NO_GROUP = -1
 

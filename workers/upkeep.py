@@ -41,19 +41,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError, ResponseError
 
-from pipeline import feed
-from pipeline.janitor import sweep_jobs
-from pipeline.jobs import JobScripts
-from pipeline.keys import GROUP
-from pipeline.tasks import honour_cancel
-from workers.batch import Entry, parse_entry
+from pipeline import GROUP, honour_cancel
+from pipeline.jobs import JobScripts, sweep_jobs
+from pipeline.store import feed
 from workers.lanes import Forgotten, Lanes
+from workers.work import Entry, parse_entry
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.keys import Keys
-    from pipeline.models import ModelInfo
-    from pipeline.settings import Settings
+    from pipeline import Keys, Settings
+    from pipeline.model import ModelInfo
+    from pipeline.store import RedisClient
 
 logger = logging.getLogger(__name__)
 

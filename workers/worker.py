@@ -24,7 +24,7 @@ reclaimed nor its worker announced dead. Exiting at once on a second signal
 is the CLI's: the entries in hand stay pending and are reclaimed after the
 visibility timeout.
 
-A batch is embedded in several short model calls (`workers.batching`);
+A batch is embedded in several short model calls (`workers.model_calls`);
 between two of them the worker serves the fast lane, so an interactive
 request waits for at most about one call, not for a whole bulk batch. A
 worker claims at most one model call's worth of fast-lane texts at a time,
@@ -48,32 +48,22 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline import feed, metrics
-from pipeline.cache import EmbeddingCache, fingerprint
-from pipeline.connections import connect
-from pipeline.embedder import backend_of
+from pipeline import GROUP, Keys, cancel_and_wait, honour_cancel
 from pipeline.jobs import Committed, JobScripts, announce, announce_created
-from pipeline.keys import GROUP, Keys
-from pipeline.tasks import cancel_and_wait, honour_cancel
-from workers import interactive
-from workers.batch import (
-    Entry,
-    Work,
-    chunk_result,
-    embed_attempted,
-    failed_result,
-    load_work,
-    open_attempts,
-    parse_entry,
-)
-from workers.batching import BUSY_S, BetweenCalls, ModelCalls
+from pipeline.model import backend_of
+from pipeline.store import connect, feed, metrics
+from workers import replies as interactive
+from workers.batch import chunk_result, embed_attempted, failed_result, load_work, open_attempts
+from workers.cache import EmbeddingCache, fingerprint
+from workers.model_calls import BUSY_S, BetweenCalls, ModelCalls
 from workers.upkeep import Upkeep
+from workers.work import Entry, Work, parse_entry
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.embedder import Embedder
-    from pipeline.results import ChunkResult
-    from pipeline.settings import Settings
+    from pipeline import Settings
+    from pipeline.jobs import ChunkResult
+    from pipeline.model import Embedder
+    from pipeline.store import RedisClient
 
 logger = logging.getLogger(__name__)
 

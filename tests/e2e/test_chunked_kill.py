@@ -12,15 +12,15 @@ import pytest
 from fakes import DELAY_ENV, raw_vector
 from processes import start_worker
 
-from pipeline.embedded import EmbeddedRedis
-from pipeline.embedder import shape_vectors
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.embedder import shape_vectors
+from pipeline.model.info import DEFAULT_MODEL
+from pipeline.model.tokens import tokenizer
+from pipeline.model.windows import split_windows
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
-from pipeline.tokens import tokenizer
-from pipeline.windows import split_windows
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -21,8 +21,8 @@ from fakes import expected_vector
 from processes import Process, start_server, start_worker, wait_for_workers, wait_until
 from sse_client import read_events
 
-from pipeline.connections import connect_sync
 from pipeline.keys import GROUP, Keys
+from pipeline.store.connections import connect_sync
 
 pytestmark = pytest.mark.slow
 

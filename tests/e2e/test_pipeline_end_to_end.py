@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from sse_client import read_events
 from sts_data import STS_DIR
 
-from pipeline.embedded import EmbeddedRedis
+from pipeline.store.embedded import EmbeddedRedis
 
 STS = STS_DIR
 
@@ -90,7 +90,7 @@ def stream_results(
 def test_sts_dev_through_the_pipeline_matches_direct_encoding(stack: str) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.models import bundled_model_dir
+    from pipeline.model.info import bundled_model_dir
 
     first, second, gold = sts_pairs("dev")
     texts = first + second

@@ -9,7 +9,7 @@ import pytest
 from processes import start_server, start_worker, wait_for_workers
 from sse_client import read_events
 
-from pipeline.embedded import EmbeddedRedis
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 

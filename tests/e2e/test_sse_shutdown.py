@@ -19,7 +19,7 @@ import httpx
 import pytest
 from processes import start_server
 
-from pipeline.embedded import EmbeddedRedis
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 RETRY = re.compile(r"^retry: (\d+)$")

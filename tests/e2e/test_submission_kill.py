@@ -18,8 +18,8 @@ import pytest
 import redis
 from processes import Process, start_server, start_worker, wait_for_workers, wait_until
 
-from pipeline.embedded import EmbeddedRedis
 from pipeline.keys import Keys
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 

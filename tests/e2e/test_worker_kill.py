@@ -11,7 +11,7 @@ from processes import start_server, start_worker, wait_for_workers, wait_until
 from sse_client import read_events
 from sts_data import STS_DIR
 
-from pipeline.embedded import EmbeddedRedis
+from pipeline.store.embedded import EmbeddedRedis
 
 STS = STS_DIR
 

@@ -26,12 +26,12 @@ import pytest
 from fakes import CRASH, DELAY_ENV, expected_vector
 from processes import Process, start_worker
 
-from pipeline.embedded import EmbeddedRedis
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -21,8 +21,8 @@ from processes import Process, free_port, start_worker, wait_for_http, wait_for_
 
 from embedstream import AsyncClient, Client, EmbedstreamError, ServerUnreachable
 from mcp_server.app import create_app
-from pipeline.embedded import EmbeddedRedis
 from pipeline.settings import Settings
+from pipeline.store.embedded import EmbeddedRedis
 from workers.worker import Worker
 
 DIMS = 384

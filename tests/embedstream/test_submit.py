@@ -36,7 +36,7 @@ from embedstream.bulk import (
     EXIT_UNREACHABLE,
 )
 from embedstream.cli import app
-from pipeline.embedded import EmbeddedRedis
+from pipeline.store.embedded import EmbeddedRedis
 
 DIMS = 384
 
@@ -247,7 +247,7 @@ def test_a_submit_killed_half_way_resumes_with_one_job_and_no_duplicate_row(
 def test_submit_of_3000_lines_with_the_real_model_equals_a_direct_encode(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.models import bundled_model_dir
+    from pipeline.model.info import bundled_model_dir
 
     with (STS_DIR / "sts-train.csv").open(encoding="utf-8") as handle:
         texts = list(dict.fromkeys(line.split("\t")[5] for line in handle))[:3000]

@@ -30,7 +30,7 @@ def test_up_starts_workers_for_each_model_and_serves_the_first_as_default(
     async def fake_serve(settings: Settings, *args: Any) -> None:
         served.append(settings)
 
-    monkeypatch.setattr("pipeline.embedded.redis_for", fake_redis)
+    monkeypatch.setattr("pipeline.store.redis_for", fake_redis)
     monkeypatch.setattr(cli, "_spawn_worker", fake_spawn)
     monkeypatch.setattr(cli, "_serve", fake_serve)
     monkeypatch.setattr(cli, "_stop_children", lambda children: None)

@@ -19,13 +19,13 @@ from mcp import Client
 
 from mcp_server.agents import build_mcp
 from mcp_server.app import create_app
-from pipeline.connections import connect
 from pipeline.errors import Overloaded
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("es")

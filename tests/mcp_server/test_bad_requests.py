@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcp_server.app import create_app
-from pipeline.connections import connect
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 
 pytestmark = pytest.mark.anyio
 

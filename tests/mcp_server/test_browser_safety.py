@@ -21,9 +21,9 @@ from starlette.requests import Request
 
 from mcp_server.app import create_app
 from mcp_server.payloads import LineSplitter, ndjson_values
-from pipeline.connections import connect
 from pipeline.errors import PayloadTooLarge
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 
 pytestmark = pytest.mark.anyio
 

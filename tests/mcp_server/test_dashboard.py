@@ -23,8 +23,8 @@ from live_server import live_server
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 from processes import Process, start_server, start_worker, wait_for_workers, wait_until
 
-from pipeline.embedded import EmbeddedRedis
 from pipeline.settings import Settings
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 

@@ -21,14 +21,14 @@ from sentence_transformers.util import quantize_embeddings
 from test_rest_api import assert_error, parse_sse, submit, wait_done
 
 from mcp_server.app import create_app
-from pipeline.connections import connect
-from pipeline.embedder import shape_vectors
+from pipeline.jobs.quantize import calibration_texts
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
-from pipeline.quantize import calibration_texts
+from pipeline.model.embedder import shape_vectors
+from pipeline.model.info import DEFAULT_MODEL
+from pipeline.model.tokens import tokenizer
+from pipeline.model.windows import split_windows
 from pipeline.settings import Settings
-from pipeline.tokens import tokenizer
-from pipeline.windows import split_windows
+from pipeline.store.connections import connect
 from workers.calibration import calibrate
 from workers.worker import Worker
 

@@ -15,8 +15,8 @@ from mcp_sessions import call, call_error, read_all_results, wait_for_status
 from test_job_options_api import QUANTIZED, SENTENCES, reference
 
 from mcp_server.agents import build_mcp
-from pipeline.embedder import shape_vectors
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.embedder import shape_vectors
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from workers.calibration import calibrate

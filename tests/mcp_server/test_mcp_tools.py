@@ -37,8 +37,9 @@ from starlette.middleware import Middleware
 
 from mcp_server.agents import build_mcp, mcp_lifespan, mcp_routes
 from mcp_server.host_guard import HostGuard, HostPolicy
-from pipeline.embedder import Embedder, load_embedder
-from pipeline.models import bundled_model_dir
+from pipeline.model.embedder import Embedder
+from pipeline.model.info import bundled_model_dir
+from pipeline.model.loading import load_embedder
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from workers.worker import Worker

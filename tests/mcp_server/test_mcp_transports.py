@@ -34,7 +34,7 @@ from mcp_types import LATEST_PROTOCOL_VERSION
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 from processes import ROOT, Process, start_server, start_worker, wait_for_workers
 
-from pipeline.embedded import EmbeddedRedis
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -19,10 +19,10 @@ from fakes import HashEmbedder
 from prometheus_client.parser import text_string_to_metric_families
 
 from mcp_server.app import create_app
-from pipeline import metrics
-from pipeline.connections import connect
 from pipeline.keys import Keys
 from pipeline.settings import Settings
+from pipeline.store import metrics
+from pipeline.store.connections import connect
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio

@@ -2,7 +2,7 @@
 
 The app gets a Valkey of its own, started for the test and stopped in the
 middle of it; Redis connection and timeout errors become `Unavailable` in one
-place (`Pipeline`, through `pipeline.connections.redis_outage`).
+place (`Pipeline`, through `pipeline.store.connections.redis_outage`).
 """
 
 from collections.abc import Iterator
@@ -13,9 +13,9 @@ import pytest
 
 from mcp_server.app import create_app
 from mcp_server.tools import tool_errors
-from pipeline.embedded import EmbeddedRedis
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.anyio
 

@@ -21,10 +21,10 @@ import pytest
 from fakes import HashEmbedder, expected_vector, token_count
 
 from mcp_server.app import create_app
-from pipeline.connections import connect
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio

@@ -13,11 +13,11 @@ from cluster import ValkeyCluster
 from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pipeline.connections import ClusterClient, connect, is_cluster, stream_keys
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store.connections import ClusterClient, connect, is_cluster, stream_keys
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("es")

@@ -14,17 +14,18 @@ import anyio
 import numpy as np
 import pytest
 
-from pipeline.connections import connect
 from pipeline.errors import InvalidCursor, InvalidJobId, JobNotFound
-from pipeline.events import Event, check_event_id, follow_job
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import CommitOutcome, Committed, JobScripts, JobStatus, get_job
-from pipeline.jobs import cancel_job as cancel_with_scripts
+from pipeline.jobs.events import Event, check_event_id, follow_job
+from pipeline.jobs.record import JobStatus, get_job
+from pipeline.jobs.results import ChunkResult, parse_cursor, read_page
+from pipeline.jobs.scripts import CommitOutcome, Committed, JobScripts
+from pipeline.jobs.scripts import cancel_job as cancel_with_scripts
+from pipeline.jobs.submission import JobWriter
 from pipeline.keys import Keys
-from pipeline.models import ModelInfo
-from pipeline.results import ChunkResult, parse_cursor, read_page
+from pipeline.model.info import ModelInfo
 from pipeline.settings import Settings
-from pipeline.submission import JobWriter
+from pipeline.store.connections import connect
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.connections import connect_sync, is_cluster
-from pipeline.embedded import EmbeddedRedis, find_running, find_server_binary, redis_for
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
+from pipeline.store.connections import connect_sync, is_cluster
+from pipeline.store.embedded import EmbeddedRedis, find_running, redis_for
+from pipeline.store.server_files import find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +74,7 @@ def test_find_running_returns_the_url_of_the_server_for_a_data_dir(tmp_path: Pat
 
 def test_find_running_works_from_another_process(tmp_path: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from pipeline.embedded import find_running;"
+        "import sys; from pathlib import Path; from pipeline.store.embedded import find_running;"
         " print(find_running(Path(sys.argv[1])))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

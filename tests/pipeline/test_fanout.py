@@ -15,13 +15,13 @@ from typing import Any
 import anyio
 import pytest
 
-from pipeline import feed
-from pipeline.connections import connect
-from pipeline.events import Event
-from pipeline.fanout import Entry, StreamHub, SubscriberDropped
+from pipeline.jobs.events import Event
 from pipeline.keys import Keys
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store import feed
+from pipeline.store.connections import connect
+from pipeline.store.fanout import Entry, StreamHub, SubscriberDropped
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("es")

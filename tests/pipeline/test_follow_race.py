@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.connections import connect
-from pipeline.events import follow_job
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import JobScripts
+from pipeline.jobs.events import follow_job
+from pipeline.jobs.results import ChunkResult
+from pipeline.jobs.scripts import JobScripts
+from pipeline.jobs.submission import JobWriter
 from pipeline.keys import Keys
-from pipeline.models import ModelInfo
-from pipeline.results import ChunkResult
+from pipeline.model.info import ModelInfo
 from pipeline.settings import Settings
-from pipeline.submission import JobWriter
+from pipeline.store.connections import connect
 
 pytestmark = pytest.mark.anyio
 

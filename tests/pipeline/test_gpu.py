@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.embedder import SentenceTransformerEmbedder, load_embedder
+from pipeline.model.loading import load_embedder
+from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.settings import Settings
 
 pytestmark = pytest.mark.slow

@@ -4,10 +4,10 @@ import pytest
 
 from pipeline.errors import Conflict, IdempotencyKeyReused
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import new_job_id
+from pipeline.jobs.record import new_job_id
+from pipeline.jobs.submission import Hold
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
-from pipeline.submission import Hold
 
 pytestmark = pytest.mark.anyio
 

@@ -8,11 +8,11 @@ import orjson
 import pytest
 from fakes import fake_model_info
 
-from pipeline import janitor
 from pipeline.errors import InvalidInput
 from pipeline.inputs import Item, JobOptions, parse_options, parse_query_options
+from pipeline.jobs import janitor
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from workers.upkeep import Upkeep

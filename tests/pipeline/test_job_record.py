@@ -4,7 +4,7 @@ import dataclasses
 import typing
 
 from mcp_server.tool_schemas import StatusName
-from pipeline.jobs import PUBLIC_STATUSES, TERMINAL_STATUSES, JobRecord, JobStatus
+from pipeline.jobs.record import PUBLIC_STATUSES, TERMINAL_STATUSES, JobRecord, JobStatus
 
 
 def a_record(**changes: typing.Any) -> JobRecord:

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from pipeline.jobs import new_job_id
+from pipeline.jobs.record import new_job_id
 from pipeline.keys import GROUP, LANES, Keys, model_slug
 
 JOB = "0123456789abcdef0123456789abcdef"

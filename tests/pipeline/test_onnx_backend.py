@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from sts_data import STS_DEV
 
-from pipeline.embedder import SentenceTransformerEmbedder, backend_of, load_embedder
-from pipeline.onnx_backend import ensure_exported, export_path, model_folder, token_runs
+from pipeline.model.embedder import backend_of
+from pipeline.model.files import model_folder
+from pipeline.model.loading import load_embedder
+from pipeline.model.onnx_backend import ensure_exported, export_path, token_runs
+from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -60,7 +63,7 @@ def test_int8_stays_close_to_fp32(export_dir: Path, torch_vectors: Any) -> None:
 
 def test_export_is_reused_from_the_cache(export_dir: Path) -> None:
     folder = model_folder("all-MiniLM-L6-v2")
-    from pipeline.onnx_backend import model_revision
+    from pipeline.model.files import model_revision
 
     target = export_path(export_dir, "all-MiniLM-L6-v2", model_revision(folder), False)
     ensure_exported(folder, target, quantized=False)

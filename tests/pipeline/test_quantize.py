@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 from sentence_transformers.util import quantize_embeddings
 
-from pipeline.connections import connect
-from pipeline.embedder import shape_vectors
 from pipeline.errors import InvalidRequest, Unavailable
-from pipeline.jobs import JobRecord, JobStatus
-from pipeline.keys import Keys
-from pipeline.quantize import (
+from pipeline.jobs.quantize import (
     ENCODINGS,
     Views,
     calibration_texts,
@@ -22,7 +18,11 @@ from pipeline.quantize import (
     ranges_from,
     store_calibration,
 )
+from pipeline.jobs.record import JobRecord, JobStatus
+from pipeline.keys import Keys
+from pipeline.model.embedder import shape_vectors
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 
 KEYS = Keys("es")
 RNG = np.random.default_rng(7)

@@ -21,15 +21,15 @@ from fakes import HashEmbedder
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import workers.worker as worker_module
-from pipeline import janitor
-from pipeline.connections import connect
 from pipeline.errors import Conflict
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs import JobStatus
+from pipeline.jobs import janitor
+from pipeline.jobs.record import JobStatus
 from pipeline.keys import Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 from workers import batch
 from workers.worker import Worker
 

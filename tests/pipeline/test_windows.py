@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from pipeline.models import DEFAULT_MODEL
-from pipeline.tokens import tokenizer
-from pipeline.windows import Plan, plan_texts, split_windows
+from pipeline.model.info import DEFAULT_MODEL
+from pipeline.model.tokens import tokenizer
+from pipeline.model.windows import Plan, plan_texts, split_windows
 
 
 def offsets(n: int) -> list[tuple[int, int]]:

@@ -11,16 +11,16 @@ import pytest
 from fakes import HashEmbedder, expected_vector, raw_vector
 from test_worker_recovery import all_rows, create_groups, quick, running, submit, wait_end
 
-from pipeline.cache import Cached, EmbeddingCache, fingerprint
-from pipeline.embedder import Embedded
 from pipeline.keys import Keys
-from pipeline.metrics import read_metrics
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.embedder import Embedded
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
-from workers.batch import Entry, Work
-from workers.batching import ModelCalls
+from pipeline.store.metrics import read_metrics
+from workers.cache import Cached, EmbeddingCache, fingerprint
+from workers.model_calls import ModelCalls
 from workers.upkeep import Upkeep
+from workers.work import Entry, Work
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio

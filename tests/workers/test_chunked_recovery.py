@@ -20,12 +20,12 @@ from test_worker_recovery import (
     wait_entered,
 )
 
-from pipeline.embedder import shape_vectors
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.embedder import shape_vectors
+from pipeline.model.info import DEFAULT_MODEL
+from pipeline.model.tokens import tokenizer
+from pipeline.model.windows import split_windows
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
-from pipeline.tokens import tokenizer
-from pipeline.windows import split_windows
 
 pytestmark = pytest.mark.anyio
 __all__ = ["fast_settings", "janitor_often", "pipeline"]  # fixtures shared with recovery tests
@@ -55,7 +55,7 @@ async def test_a_job_of_long_and_short_texts_survives_a_worker_killed_mid_job(
             job_id = await submit(pipeline, texts, chunk=True)
             await wait_entered(doomed_embedder)
             await doomed.kill()
-        # Model calls go shortest first (workers.batching), so the call in hand
+        # Model calls go shortest first (workers.model_calls), so the call in hand
         # holds short texts; the long texts' windows are claimed, not yet made.
         assert doomed_embedder.calls[0]
         assert await pending_count(pipeline.redis, KEYS.queues(DEFAULT_MODEL)[1]) > 0

@@ -9,10 +9,10 @@ from test_worker_recovery import create_groups, feed_events, pipeline, quick, ru
 
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
-from pipeline.metrics import read_metrics
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from pipeline.store.metrics import read_metrics
 
 pytestmark = pytest.mark.anyio
 

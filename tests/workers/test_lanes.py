@@ -15,10 +15,10 @@ import pytest
 from fakes import HashEmbedder
 from redis.exceptions import ResponseError
 
-from pipeline.connections import connect
 from pipeline.keys import GROUP, Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.settings import Settings
+from pipeline.store.connections import connect
 from workers.lanes import Forgotten, Lanes
 from workers.upkeep import Upkeep
 
@@ -187,7 +187,7 @@ async def test_released_entries_go_to_a_peer_at_once_without_a_delivery_spent(
 
 
 def _entry(entry_id: bytes) -> Any:
-    from workers.batch import Entry
+    from workers.work import Entry
 
     return Entry(BULK, entry_id, JOB, 0)
 

@@ -21,10 +21,10 @@ from sentence_transformers import SentenceTransformer
 from sts_data import STS_DEV
 from test_worker_recovery import Running, all_rows, quick, running, wait_end
 
-from pipeline.embedder import SentenceTransformerEmbedder
 from pipeline.errors import UnknownModel
 from pipeline.inputs import Item, JobOptions
-from pipeline.models import DEFAULT_MODEL, bundled_model_dir, describe_local_model
+from pipeline.model.info import DEFAULT_MODEL, bundled_model_dir, describe_local_model
+from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 

@@ -8,8 +8,8 @@ import pytest
 from fakes import POISON, PoisonEmbedder, expected_vector
 from test_worker_recovery import quick, running, submit, wait_end
 
-from pipeline import results
-from pipeline.jobs import load_job
+from pipeline.jobs import results
+from pipeline.jobs.record import load_job
 from pipeline.keys import Keys
 from pipeline.service import Pipeline
 from pipeline.settings import Settings

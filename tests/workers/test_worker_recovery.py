@@ -29,7 +29,7 @@ from fakes import (
 
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
-from pipeline.models import DEFAULT_MODEL
+from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.tasks import cancel_and_wait
@@ -606,7 +606,7 @@ async def test_a_worker_recovers_when_redis_loses_its_data(
 
 
 async def test_a_worker_carries_on_after_redis_restarts(tmp_path: Any) -> None:
-    from pipeline.embedded import EmbeddedRedis
+    from pipeline.store.embedded import EmbeddedRedis
 
     data = tmp_path / "redis"
     with EmbeddedRedis(data, binary="valkey") as server:

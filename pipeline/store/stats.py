@@ -19,11 +19,11 @@ import orjson
 from redis.exceptions import ResponseError
 
 from pipeline.keys import GROUP, LANES
-from pipeline.models import ModelInfo
+from pipeline.model.info import ModelInfo
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
+    from pipeline.store.connections import RedisClient
 
 
 async def live_workers(redis: RedisClient, keys: Keys) -> list[str]:

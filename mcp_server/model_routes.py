@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from mcp_server.payloads import pipeline_of
 from mcp_server.responses import json_response
-from pipeline.models import ModelInfo
+from pipeline.model import ModelInfo
 
 
 def model_object(model: ModelInfo) -> dict[str, Any]:

@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.embedder import shape_vectors
 from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.model.embedder import shape_vectors
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.jobs import JobRecord
+    from pipeline.jobs.record import JobRecord
     from pipeline.keys import Keys
+    from pipeline.store.connections import RedisClient
 
 FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
 ENCODINGS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 CALIBRATED = ("int8", "uint8")
-CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
+CALIBRATION_FILE = Path(__file__).parents[1] / "data" / "calibration.txt"
 
 
 def check_encoding(value: str | None, name: str = "encoding") -> str:

@@ -22,8 +22,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.jobs import JobRecord, JobScripts, JobStatus, TimeOut, announce
-from pipeline.stats import served_models
+from pipeline.jobs.record import JobRecord, JobStatus
+from pipeline.jobs.scripts import JobScripts, TimeOut, announce
+from pipeline.store.stats import served_models
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings

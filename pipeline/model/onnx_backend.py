@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -43,10 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embedder import Embedded
 from pipeline.keys import model_slug
-from pipeline.models import canonical_model_name, describe_local_model, model_source
-from pipeline.runtime import compute_threads, ort_providers
+from pipeline.model.embedder import Embedded
+from pipeline.model.files import ExportFailed, model_folder, model_revision
+from pipeline.model.info import canonical_model_name, describe_local_model
+from pipeline.model.runtime import compute_threads, ort_providers
 
 logger = logging.getLogger(__name__)
 
@@ -56,43 +56,6 @@ OPSET = 17
 RUN_MAX_TEXTS = 64
 RUN_MAX_TOKENS = 8192
 EXPORT_TIMEOUT_S = 900.0
-_SKIPPED_FILES = {"README.md", ".gitattributes"}
-_SKIPPED_DIRS = {"onnx", "openvino", ".git", ".cache"}
-
-
-class ExportFailed(RuntimeError):
-    """The model could not be exported to ONNX (the worker falls back to torch)."""
-
-
-def model_folder(name: str) -> Path:
-    """The local folder of a model's files (a hub model must be in the local cache)."""
-    source = Path(model_source(name))
-    if source.is_dir():
-        return source
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(canonical_model_name(name), local_files_only=True))
-    except Exception as exc:  # any hub error: not cached, bad name
-        raise ExportFailed(f"model {name!r} has no local files to export: {exc}") from exc
-
-
-def model_revision(folder: Path) -> str:
-    """A hash of the model's files (names and contents): the export's revision."""
-    digest = hashlib.sha256()
-    for path in sorted(_model_files(folder)):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()[:16]
-
-
-def _model_files(folder: Path) -> Iterator[Path]:
-    for path in folder.rglob("*"):
-        parts = set(path.relative_to(folder).parts)
-        if (path.is_file() and path.name not in _SKIPPED_FILES and not parts & _SKIPPED_DIRS
-                and path.suffix != ".onnx"):
-            yield path
 
 
 def export_path(export_dir: Path, name: str, revision: str, quantized: bool) -> Path:
@@ -144,8 +107,9 @@ def _atomically(target: Path, write: Any) -> None:
 
 def _export_in_child(folder: Path, out: Path) -> None:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.onnx_backend", str(folder), str(out)],
-                          capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S, check=False)
+    command = [sys.executable, "-m", "pipeline.model.onnx_backend", str(folder), str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S,
+                          check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ExportFailed(f"torch.onnx.export failed: {tail[0][:300]}")
@@ -299,5 +263,5 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-if __name__ == "__main__":  # the export child: python -m pipeline.onnx_backend FOLDER OUT
+if __name__ == "__main__":  # the export child: python -m pipeline.model.onnx_backend FOLDER OUT
     export_model(Path(sys.argv[1]), Path(sys.argv[2]))

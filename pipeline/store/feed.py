@@ -16,8 +16,8 @@ import orjson
 from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
+    from pipeline.store.connections import RedisClient
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ import time
 from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.errors import Overloaded
-from pipeline.stats import lane_state
+from pipeline.store.stats import lane_state
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
     from pipeline.settings import Settings
+    from pipeline.store.connections import RedisClient
 
 MIN_WINDOW_S = 1.0
 FALLBACK_RETRY_S = 10

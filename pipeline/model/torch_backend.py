@@ -1,31 +1,22 @@
-"""Turning texts into vectors: the Embedder protocol and its backends.
+"""The `torch` backend: sentence-transformers as it is, one thread of calls.
 
-A backend returns raw model output plus each text's token count (special
-tokens included, before truncation), so the worker can flag `truncated`
-inputs and report token usage without tokenizing twice in Python.
-
-`EMBEDSTREAM_BACKEND` picks the backend: `onnx` (the default: ONNX Runtime,
-see `pipeline.onnx_backend`), `onnx-int8`, `torch` (sentence-transformers as
-it is), or `package.module:Factory`, a callable taking `Settings` and
-returning an Embedder; tests use that to plug in an embedder they control.
-A model that cannot run on ONNX falls back to torch, and says so in the log;
-`backend_of(embedder)` is what a job records as the backend it ran on.
+Features come from the model's own `preprocess` and go through its modules
+(pooling and normalization included), so the vectors are `encode()`'s.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import subprocess
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.errors import UnknownModel
-from pipeline.models import ModelInfo, canonical_model_name, model_source
-from pipeline.runtime import check_dtype, compute_threads, torch_device
+from pipeline.model.embedder import Embedded
+from pipeline.model.files import ExportFailed, model_folder, model_revision
+from pipeline.model.info import ModelInfo, canonical_model_name, model_source
+from pipeline.model.runtime import check_dtype, compute_threads, torch_device
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,22 +24,6 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """Vectors (float32, one row a text) and token counts for a batch of texts."""
-
-    vectors: np.ndarray[Any, np.dtype[np.float32]]
-    token_counts: np.ndarray[Any, np.dtype[np.int64]]
-
-
-class Embedder(Protocol):
-    """Anything that embeds a batch of texts with one model."""
-
-    info: ModelInfo
-
-    def embed(self, texts: Sequence[str]) -> Embedded: ...
 
 
 class SentenceTransformerEmbedder:
@@ -135,52 +110,9 @@ def _counting_tokenizer(tokenizer: Any) -> Any:
     return copy
 
 
-def shape_vectors(
-    vectors: np.ndarray[Any, np.dtype[np.float32]], dimensions: int | None, normalize: bool
-) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Apply Matryoshka truncation to `dimensions`, then L2-normalize if asked."""
-    out = vectors[:, :dimensions] if dimensions else vectors
-    if normalize or dimensions:
-        # A truncated vector is renormalized whatever `normalize` says: its
-        # norm is meaningless, and every Matryoshka reference does this.
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out = out / np.maximum(norms, 1e-12)
-    return np.ascontiguousarray(out, dtype=np.float32)
-
-
 def _revision(name: str) -> str | None:
     """A hash of the model's local files (None when they are not local: no cache then)."""
-    from pipeline.onnx_backend import ExportFailed, model_folder, model_revision
-
     try:
         return model_revision(model_folder(name))
     except (ExportFailed, OSError):
         return None
-
-
-def backend_of(embedder: Embedder) -> str:
-    """The backend an embedder runs on, as jobs record it ("" when it does not say)."""
-    return embedder.info.backend
-
-
-def load_embedder(settings: Settings) -> Embedder:
-    """Build the embedder named by `settings.backend`."""
-    backend = settings.backend
-    if backend == "torch":
-        return SentenceTransformerEmbedder(settings)
-    if backend in ("onnx", "onnx-int8"):
-        from pipeline.onnx_backend import ExportFailed, OnnxEmbedder
-
-        try:
-            return OnnxEmbedder(settings, quantized=backend == "onnx-int8")
-        except (ExportFailed, OSError, subprocess.SubprocessError) as exc:
-            logger.warning("model %s cannot run on the %s backend (%s); falling back to torch",
-                           settings.model, backend, exc)
-            return SentenceTransformerEmbedder(settings)
-    if ":" in backend:
-        module_name, _, attr = backend.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-        embedder: Embedder = factory(settings)
-        return embedder
-    raise UnknownModel(f"unknown backend {backend!r}; use 'onnx', 'onnx-int8', 'torch' "
-                       "or 'module:Factory'")

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from pipeline.errors import JobNotFound
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
+    from pipeline.store.connections import RedisClient
 
 
 def owner_id(key: str) -> str:

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from pipeline.tasks import cancel_and_wait, honour_cancel
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
+    from pipeline.store.connections import RedisClient
 
 logger = logging.getLogger(__name__)
 

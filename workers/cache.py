@@ -25,7 +25,7 @@ Deliberate choices, so nobody "fixes" them: entries carry no hash tag and
 are read and written with per-key commands in a non-transactional pipeline,
 so on Redis Cluster they spread over every node and no command spans slots.
 A cache failure of any kind degrades to a miss. Hits and misses are
-counters in `keys.metrics` (`pipeline.metrics`), so /metrics shows them as
+counters in `keys.metrics` (`pipeline.store.metrics`), so /metrics shows them as
 `embedstream_cache_hits` and `embedstream_cache_misses`.
 """
 
@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from redis.exceptions import RedisError
 
-from pipeline import metrics
+from pipeline.store import metrics
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.keys import Keys
+    from pipeline import Keys
+    from pipeline.store import RedisClient
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The worker's side of interactive requests (see `pipeline.interactive`).
+"""The worker's side of interactive requests (see `pipeline.jobs.interactive`).
 
 A request entry carries its texts and options, so it becomes `Work` without
 a read (`workers.batch.request_work`), and its result goes to the request's
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline import metrics
-from pipeline.interactive import Reply, queue_reply
-from pipeline.keys import GROUP
+from pipeline import GROUP
+from pipeline.jobs import Reply, queue_reply
+from pipeline.store import metrics
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
-    from pipeline.keys import Keys
-    from pipeline.results import ChunkResult
-    from workers.batch import Entry
+    from pipeline import Keys
+    from pipeline.jobs import ChunkResult
+    from pipeline.store import RedisClient
+    from workers.work import Entry
 
 
 async def reply(redis: RedisClient, keys: Keys, texts_counter: str,

@@ -23,12 +23,12 @@ import numpy as np
 import orjson
 
 from pipeline.errors import InvalidCursor
-from pipeline.jobs import JobRecord, load_job
-from pipeline.quantize import FLOAT, VectorView
+from pipeline.jobs.quantize import FLOAT, VectorView
+from pipeline.jobs.record import JobRecord, load_job
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
+    from pipeline.store.connections import RedisClient
 
 MAX_PAGE = 1000
 SEARCH_PAGE_CHUNKS = 64

@@ -9,7 +9,7 @@ both, which is right because the stored entry is the unit of delivery.
 These generators know nothing of HTTP: the SSE endpoints and the MCP `embed`
 tool both consume them. `follow_job` and `follow_feed` read Redis for one
 follower each; the servers use `follow_job_live` and `follow_feed_live`,
-which read through the process's fan-out hubs (`pipeline.fanout`), so any
+which read through the process's fan-out hubs (`pipeline.store.fanout`), so any
 number of followers of one stream share one Redis reader, one stats sampler
 and one fetch of each committed chunk (`ChunkRows`).
 """
@@ -28,16 +28,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from pipeline.errors import InvalidCursor
-from pipeline.fanout import Entry, Hubs
-from pipeline.jobs import load_job
-from pipeline.results import read_chunk_rows
-from pipeline.stats import StatsSampler
+from pipeline.jobs.record import load_job
+from pipeline.jobs.results import read_chunk_rows
+from pipeline.store.fanout import Entry, Hubs
+from pipeline.store.stats import StatsSampler
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
+    from pipeline.jobs.quantize import VectorView
     from pipeline.keys import Keys
-    from pipeline.quantize import VectorView
-    from pipeline.stats import StatsSampler
+    from pipeline.store.connections import RedisClient
+    from pipeline.store.stats import StatsSampler
 
 STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
 MAX_ID_PART = 2**64 - 1

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import Unavailable
-from pipeline.models import model_source
+from pipeline.model.info import model_source
 
 
 @functools.lru_cache(maxsize=8)

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from pipeline.jobs.submission import pack_chunk
 from pipeline.keys import GROUP
-from pipeline.prompts import resolve_prompt
-from pipeline.submission import pack_chunk
+from pipeline.model.prompts import resolve_prompt
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.inputs import Item, JobOptions
     from pipeline.keys import Keys
-    from pipeline.models import ModelInfo
+    from pipeline.model.info import ModelInfo
+    from pipeline.store.connections import RedisClient
 
 REPLY_TTL_S = 120
 

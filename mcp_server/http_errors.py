@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pipeline.errors import PipelineError, Unavailable
+from pipeline import PipelineError, Unavailable
 
 logger = logging.getLogger(__name__)
 

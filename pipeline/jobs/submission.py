@@ -38,27 +38,20 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pipeline import tokens
 from pipeline.errors import Conflict, InvalidInput, JobNotFound, PayloadTooLarge, Unavailable
-from pipeline.jobs import (
-    Activation,
-    JobRecord,
-    JobScripts,
-    JobStatus,
-    load_job,
-    new_job_id,
-    now_iso,
-)
-from pipeline.prompts import resolve_prompt, with_prompt
+from pipeline.jobs.record import JobRecord, JobStatus, load_job, new_job_id, now_iso
+from pipeline.jobs.scripts import Activation, JobScripts
+from pipeline.model import tokens
+from pipeline.model.prompts import resolve_prompt, with_prompt
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from pipeline.connections import RedisClient
     from pipeline.inputs import Item, JobOptions
     from pipeline.keys import Keys
-    from pipeline.models import ModelInfo
+    from pipeline.model.info import ModelInfo
     from pipeline.settings import Settings
+    from pipeline.store.connections import RedisClient
 
 QUEUE_WRITE_BATCH = 1000
 MAX_REPORTED_INDEXES = 20

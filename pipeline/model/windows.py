@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import tokens
-from pipeline.prompts import with_prompt
+from pipeline.model import tokens
+from pipeline.model.prompts import with_prompt
 
 FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
 IntVector = np.ndarray[Any, np.dtype[np.int64]]

@@ -3,7 +3,7 @@
 What a claimed batch of chunks costs the model:
 
 - each distinct text is embedded once, however many chunks or jobs carry it;
-- texts the shared cache holds (`pipeline.cache`) are not embedded at all;
+- texts the shared cache holds (`workers.cache`) are not embedded at all;
 - the rest are sorted by length and cut into model calls by padded tokens
   (estimated from the text's length, capped at the model's limit) as well as
   by count, so one long text never pads a call of short ones, and every call
@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.cache import Cached
-from pipeline.embedder import Embedded
+from pipeline.model import Embedded
+from workers.cache import Cached
 
 if TYPE_CHECKING:
-    from pipeline.cache import EmbeddingCache
-    from pipeline.embedder import Embedder
-    from workers.batch import Work
+    from pipeline.model import Embedder
+    from workers.cache import EmbeddingCache
+    from workers.work import Work
 
 logger = logging.getLogger(__name__)
 

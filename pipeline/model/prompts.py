@@ -18,7 +18,7 @@ from pipeline.errors import InvalidInput
 
 if TYPE_CHECKING:
     from pipeline.inputs import JobOptions
-    from pipeline.models import ModelInfo
+    from pipeline.model.info import ModelInfo
 
 
 def resolve_prompt(options: JobOptions, model: ModelInfo) -> str:

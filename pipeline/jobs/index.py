@@ -23,12 +23,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InvalidCursor, InvalidRequest
-from pipeline.jobs import JobRecord, JobStatus
-from pipeline.tenants import Caller, visible
+from pipeline.jobs.record import JobRecord, JobStatus
+from pipeline.jobs.tenants import Caller, visible
 
 if TYPE_CHECKING:
-    from pipeline.connections import RedisClient
     from pipeline.keys import Keys
+    from pipeline.store.connections import RedisClient
 
 CURSOR = re.compile(r"([0-9]{1,20})-([0-9a-f]{32})")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")

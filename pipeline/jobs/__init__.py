@@ -1,0 +1,47 @@
+"""A job's life in Redis: record, scripts, submission, results, events, interactive requests."""
+
+
+from pipeline.jobs.events import Event, check_event_id
+from pipeline.jobs.index import MAX_LIMIT
+from pipeline.jobs.interactive import Reply, queue_reply
+from pipeline.jobs.janitor import sweep_jobs
+from pipeline.jobs.quantize import (
+    ENCODINGS,
+    calibration_texts,
+    check_encoding,
+    has_calibration,
+    store_calibration,
+)
+from pipeline.jobs.record import JOB_ID, PUBLIC_STATUSES, JobRecord, JobStatus, check_job_id
+from pipeline.jobs.results import MAX_PAGE, ChunkResult
+from pipeline.jobs.scripts import Committed, JobScripts, announce, announce_created
+from pipeline.jobs.tenants import TRUSTED, Caller, owner_id, visible
+
+__all__ = [
+    "ENCODINGS",
+    "JOB_ID",
+    "MAX_LIMIT",
+    "MAX_PAGE",
+    "PUBLIC_STATUSES",
+    "TRUSTED",
+    "Caller",
+    "ChunkResult",
+    "Committed",
+    "Event",
+    "JobRecord",
+    "JobScripts",
+    "JobStatus",
+    "Reply",
+    "announce",
+    "announce_created",
+    "calibration_texts",
+    "check_encoding",
+    "check_event_id",
+    "check_job_id",
+    "has_calibration",
+    "owner_id",
+    "queue_reply",
+    "store_calibration",
+    "sweep_jobs",
+    "visible",
+]

@@ -1,0 +1,48 @@
+"""Loading the embedder `EMBEDSTREAM_BACKEND` names.
+
+`onnx` (the default: ONNX Runtime, see `pipeline.model.onnx_backend`),
+`onnx-int8`, `torch` (sentence-transformers as it is), or
+`package.module:Factory`, a callable taking `Settings` and returning an
+Embedder; tests use that to plug in an embedder they control. A model that
+cannot run on ONNX falls back to torch, and says so in the log;
+`backend_of(embedder)` is what a job records as the backend it ran on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import subprocess
+from typing import TYPE_CHECKING
+
+from pipeline.errors import UnknownModel
+from pipeline.model.files import ExportFailed
+from pipeline.model.onnx_backend import OnnxEmbedder
+from pipeline.model.torch_backend import SentenceTransformerEmbedder
+
+if TYPE_CHECKING:
+    from pipeline.model.embedder import Embedder
+    from pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def load_embedder(settings: Settings) -> Embedder:
+    """Build the embedder named by `settings.backend`."""
+    backend = settings.backend
+    if backend == "torch":
+        return SentenceTransformerEmbedder(settings)
+    if backend in ("onnx", "onnx-int8"):
+        try:
+            return OnnxEmbedder(settings, quantized=backend == "onnx-int8")
+        except (ExportFailed, OSError, subprocess.SubprocessError) as exc:
+            logger.warning("model %s cannot run on the %s backend (%s); falling back to torch",
+                           settings.model, backend, exc)
+            return SentenceTransformerEmbedder(settings)
+    if ":" in backend:
+        module_name, _, attr = backend.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+        embedder: Embedder = factory(settings)
+        return embedder
+    raise UnknownModel(f"unknown backend {backend!r}; use 'onnx', 'onnx-int8', 'torch' "
+                       "or 'module:Factory'")
