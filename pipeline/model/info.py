@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_PROMPTS = {"query": "", "document": ""}
@@ -156,8 +156,20 @@ def find_served(served: list[ModelInfo], default: str, requested: str | None) ->
     return next((model for model in served if model.name == name), None)
 
 
+class ModelRegistry(Protocol):
+    """The reads `resolve_model` makes of the models hash (a store's `RedisClient` is one)."""
+
+    async def hget(self, name: str, key: str) -> bytes | None:
+        """One model's registration (JSON), if any."""
+        ...
+
+    async def hkeys(self, name: str) -> list[bytes]:
+        """Every registered model's name."""
+        ...
+
+
 async def resolve_model(
-    redis: Any, models_key: str, default: str, requested: str | None,
+    redis: ModelRegistry, models_key: str, default: str, requested: str | None,
     served: list[ModelInfo] | None = None,
 ) -> ModelInfo:
     """The model a job will use, checked against what the workers serve.

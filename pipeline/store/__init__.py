@@ -2,13 +2,16 @@
 
 
 from pipeline.store import feed, metrics
-from pipeline.store.connections import RedisClient, connect, redis_outage
+from pipeline.store.commands import AutoClaim, ConsumerInfo
+from pipeline.store.connections import RedisClient, connect, redis_outage, text_of
 from pipeline.store.embedded import find_running, redis_for
 from pipeline.store.fanout import SubscriberDropped
 from pipeline.store.metrics import Histogram, read_metrics
 from pipeline.store.stats import lanes, live_workers
 
 __all__ = [
+    "AutoClaim",
+    "ConsumerInfo",
     "Histogram",
     "RedisClient",
     "SubscriberDropped",
@@ -21,4 +24,5 @@ __all__ = [
     "read_metrics",
     "redis_for",
     "redis_outage",
+    "text_of",
 ]

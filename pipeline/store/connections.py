@@ -33,9 +33,10 @@ run in parallel: commands of different slots in one pipeline have no order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Generator, Iterator, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -58,8 +59,11 @@ from redis.exceptions import (
 from redis.retry import Retry as SyncRetry
 
 from pipeline.errors import Unavailable
+from pipeline.store.commands import RedisClient as RedisClient  # re-exported: connect() makes one
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
@@ -68,14 +72,22 @@ OUTAGE_RETRY_AFTER_S = 2
 # RedisClusterException messages that mean "cannot reach the cluster" rather than a bug.
 _OUTAGE_MESSAGES = ("Redis Cluster cannot be connected", "All slots are not covered")
 
-# redis-py types every reply as a union over `decode_responses`; with bytes
-# replies pinned here, code reads replies as bytes and decodes where it reads
-# them, so the client is typed loosely at this one boundary.
-RedisClient: TypeAlias = Any
+
+def text_of(value: object) -> str:
+    """A reply value as text: bytes decoded (replies are bytes here), anything else as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def connect(url: str, *, blocking: bool = False, max_connections: int = 512) -> RedisClient:
     """A pooled asyncio client for `url` (a server or cluster node); `blocking` for BLOCK reads."""
+    # redis-py types each reply as a union over `decode_responses` and sync or
+    # async; `_open` pins asyncio, RESP2 and bytes, the shapes `RedisClient`
+    # declares, so the client is cast to it here, once.
+    return cast(RedisClient, _open(url, blocking=blocking, max_connections=max_connections))
+
+
+def _open(url: str, *, blocking: bool, max_connections: int) -> aioredis.Redis | RedisCluster:
+    """redis-py's asyncio client for `url`, as redis-py types it (see `connect`)."""
     options: dict[str, Any] = {
         "protocol": 2,
         "decode_responses": False,
@@ -126,7 +138,7 @@ def cluster_enabled(url: str) -> bool:
     return str(info.get("cluster_enabled", "0")) == "1"
 
 
-def is_cluster(client: Any) -> bool:
+def is_cluster(client: object) -> bool:
     """Whether a client from `connect()` or `connect_sync()` talks to a cluster."""
     return isinstance(client, RedisCluster | redis.RedisCluster)
 
@@ -145,6 +157,17 @@ def redis_outage() -> Iterator[None]:
         raise Unavailable(f"Redis is unreachable right now ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); retry in a moment",
                           retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
+
+
+def outage_is_unavailable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Run a Pipeline call inside `redis_outage()`: a lost Redis raises Unavailable."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        with redis_outage():
+            return await fn(*args, **kwargs)
+
+    return call
 
 
 def _safe(url: str) -> str:

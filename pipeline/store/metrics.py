@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
     from pipeline.keys import Keys
+    from pipeline.store.commands import RedisPipeline
     from pipeline.store.connections import RedisClient
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _bound(value: float) -> str:
     return f"{value:g}"
 
 
-def observe(pipe: Any, keys: Keys, name: str, value: float) -> None:
+def observe(pipe: RedisPipeline, keys: Keys, name: str, value: float) -> None:
     """Add one observation of histogram `name` to a Redis pipeline."""
     for bound in HISTOGRAMS[name]:
         if value <= bound:
@@ -62,7 +63,7 @@ def observe(pipe: Any, keys: Keys, name: str, value: float) -> None:
     pipe.hincrbyfloat(keys.metrics, f"h:{name}:sum", value)
 
 
-def count(pipe: Any, keys: Keys, name: str, amount: float = 1) -> None:
+def count(pipe: RedisPipeline, keys: Keys, name: str, amount: float = 1) -> None:
     """Add to counter `name` in a Redis pipeline."""
     if isinstance(amount, int):
         pipe.hincrby(keys.metrics, f"c:{name}", amount)
@@ -92,7 +93,7 @@ async def record_given_up(redis: RedisClient, keys: Keys, inputs: int) -> None:
         await send(pipe)
 
 
-async def send(pipe: Any) -> None:
+async def send(pipe: RedisPipeline) -> None:
     """Run a pipeline of metric writes, best effort."""
     try:
         await pipe.execute()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 import orjson
 from redis.exceptions import ResponseError
@@ -82,8 +82,7 @@ async def lane_state(redis: RedisClient, model: str, lane: str, stream: str) -> 
     running = int(group["pending"])
     if waiting == 0:
         return Lane(model, lane, 0, running)
-    last = group["last-delivered-id"]
-    last = last.decode() if isinstance(last, bytes) else str(last)
+    last = group["last-delivered-id"].decode()
     oldest = await redis.xrange(stream, min=f"({last}", count=1)
     age = 0.0
     if oldest:
@@ -106,7 +105,20 @@ async def queue_depth(redis: RedisClient, keys: Keys) -> dict[str, int]:
             "running_chunks": sum(x.running for x in found)}
 
 
-async def worker_details(redis: RedisClient, keys: Keys) -> list[dict[str, Any]]:
+class WorkerDetail(TypedDict):
+    """A live worker as it registered itself, with batches made and when it was last seen."""
+
+    id: str
+    model: str
+    backend: str
+    host: str
+    pid: int
+    started_at: float
+    batches: int
+    seen_s_ago: float
+
+
+async def worker_details(redis: RedisClient, keys: Keys) -> list[WorkerDetail]:
     """Live workers as they describe themselves, with batches made and when last seen."""
     described = await redis.hgetall(keys.workers)
     if not described:
@@ -118,15 +130,30 @@ async def worker_details(redis: RedisClient, keys: Keys) -> list[dict[str, Any]]
             pipe.hget(keys.metrics, f"w:{worker_id}:batches")
         replies = await pipe.execute()
     now = time.time()
-    found: list[dict[str, Any]] = []
+    found: list[WorkerDetail] = []
     for i, worker_id in enumerate(ids):
         ttl_ms, batches = replies[2 * i], replies[2 * i + 1]
         if ttl_ms is None or int(ttl_ms) < 0:  # no heartbeat: dead, or gone
             continue
         info = orjson.loads(described[worker_id.encode()])
-        found.append({**info, "id": worker_id, "batches": int(batches or 0),
-                      "seen_s_ago": round(max(0.0, now - float(info.get("seen_at", now))), 1)})
+        found.append(WorkerDetail(
+            id=worker_id, model=str(info.get("model", "")), backend=str(info.get("backend", "")),
+            host=str(info.get("host", "")), pid=int(info.get("pid", 0)),
+            started_at=float(info.get("started_at", 0.0)), batches=int(batches or 0),
+            seen_s_ago=round(max(0.0, now - float(info.get("seen_at", now))), 1)))
     return found
+
+
+class StatsSnapshot(TypedDict):
+    """One `stats` event of the feed (and the `/metrics` figures it shares)."""
+
+    queued_chunks: int
+    running_chunks: int
+    workers: int
+    texts_total: int
+    texts_per_s: float | None
+    lanes: list[dict[str, str | int | float]]
+    worker_list: list[WorkerDetail]
 
 
 class StatsSampler:
@@ -137,7 +164,7 @@ class StatsSampler:
         self.keys = keys
         self._last: tuple[float, int] | None = None
 
-    async def sample(self) -> dict[str, Any]:
+    async def sample(self) -> StatsSnapshot:
         """One snapshot: queue depth, workers, texts embedded and texts/s."""
         texts = int(await self.redis.get(self.keys.texts_counter) or 0)
         now = time.monotonic()
