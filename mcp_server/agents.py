@@ -30,7 +30,6 @@ Deliberate choices, so nobody "fixes" them:
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -43,6 +42,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from mcp_server.job_updates import JOB_URI_TEMPLATE, JobUpdates, OwnedSubscriptions
+from mcp_server.payloads import job_json
 from mcp_server.tool_descriptions import INSTRUCTIONS
 from mcp_server.tools import AgentTools, context_caller
 from pipeline import InvalidJobId, JobNotFound, Pipeline, PipelineError, Settings
@@ -56,9 +56,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 SDK_HOST_CHECK_OFF = TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 
-def build_mcp(settings: Settings, get_pipeline: Callable[[], Pipeline]) -> MCPServer[Any]:
+def build_mcp(settings: Settings, pipeline: Pipeline) -> MCPServer[Any]:
     """The MCP server: tools, the job resource template, and job-update subscriptions."""
-    updates = JobUpdates(get_pipeline)
+    updates = JobUpdates(pipeline)
     mcp: MCPServer[Any] = MCPServer(
         name="embedstream",
         title="embedstream",
@@ -67,20 +67,20 @@ def build_mcp(settings: Settings, get_pipeline: Callable[[], Pipeline]) -> MCPSe
         lifespan=updates.running,
         subscriptions=updates,
     )
-    AgentTools(settings, get_pipeline).register(mcp)
-    mcp.middleware.append(OwnedSubscriptions(get_pipeline))
+    AgentTools(settings, pipeline).register(mcp)
+    mcp.middleware.append(OwnedSubscriptions(pipeline))
 
     @mcp.resource(JOB_URI_TEMPLATE, name="job", title="Embedding job",
                   description="A job's status and progress as JSON (what job_status returns).",
                   mime_type="application/json")
     async def job_resource(job_id: str, ctx: Context[Any, Any]) -> str:
         try:
-            job = await get_pipeline().job(job_id, context_caller(ctx))
+            record = await pipeline.job(job_id, context_caller(ctx))
         except (InvalidJobId, JobNotFound) as error:
             raise ResourceNotFoundError(error.message) from error
         except PipelineError as error:
             raise ResourceError(f"{error.code}: {error.message}") from error
-        return orjson.dumps(job).decode()
+        return orjson.dumps(job_json(record)).decode()
 
     return mcp
 
@@ -110,7 +110,7 @@ async def run_stdio(settings: Settings) -> None:
     with redis_for(settings) as url:
         pipeline = Pipeline(settings.replace(redis_url=url))
         try:
-            await build_mcp(pipeline.settings, lambda: pipeline).run_stdio_async()
+            await build_mcp(pipeline.settings, pipeline).run_stdio_async()
         finally:
             await pipeline.close()
 

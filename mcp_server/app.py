@@ -34,7 +34,7 @@ from mcp_server import (
 )
 from mcp_server.auth import APIKeyMiddleware
 from mcp_server.body_guard import BodyGuard
-from mcp_server.health import Metrics, RequestMetrics
+from mcp_server.health import PrometheusRegistry, RequestMetrics
 from mcp_server.host_guard import HostGuard, HostPolicy
 from mcp_server.http_errors import EXCEPTION_HANDLERS
 from mcp_server.sessions import SessionStore
@@ -66,24 +66,26 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
         *health.routes, *job_routes.routes, *event_routes.routes, *embeddings.routes,
         *models.routes, *session_routes.routes, *dashboard.routes,
     ]
+    # Built before the app, so the MCP tools hold it; opened and closed in the lifespan
+    # (its Redis clients connect on first use).
+    pipeline = Pipeline(settings)
     mcp_server = None
     if with_mcp:
         from mcp_server.agents import build_mcp, mcp_routes
 
-        app_ref: dict[str, Starlette] = {}
-        mcp_server = build_mcp(settings, lambda: app_ref["app"].state.pipeline)
+        mcp_server = build_mcp(settings, pipeline)
         routes += mcp_routes(mcp_server)
 
-    metrics = Metrics()
+    metrics = PrometheusRegistry()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.pipeline = pipeline = Pipeline(settings)
+        app.state.pipeline = pipeline
         app.state.sessions = SessionStore(pipeline.redis, pipeline.keys, settings.session_ttl_s)
         app.state.metrics = metrics
         stop_janitor = asyncio.Event()
-        janitor = asyncio.create_task(app.state.pipeline.run_janitor(stop_janitor))
+        janitor = asyncio.create_task(pipeline.run_janitor(stop_janitor))
         try:
             if mcp_server is not None:
                 from mcp_server.agents import mcp_lifespan
@@ -98,7 +100,7 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
                 await asyncio.wait_for(asyncio.shield(janitor), JANITOR_STOP_S)
             if not janitor.done():  # a sweep stuck on an unreachable Redis
                 await cancel_and_wait(janitor)
-            await app.state.pipeline.close()
+            await pipeline.close()
 
     app = Starlette(
         routes=routes,
@@ -106,6 +108,4 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    if with_mcp:
-        app_ref["app"] = app
     return app

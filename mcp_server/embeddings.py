@@ -10,7 +10,7 @@ job options (`chunk`, `chunk_overlap`, `prompt`, `prompt_name`, `normalize`,
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,13 +19,13 @@ from starlette.routing import Route
 from mcp_server.payloads import json_body, pipeline_of, request_caller, settings_of
 from mcp_server.responses import json_response
 from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options
-from pipeline.jobs import ENCODINGS
+from pipeline.jobs import check_encoding
 
 OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 EXTRA_FIELDS = ("normalize", "truncate", "chunk", "chunk_overlap", "prompt", "prompt_name")
 
 
-def _inputs(body: dict[str, Any], max_chars: int, limit: int) -> list[Item]:
+def _inputs(body: Mapping[str, object], max_chars: int, limit: int) -> list[Item]:
     raw = body.get("input")
     if isinstance(raw, str):
         raw = [raw]
@@ -45,26 +45,25 @@ async def create_embeddings(request: Request) -> Response:
     unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(EXTRA_FIELDS))
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(unknown)}")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ENCODINGS:
-        raise InvalidInput(f"'encoding_format' must be one of {', '.join(ENCODINGS)}")
+    encoding = check_encoding(body.get("encoding_format") or None, "'encoding_format'",
+                              error=InvalidInput)
     settings = settings_of(request)
     items = _inputs(body, settings.max_text_chars, settings.embed_max_texts * 4)
     options = parse_options({name: body.get(name)
                              for name in ("model", "dimensions", *EXTRA_FIELDS)})
     pipeline = pipeline_of(request)
-    job, rows = await pipeline.embed(items, options, caller=request_caller(request),
-                                     encoding=encoding)
+    embedded = await pipeline.embed(items, options, caller=request_caller(request),
+                                    encoding=encoding)
+    rows = embedded.rows
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:
         raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "
                            f"{failed[0].get('error')}")
     data = [{"object": "embedding", "index": row["index"], "embedding": row["embedding"]}
             for row in rows]
-    tokens = int(job["tokens"])
-    return json_response({"object": "list", "data": data, "model": job["model"],
+    tokens = embedded.tokens
+    return json_response({"object": "list", "data": data, "model": embedded.model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
 
 
 routes = [Route("/v1/embeddings", create_embeddings, methods=["POST"])]

@@ -37,7 +37,7 @@ async def job_events(request: Request) -> EventSourceResponse:
     caller = request_caller(request)
     # 404/400 (and a missing calibration) before the stream opens
     await pipeline.job(job_id, caller)
-    view = await pipeline.view(job_id, query_encoding(request))
+    view = await pipeline.view(job_id, query_encoding(request), caller)
     return event_stream(pipeline.follow(job_id, after, view, caller=caller),
                         settings_of(request))
 

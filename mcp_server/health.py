@@ -38,7 +38,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcp_server.payloads import pipeline_of
 from mcp_server.responses import json_response
 from pipeline import Keys, Unavailable
-from pipeline.store import Histogram, lanes, live_workers, read_metrics, redis_outage
+from pipeline.store import (
+    Histogram,
+    RedisClient,
+    lanes,
+    live_workers,
+    read_metrics,
+    redis_outage,
+)
 
 COUNTER_HELP = {
     "batches": "Model calls made by workers",
@@ -66,9 +73,9 @@ async def readyz(request: Request) -> Response:
     except (Unavailable, RedisError, OSError) as exc:
         return json_response({"status": "unavailable", "redis": False, "workers": 0,
                               "error": f"Redis unreachable: {exc}"}, 503)
-    ready = state["workers"] > 0
-    return json_response({"status": "ready" if ready else "no_workers", **state},
-                         200 if ready else 503)
+    ready = state.workers > 0
+    return json_response({"status": "ready" if ready else "no_workers", "redis": state.redis,
+                          "workers": state.workers}, 200 if ready else 503)
 
 
 class _Snapshot:
@@ -81,7 +88,7 @@ class _Snapshot:
         yield from self.families
 
 
-class Metrics:
+class PrometheusRegistry:
     """This app's registry: per-process counters, plus a snapshot refilled from Redis."""
 
     def __init__(self) -> None:
@@ -96,7 +103,7 @@ class Metrics:
             self.subscribers.labels(stream)
         self._last_rate: tuple[float, float] | None = None
 
-    async def refresh(self, redis: Any, keys: Keys) -> None:
+    async def refresh(self, redis: RedisClient, keys: Keys) -> None:
         """Read the pipeline-wide figures from Redis into the snapshot."""
         families: list[Metric] = []
         families += await _queue_families(redis, keys)
@@ -136,7 +143,7 @@ def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetr
     return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=histogram.sum)
 
 
-async def _queue_families(redis: Any, keys: Keys) -> list[Metric]:
+async def _queue_families(redis: RedisClient, keys: Keys) -> list[Metric]:
     waiting = GaugeMetricFamily("embedstream_queue_waiting_chunks",
                                 "Chunks not yet delivered to any worker",
                                 labels=["model", "lane"])
@@ -160,7 +167,7 @@ async def _queue_families(redis: Any, keys: Keys) -> list[Metric]:
 
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    state: Metrics = request.app.state.metrics
+    state: PrometheusRegistry = request.app.state.metrics
     pipeline = pipeline_of(request)
     with redis_outage():
         await state.refresh(pipeline.redis, pipeline.keys)
@@ -170,7 +177,7 @@ async def metrics(request: Request) -> Response:
 class RequestMetrics:
     """ASGI middleware: counts answered requests by route template, and open SSE streams."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: PrometheusRegistry) -> None:
         self.app = app
         self.metrics = metrics
 

@@ -28,7 +28,7 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 def error_response(status: int, code: str, message: str, *,
                    headers: dict[str, str] | None = None, **extra: Any) -> Response:
     """The one error body shape."""
-    body: dict[str, Any] = {"code": code, "message": message, **extra}
+    body: dict[str, object] = {"code": code, "message": message, **extra}
     headers = dict(headers or {})
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"

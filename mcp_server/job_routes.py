@@ -1,4 +1,4 @@
-"""REST endpoints for jobs: submit (JSON or NDJSON), list, status, results, cancel.
+"""REST endpoints for jobs: submit (JSON or NDJSON), list, status, results, inputs, cancel.
 
 Every read and the cancel go through the `Pipeline` with the request's caller, so
 another tenant's job answers 404 as if it did not exist.
@@ -13,20 +13,22 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mcp_server.payloads import (
+    inputs_json,
     is_ndjson,
+    job_json,
+    job_page_json,
     json_body,
     ndjson_values,
     pipeline_of,
     query_encoding,
     query_int,
     request_caller,
+    results_json,
     settings_of,
 )
 from mcp_server.responses import json_response
 from pipeline import InvalidInput, Item, parse_item, parse_options, parse_query_options
-from pipeline.jobs import MAX_LIMIT, MAX_PAGE, check_job_id
-
-MAX_IDEMPOTENCY_KEY = 255
+from pipeline.jobs import MAX_LIMIT, MAX_PAGE, check_idempotency_key, check_job_id
 
 
 def _links(request: Request, job_id: str) -> dict[str, str]:
@@ -34,18 +36,11 @@ def _links(request: Request, job_id: str) -> dict[str, str]:
     return {"self": base, "events": f"{base}/events", "results": f"{base}/results"}
 
 
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    return key
-
-
 async def create_job(request: Request) -> Response:
     """POST /v1/jobs: queue a job; 202 with its id and links."""
     pipeline = pipeline_of(request)
     max_chars = settings_of(request).max_text_chars
-    key = _idempotency_key(request)
+    key = check_idempotency_key(request.headers.get("idempotency-key"))
     if is_ndjson(request):
         options = parse_query_options(dict(request.query_params))
         writer = await pipeline.writer(options, request_caller(request))
@@ -78,9 +73,9 @@ async def create_job(request: Request) -> Response:
         parsed = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
         job = await pipeline.submit(parsed, options, caller=request_caller(request),
                                     idempotency_key=key)
-    reply = {"id": job["id"], "status": job["status"], "total": job["total"],
-             "links": _links(request, job["id"])}
-    return json_response(reply, 202, headers={"Location": reply["links"]["self"]})
+    links = _links(request, job.id)
+    reply = {"id": job.id, "status": job.status.value, "total": job.total, "links": links}
+    return json_response(reply, 202, headers={"Location": links["self"]})
 
 
 async def list_jobs(request: Request) -> Response:
@@ -89,13 +84,13 @@ async def list_jobs(request: Request) -> Response:
     page = await pipeline_of(request).list_jobs(
         request_caller(request), limit=limit, cursor=request.query_params.get("cursor"),
         status=request.query_params.get("status"))
-    return json_response(page)
+    return json_response(job_page_json(page))
 
 
 async def get_job(request: Request) -> Response:
     """GET /v1/jobs/{id}: status and counters."""
-    return json_response(await pipeline_of(request).job(request.path_params["job_id"],
-                                                        request_caller(request)))
+    return json_response(job_json(await pipeline_of(request).job(
+        request.path_params["job_id"], request_caller(request))))
 
 
 async def get_results(request: Request) -> Response:
@@ -105,13 +100,22 @@ async def get_results(request: Request) -> Response:
     page = await pipeline_of(request).results(
         job_id, request.query_params.get("cursor"), limit, query_encoding(request),
         caller=request_caller(request))
-    return json_response(page)
+    return json_response(results_json(page))
+
+
+async def get_inputs(request: Request) -> Response:
+    """GET /v1/jobs/{id}/inputs: one page of the inputs as submitted, in index order."""
+    job_id = check_job_id(request.path_params["job_id"])
+    limit = query_int(request, "limit", 100, 1, MAX_PAGE)
+    page = await pipeline_of(request).inputs(
+        job_id, request.query_params.get("cursor"), limit, caller=request_caller(request))
+    return json_response(inputs_json(page))
 
 
 async def delete_job(request: Request) -> Response:
     """DELETE /v1/jobs/{id}: cancel; made results stay readable."""
-    return json_response(await pipeline_of(request).cancel(request.path_params["job_id"],
-                                                           request_caller(request)))
+    return json_response(job_json(await pipeline_of(request).cancel(
+        request.path_params["job_id"], request_caller(request))))
 
 
 routes = [
@@ -120,4 +124,5 @@ routes = [
     Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
     Route("/v1/jobs/{job_id}/results", get_results, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/inputs", get_inputs, methods=["GET"]),
 ]

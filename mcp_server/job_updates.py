@@ -57,9 +57,9 @@ def job_uri(job_id: str) -> str:
 class JobUpdates(InMemorySubscriptionBus):
     """The subscription bus, fed from the pipeline's live feed while anyone listens."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
+    def __init__(self, pipeline: Pipeline) -> None:
         super().__init__()
-        self._get_pipeline = get_pipeline
+        self._pipeline = pipeline
         self._listeners_open = 0
         self._wanted = anyio.Event()
         self._relaying = False
@@ -115,7 +115,7 @@ class JobUpdates(InMemorySubscriptionBus):
 
     async def _follow_feed(self) -> None:
         # From now: replaying past events would announce changes nobody missed.
-        feed = self._get_pipeline().follow_feed(replay=0)
+        feed = self._pipeline.follow_feed(replay=0)
         async with aclosing(feed):
             async for event in feed:
                 if event.name.startswith("job.") and isinstance(event.data, dict):
@@ -127,8 +127,8 @@ class JobUpdates(InMemorySubscriptionBus):
 class OwnedSubscriptions:
     """MCP server middleware: a listen request keeps only the job URIs its caller may see."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
-        self._get_pipeline = get_pipeline
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
 
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
                        ) -> HandlerResult:
@@ -151,4 +151,4 @@ class OwnedSubscriptions:
         job_id = uri[len(JOB_URI_PREFIX):]
         if not JOB_ID.fullmatch(job_id):
             return True  # names no job: it never fires anyway
-        return visible(await self._get_pipeline().owners.owner(job_id), caller)
+        return visible(await self._pipeline.owners.owner(job_id), caller)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -13,7 +11,7 @@ from mcp_server.responses import json_response
 from pipeline.model import ModelInfo
 
 
-def model_object(model: ModelInfo) -> dict[str, Any]:
+def model_object(model: ModelInfo) -> dict[str, object]:
     """One model as /v1/models and the MCP `list_models` tool show it."""
     return {"id": model.name, "object": "model", "owned_by": "embedstream",
             "dimensions": model.dimensions, "max_tokens": model.max_seq_length,

@@ -1,4 +1,8 @@
-"""Reading requests: JSON bodies, NDJSON streams, query parameters, the caller.
+"""Payloads: reading requests (JSON bodies, NDJSON streams, query parameters, the
+caller), and the JSON shapes of what the `Pipeline` returns, one function each.
+
+Every route and tool that shows a job, a page or a match builds it here, so
+REST and MCP answer the same shapes.
 
 NDJSON uploads are parsed line by line as the bytes arrive, so a
 million-line upload is never held whole in memory; a bad line stops the
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import orjson
 from starlette.requests import Request
 
@@ -26,7 +31,18 @@ from pipeline import (
     Settings,
     UnsupportedMediaType,
 )
-from pipeline.jobs import ENCODINGS, Caller
+from pipeline.jobs import (
+    Caller,
+    InputsPage,
+    JobPage,
+    JobRecord,
+    Match,
+    PublicJob,
+    ResultRow,
+    ResultsPage,
+    SearchHit,
+    check_encoding,
+)
 
 MAX_LINE_BYTES = 1024 * 1024
 
@@ -133,7 +149,61 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
 
 def query_encoding(request: Request) -> str:
     """The `encoding` query parameter: float (default), base64 or a quantized encoding."""
-    encoding = request.query_params.get("encoding", "float")
-    if encoding not in ENCODINGS:
-        raise InvalidRequest(f"query parameter 'encoding' must be one of {', '.join(ENCODINGS)}")
-    return encoding
+    return check_encoding(request.query_params.get("encoding"), "query parameter 'encoding'")
+
+
+def job_json(record: JobRecord) -> PublicJob:
+    """A job as every route and tool shows it."""
+    return record.public()
+
+
+def job_page_json(page: JobPage) -> dict[str, object]:
+    """`GET /v1/jobs`: one page of jobs and the cursor of the next."""
+    return {"jobs": [job_json(record) for record in page.jobs], "next_cursor": page.next_cursor}
+
+
+def results_json(page: ResultsPage, *, plain: bool = False) -> dict[str, object]:
+    """One page of results; `plain` turns numpy vectors into lists of numbers (MCP)."""
+    rows = [plain_row(row) for row in page.rows] if plain else page.rows
+    return {"results": rows, "next_cursor": page.next_cursor, "backend": page.backend}
+
+
+def inputs_json(page: InputsPage) -> dict[str, object]:
+    """`GET /v1/jobs/{id}/inputs`: one page of inputs in index order (expired ones left out)."""
+    inputs = [{"index": row.index, "id": row.input.id, "text": row.input.text,
+               "metadata": row.input.metadata} for row in page.inputs]
+    return {"inputs": inputs, "next_cursor": page.next_cursor}
+
+
+def matches_json(matches: list[Match]) -> dict[str, object]:
+    """MCP `similarity`: the candidates, best first."""
+    return {"matches": [{"text": m.text, "index": m.index, "score": m.score}
+                        for m in matches]}
+
+
+def hits_json(hits: list[SearchHit]) -> dict[str, object]:
+    """MCP `search_job`: the nearest inputs, best first (an expired input shows no text)."""
+    shown: list[dict[str, object]] = []
+    for hit in hits:
+        shown.append({"index": hit.index, "score": hit.score})
+        if hit.input is not None:
+            shown[-1].update(text=hit.input.text, id=hit.input.id, metadata=hit.input.metadata)
+    return {"matches": shown}
+
+
+def plain_row(row: ResultRow) -> ResultRow:
+    """A result row with its numpy vector as a list of numbers."""
+    embedding = row["embedding"]
+    if isinstance(embedding, np.ndarray):
+        return {**row, "embedding": json_floats(embedding)}
+    return row
+
+
+def json_floats(vectors: np.ndarray[Any, np.dtype[np.float32]]) -> Any:
+    """float32 values as Python floats that print in float32's shortest form.
+
+    `tolist()` would print each as the float64 it widens to (0.10000000149011612
+    for 0.1), nearly doubling the JSON; these read back to the same float32.
+    """
+    return orjson.loads(orjson.dumps(np.ascontiguousarray(vectors),
+                                     option=orjson.OPT_SERIALIZE_NUMPY))

@@ -13,8 +13,6 @@ middleware checks it).
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,7 +29,7 @@ def _store(request: Request) -> SessionStore:
     return store
 
 
-def _describe(session: Session | None, request: Request) -> dict[str, Any]:
+def _describe(session: Session | None, request: Request) -> dict[str, object]:
     caller = caller_of(request.scope)
     auth = KeyRing(settings_of(request)).enabled
     return {"auth": auth, "signed_in": session is not None or not auth,

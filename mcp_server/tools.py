@@ -4,8 +4,10 @@ Each tool validates with `pipeline.inputs`, calls the `Pipeline`, and returns
 a `CallToolResult` whose structured content matches the output model in its
 return annotation (the SDK publishes the schema and validates against it).
 Errors become MCP tool errors (`isError: true`) in one place, `tool_errors`:
-a `PipelineError` keeps its code and message, a lost Redis says so, and
-anything else is a bug the SDK logs and answers with a generic message.
+a `PipelineError` keeps its code and message, a lost Redis is `Unavailable`
+(`redis_outage`, the one mapping of Redis errors), and anything else is a
+bug the SDK logs and answers with a generic message. The JSON shapes come
+from `mcp_server.payloads`, as the routes' do.
 
 Deliberate choices, so nobody "fixes" them:
 
@@ -13,7 +15,7 @@ Deliberate choices, so nobody "fixes" them:
   render a model's text content as indented JSON (a line per float); here it
   is compact JSON, the same data as the structured content, for clients that
   read only text. Floats are written in float32's shortest form (see
-  `json_floats`), which nearly halves a reply full of vectors.
+  `payloads.json_floats`), which nearly halves a reply full of vectors.
 - `embed`, `similarity` and `search_job` check first that a worker is alive,
   so an agent hears "start a worker" at once instead of after the timeout.
 """
@@ -21,7 +23,7 @@ Deliberate choices, so nobody "fixes" them:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import numpy as np
@@ -31,13 +33,12 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mcp_server import tool_schemas as schema
 from mcp_server.auth import caller_of
 from mcp_server.job_updates import job_uri
 from mcp_server.model_routes import model_object
+from mcp_server.payloads import hits_json, job_json, json_floats, matches_json, results_json
 from mcp_server.tool_descriptions import DESCRIPTIONS
 from pipeline import (
     DEFAULT_CHUNK_OVERLAP,
@@ -52,11 +53,18 @@ from pipeline import (
     parse_item,
     parse_options,
 )
-from pipeline.jobs import MAX_PAGE, Caller, JobStatus, check_encoding
+from pipeline.jobs import (
+    MAX_PAGE,
+    Caller,
+    Embeddings,
+    JobStatus,
+    check_encoding,
+    check_idempotency_key,
+)
+from pipeline.store import redis_outage
 
 P = ParamSpec("P")
 T = TypeVar("T")
-MAX_IDEMPOTENCY_KEY = 255
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 CREATES_JOB = ToolAnnotations(read_only_hint=False, destructive_hint=False,
@@ -71,28 +79,27 @@ def tool_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     @functools.wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await fn(*args, **kwargs)
+            with redis_outage():
+                return await fn(*args, **kwargs)
         except PipelineError as error:
             raise ToolError(f"{error.code}: {error.message}") from error
-        except (RedisConnectionError, RedisTimeoutError) as error:
-            raise ToolError("unavailable: the server cannot reach Redis right now; "
-                            "retry in a moment") from error
 
     return call
 
 
-def structured(data: dict[str, Any]) -> CallToolResult:
+def structured(data: Mapping[str, object]) -> CallToolResult:
     """A tool result carrying `data` as structured content and as compact JSON text."""
     text = orjson.dumps(data).decode()
-    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
+    return CallToolResult(content=[TextContent(type="text", text=text)],
+                          structured_content=dict(data))
 
 
 class AgentTools:
     """The tools, bound to the process's settings and Pipeline."""
 
-    def __init__(self, settings: Settings, get_pipeline: Callable[[], Pipeline]) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
         self.settings = settings
-        self.get_pipeline = get_pipeline
+        self.pipeline = pipeline
 
     def register(self, mcp: MCPServer[Any]) -> None:
         """Add every tool to `mcp`."""
@@ -140,13 +147,13 @@ class AgentTools:
         pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(items))
-        job, rows = await pipeline.embed(items, options, caller=context_caller(ctx),
-                                         on_progress=progress,
-                                         encoding=encoding)
-        values = _embeddings(job, rows)
+        embedded = await pipeline.embed(items, options, caller=context_caller(ctx),
+                                        on_progress=progress, encoding=encoding)
+        values = _embeddings(embedded)
         embeddings: list[Any] = values if encoding == "base64" else json_floats(np.vstack(values))
-        reply: dict[str, Any] = {
-            "model": job["model"], "dimensions": job["dimensions"], "embeddings": embeddings,
+        rows = embedded.rows
+        reply: dict[str, object] = {
+            "model": embedded.model, "dimensions": embedded.dimensions, "embeddings": embeddings,
             "truncated": [row["index"] for row in rows if row["truncated"]]}
         if chunk:
             reply["chunks"] = [row.get("chunks", 1) for row in rows]
@@ -178,7 +185,7 @@ class AgentTools:
         await progress(0, len(candidates) + 1)
         matches = await pipeline.similarity(query, candidates, options, caller=context_caller(ctx),
                                             on_progress=progress)
-        return structured({"matches": matches})
+        return structured(matches_json(matches))
 
     @tool_errors
     async def submit_job(
@@ -192,25 +199,24 @@ class AgentTools:
         timeout_s: schema.TimeoutS = None,
     ) -> Annotated[CallToolResult, schema.JobHandle]:
         """Queue a bulk job and return its id at once."""
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-            raise InvalidInput(f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        check_idempotency_key(idempotency_key, "idempotency_key")
         max_chars = self.settings.max_text_chars
         items = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
                                  "truncate": truncate, "model": model, "chunk": chunk,
                                  "chunk_overlap": chunk_overlap, "prompt": prompt,
                                  "prompt_name": prompt_name, "timeout_s": timeout_s})
-        job = await self.get_pipeline().submit(items, options, caller=context_caller(ctx),
-                                               idempotency_key=idempotency_key)
-        return structured({"job_id": job["id"], "total": job["total"], "status": job["status"],
-                           "resource": job_uri(job["id"])})
+        job = await self.pipeline.submit(items, options, caller=context_caller(ctx),
+                                         idempotency_key=idempotency_key)
+        return structured({"job_id": job.id, "total": job.total, "status": job.status.value,
+                           "resource": job_uri(job.id)})
 
     @tool_errors
     async def job_status(
         self, ctx: Context[Any, Any], job_id: schema.JobId
     ) -> Annotated[CallToolResult, schema.JobStatus]:
         """A job's status and progress."""
-        return structured(await self.get_pipeline().job(job_id, context_caller(ctx)))
+        return structured(job_json(await self.pipeline.job(job_id, context_caller(ctx))))
 
     @tool_errors
     async def job_results(
@@ -220,12 +226,9 @@ class AgentTools:
         """One page of a job's results, in input order."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be from 1 to {MAX_PAGE}, got {limit}")
-        page = await self.get_pipeline().results(job_id, cursor or None, limit,
-                                                 check_encoding(encoding),
-                                                 caller=context_caller(ctx))
-        rows = [_plain_row(row) for row in page["results"]]
-        return structured({"results": rows, "next_cursor": page["next_cursor"],
-                           "backend": page["backend"]})
+        page = await self.pipeline.results(job_id, cursor or None, limit,
+                                           check_encoding(encoding), caller=context_caller(ctx))
+        return structured(results_json(page, plain=True))
 
     @tool_errors
     async def search_job(
@@ -236,17 +239,17 @@ class AgentTools:
         if not 1 <= top_k <= schema.TOP_K_MAX:
             raise InvalidInput(f"top_k must be from 1 to {schema.TOP_K_MAX}, got {top_k}")
         _check_texts("query", [query], self.settings.max_text_chars)
-        pipeline = self.get_pipeline()
-        if (await pipeline.job(job_id, context_caller(ctx)))["status"] == JobStatus.COMPLETED:
+        pipeline = self.pipeline
+        if (await pipeline.job(job_id, context_caller(ctx))).status is JobStatus.COMPLETED:
             # Only then is a worker needed (for the query); search() explains other states.
             await self._require_worker(pipeline)
-        matches = await pipeline.search(job_id, query, top_k, caller=context_caller(ctx))
-        return structured({"matches": matches})
+        hits = await pipeline.search(job_id, query, top_k, caller=context_caller(ctx))
+        return structured(hits_json(hits))
 
     @tool_errors
     async def list_models(self) -> Annotated[CallToolResult, schema.ModelList]:
         """The models live workers serve, with their sizes and prompts."""
-        models = await self.get_pipeline().models()
+        models = await self.pipeline.models()
         return structured({"object": "list", "data": [model_object(m) for m in models]})
 
     @tool_errors
@@ -254,18 +257,18 @@ class AgentTools:
         self, ctx: Context[Any, Any], job_id: schema.JobId
     ) -> Annotated[CallToolResult, schema.JobStatus]:
         """Cancel a job; results already made stay readable."""
-        return structured(await self.get_pipeline().cancel(job_id, context_caller(ctx)))
+        return structured(job_json(await self.pipeline.cancel(job_id, context_caller(ctx))))
 
     async def _pipeline_with_worker(self, options: JobOptions) -> Pipeline:
         """The Pipeline, once the options suit the model and a worker is alive."""
-        pipeline = self.get_pipeline()
+        pipeline = self.pipeline
         await pipeline.model(options)
         await self._require_worker(pipeline)
         return pipeline
 
     @staticmethod
     async def _require_worker(pipeline: Pipeline) -> None:
-        if not (await pipeline.ready())["workers"]:
+        if not (await pipeline.ready()).workers:
             raise Unavailable("no worker is running, so nothing would embed these texts: start "
                               "`embedstream up` (or `embedstream worker`) against this Redis, "
                               "then retry")
@@ -299,32 +302,15 @@ def _check_texts(field: str, texts: list[str], max_chars: int) -> None:
             raise InvalidInput(f"{where} has {len(text)} characters; the limit is {max_chars}")
 
 
-def _embeddings(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[Any]:
+def _embeddings(embedded: Embeddings) -> list[Any]:
     """The rows' embeddings in input order, or an error naming failed inputs."""
+    rows = embedded.rows
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:
         indexes = [row["index"] for row in failed]
         raise InvalidInput(f"inputs {indexes[:20]} could not be embedded: {failed[0].get('error')}",
                            indexes=indexes)
-    if job["status"] != JobStatus.COMPLETED or not rows:
-        raise Unavailable(f"the embedding job ended {job['status']} before every input was "
-                          "embedded; retry")
+    if embedded.status is not JobStatus.COMPLETED or not rows:
+        raise Unavailable(f"the embedding job ended {embedded.status.value} before every input "
+                          "was embedded; retry")
     return [row["embedding"] for row in rows]
-
-
-def _plain_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A result row with its numpy vector as a list of numbers."""
-    embedding = row["embedding"]
-    if isinstance(embedding, np.ndarray):
-        return {**row, "embedding": json_floats(embedding)}
-    return row
-
-
-def json_floats(vectors: np.ndarray[Any, np.dtype[np.float32]]) -> Any:
-    """float32 values as Python floats that print in float32's shortest form.
-
-    `tolist()` would print each as the float64 it widens to (0.10000000149011612
-    for 0.1), nearly doubling the JSON; these read back to the same float32.
-    """
-    return orjson.loads(orjson.dumps(np.ascontiguousarray(vectors),
-                                     option=orjson.OPT_SERIALIZE_NUMPY))

@@ -30,8 +30,9 @@ from pipeline.inputs import (
     parse_options,
     parse_query_options,
 )
+from pipeline.jobs.interactive import ProgressCallback
 from pipeline.keys import GROUP, Keys
-from pipeline.service import Pipeline, ProgressCallback
+from pipeline.service import Pipeline
 from pipeline.settings import PREFIX, Settings
 from pipeline.tasks import cancel_and_wait, honour_cancel
 

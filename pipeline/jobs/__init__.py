@@ -1,9 +1,11 @@
 """A job's life in Redis: record, scripts, submission, results, events, interactive requests."""
 
 
+from pipeline.jobs.catalog import Readiness
 from pipeline.jobs.events import Event, check_event_id
-from pipeline.jobs.index import MAX_LIMIT
-from pipeline.jobs.interactive import Reply, queue_reply
+from pipeline.jobs.idempotency import MAX_IDEMPOTENCY_KEY, check_idempotency_key
+from pipeline.jobs.index import MAX_LIMIT, JobPage
+from pipeline.jobs.interactive import Embeddings, Reply, queue_reply
 from pipeline.jobs.janitor import sweep_jobs
 from pipeline.jobs.quantize import (
     ENCODINGS,
@@ -12,14 +14,23 @@ from pipeline.jobs.quantize import (
     has_calibration,
     store_calibration,
 )
-from pipeline.jobs.record import JOB_ID, PUBLIC_STATUSES, JobRecord, JobStatus, check_job_id
-from pipeline.jobs.results import MAX_PAGE, ChunkResult
+from pipeline.jobs.record import (
+    JOB_ID,
+    PUBLIC_STATUSES,
+    JobRecord,
+    JobStatus,
+    PublicJob,
+    check_job_id,
+)
+from pipeline.jobs.results import MAX_PAGE, ChunkResult, ResultRow, ResultsPage
 from pipeline.jobs.scripts import Committed, JobScripts, announce, announce_created
+from pipeline.jobs.search import InputRow, InputsPage, Match, SearchHit
 from pipeline.jobs.tenants import TRUSTED, Caller, owner_id, visible
 
 __all__ = [
     "ENCODINGS",
     "JOB_ID",
+    "MAX_IDEMPOTENCY_KEY",
     "MAX_LIMIT",
     "MAX_PAGE",
     "PUBLIC_STATUSES",
@@ -27,16 +38,27 @@ __all__ = [
     "Caller",
     "ChunkResult",
     "Committed",
+    "Embeddings",
     "Event",
+    "InputRow",
+    "InputsPage",
+    "JobPage",
     "JobRecord",
     "JobScripts",
     "JobStatus",
+    "Match",
+    "PublicJob",
+    "Readiness",
     "Reply",
+    "ResultRow",
+    "ResultsPage",
+    "SearchHit",
     "announce",
     "announce_created",
     "calibration_texts",
     "check_encoding",
     "check_event_id",
+    "check_idempotency_key",
     "check_job_id",
     "has_calibration",
     "owner_id",

@@ -7,36 +7,37 @@ chunk's rows, as a JSON list) and `progress`; resuming after that id skips
 both, which is right because the stored entry is the unit of delivery.
 
 These generators know nothing of HTTP: the SSE endpoints and the MCP `embed`
-tool both consume them. `follow_job` and `follow_feed` read Redis for one
-follower each; the servers use `follow_job_live` and `follow_feed_live`,
-which read through the process's fan-out hubs (`pipeline.store.fanout`), so any
-number of followers of one stream share one Redis reader, one stats sampler
-and one fetch of each committed chunk (`ChunkRows`).
+tool both consume them. `follow_job_live` and `follow_feed_live` read
+through the process's fan-out hubs (`pipeline.store.fanout`), so any number
+of followers of one stream share one Redis reader, one stats sampler and one
+fetch of each committed chunk (`ChunkRows`). A lost Redis raises
+`Unavailable` from them (`redis_outage`), as from every `Pipeline` call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pipeline.errors import InvalidCursor
+from pipeline.errors import InvalidCursor, Unavailable
+from pipeline.jobs.interactive import NO_WORKER_IN_TIME, ProgressCallback
 from pipeline.jobs.record import load_job
-from pipeline.jobs.results import read_chunk_rows
-from pipeline.store.fanout import Entry, Hubs
-from pipeline.store.stats import StatsSampler
+from pipeline.jobs.results import ResultRow, read_chunk_rows
+from pipeline.jobs.submitter import shielded
+from pipeline.store.connections import redis_outage
 
 if TYPE_CHECKING:
     from pipeline.jobs.quantize import VectorView
     from pipeline.keys import Keys
     from pipeline.store.connections import RedisClient
+    from pipeline.store.fanout import Entry, Hubs
     from pipeline.store.stats import StatsSampler
 
 STREAM_ID = re.compile(r"[0-9]{1,20}(?:-[0-9]{1,20})?")
@@ -67,72 +68,10 @@ def check_event_id(value: str | None) -> str:
     return value
 
 
-async def follow_job(
-    redis: RedisClient, blocking: RedisClient, keys: Keys, job_id: str,
-    *, after: str | None = None, encoding: str | VectorView = "float", block_ms: int = 2000,
-) -> AsyncGenerator[Event, None]:
-    """The job's result, progress and end events after `after`, until the end."""
-    cursor = check_event_id(after)
-    record = await load_job(redis, keys, job_id)
-    chunk_size = record.chunk_size
-    stream = keys.events(job_id)
-    while True:
-        reply = await blocking.xread({stream: cursor}, count=READ_COUNT, block=block_ms)
-        if not reply:
-            record = await load_job(redis, keys, job_id)
-            if not record.finished:
-                continue
-            # The job may have finished between the read and the status check:
-            # read once more, so its last results are not skipped.
-            reply = await redis.xread({stream: cursor}, count=READ_COUNT)
-            if not reply:
-                # Nothing after the cursor: the client resumed after `end`.
-                yield Event(cursor, "end", record.public())
-                return
-        for entry_id, fields in reply[0][1]:
-            cursor = entry_id.decode()
-            kind = fields[b"type"]
-            if kind == b"result":
-                chunk = int(fields[b"chunk"])
-                rows = await read_chunk_rows(redis, keys, job_id, chunk, chunk_size, encoding)
-                yield Event(cursor, "result", rows)
-                yield Event(cursor, "progress", {
-                    "done": int(fields[b"done"]), "failed": int(fields[b"failed"]),
-                    "total": int(fields[b"total"]),
-                })
-            elif kind == b"end":
-                yield Event(cursor, "end", (await load_job(redis, keys, job_id)).public())
-                return
-
-
 async def feed_replay_start(redis: RedisClient, keys: Keys, replay: int) -> str:
     """A cursor just before the newest `replay` feed events ("0" if there are fewer)."""
     newest = await redis.xrevrange(keys.feed, count=replay + 1)
     return newest[-1][0].decode() if len(newest) > replay else "0"
-
-
-async def follow_feed(
-    redis: RedisClient, blocking: RedisClient, keys: Keys,
-    *, after: str | None = None, stats_interval_s: float = 2.0, replay: int = FEED_REPLAY,
-) -> AsyncGenerator[Event, None]:
-    """Feed events after `after` (else the last `replay` ones), with `stats` every interval.
-
-    A dashboard that connects without a cursor is shown the recent past (the
-    jobs it would otherwise never see) before live events.
-    """
-    cursor = check_event_id(after) if after else await feed_replay_start(redis, keys, replay)
-    sampler = StatsSampler(redis, keys)
-    next_stats = 0.0
-    while True:
-        now = time.monotonic()
-        if now >= next_stats:
-            yield Event(cursor, "stats", await sampler.sample())
-            next_stats = now + stats_interval_s
-        block_ms = max(1, int((next_stats - time.monotonic()) * 1000))
-        reply = await blocking.xread({keys.feed: cursor}, count=READ_COUNT, block=block_ms)
-        for entry_id, fields in reply[0][1] if reply else ():
-            cursor = entry_id.decode()
-            yield Event(cursor, fields[b"type"].decode(), orjson.loads(fields[b"data"]))
 
 
 class ChunkRows:
@@ -170,7 +109,21 @@ async def follow_job_live(
     redis: RedisClient, hubs: Hubs, keys: Keys, chunks: ChunkRows, job_id: str,
     *, after: str | None = None, view: VectorView,
 ) -> AsyncGenerator[Event, None]:
-    """As `follow_job`, read through the job's fan-out hub."""
+    """The job's result, progress and end events after `after`, until the end.
+
+    Read through the job's fan-out hub: followers of one job share its reader.
+    """
+    stream = _job_events(redis, hubs, keys, chunks, job_id, after=after, view=view)
+    async with aclosing(stream):
+        with redis_outage():
+            async for event in stream:
+                yield event
+
+
+async def _job_events(
+    redis: RedisClient, hubs: Hubs, keys: Keys, chunks: ChunkRows, job_id: str,
+    *, after: str | None, view: VectorView,
+) -> AsyncGenerator[Event, None]:
     cursor = check_event_id(after)
     record = await load_job(redis, keys, job_id)
     chunk_size = record.chunk_size
@@ -203,7 +156,24 @@ async def follow_feed_live(
     redis: RedisClient, hubs: Hubs, keys: Keys, sampler: StatsSampler,
     *, after: str | None = None, stats_interval_s: float = 2.0, replay: int = FEED_REPLAY,
 ) -> AsyncGenerator[Event, None]:
-    """As `follow_feed`, read through the process's feed hub and its one stats sampler."""
+    """Feed events after `after` (else the last `replay` ones), with `stats` every interval.
+
+    A dashboard that connects without a cursor is shown the recent past (the
+    jobs it would otherwise never see) before live events. Read through the
+    process's feed hub and its one stats sampler.
+    """
+    stream = _feed_events(redis, hubs, keys, sampler, after=after,
+                          stats_interval_s=stats_interval_s, replay=replay)
+    async with aclosing(stream):
+        with redis_outage():
+            async for event in stream:
+                yield event
+
+
+async def _feed_events(
+    redis: RedisClient, hubs: Hubs, keys: Keys, sampler: StatsSampler,
+    *, after: str | None, stats_interval_s: float, replay: int,
+) -> AsyncGenerator[Event, None]:
     cursor = check_event_id(after) if after else await feed_replay_start(redis, keys, replay)
     hub = hubs.hub(keys.feed, tick=(stats_interval_s, sampler.sample))
     await hub.ready()
@@ -217,3 +187,37 @@ async def follow_feed_live(
                 continue
             cursor = entry.id
             yield Event(cursor, entry.fields["type"], orjson.loads(entry.fields["data"]))
+
+
+async def collect_rows(
+    events: AsyncIterator[Event], on_progress: ProgressCallback | None
+) -> list[ResultRow]:
+    """A followed job's result rows in index order, once its `end` arrives; progress told."""
+    rows: list[ResultRow] = []
+    async for event in events:
+        if event.name == "result":
+            rows.extend(event.data)
+        elif event.name == "progress" and on_progress is not None:
+            await on_progress(event.data["done"] + event.data["failed"], event.data["total"])
+    rows.sort(key=lambda row: row["index"])
+    return rows
+
+
+async def await_rows(
+    events: AsyncIterator[Event], cancel: Callable[[], Awaitable[object]], timeout_s: float,
+    on_progress: ProgressCallback | None,
+) -> list[ResultRow]:
+    """A followed job's rows within `timeout_s`; the job is cancelled if the wait ends early.
+
+    A caller that went away (an MCP client cancelled, an HTTP client hung up)
+    needs its texts embedded no more: the cancel runs to its end, shielded.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await collect_rows(events, on_progress)
+    except asyncio.CancelledError:
+        await shielded(cancel())
+        raise
+    except TimeoutError:
+        await cancel()
+        raise Unavailable(NO_WORKER_IN_TIME) from None

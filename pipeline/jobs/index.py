@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.errors import InvalidCursor, InvalidRequest
-from pipeline.jobs.record import JobRecord, JobStatus
+from pipeline.jobs.record import PUBLIC_STATUSES, JobRecord, JobStatus
 from pipeline.jobs.tenants import Caller, visible
 
 if TYPE_CHECKING:
@@ -31,11 +32,18 @@ if TYPE_CHECKING:
     from pipeline.store.connections import RedisClient
 
 CURSOR = re.compile(r"([0-9]{1,20})-([0-9a-f]{32})")
-STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 MAX_LIMIT = 200
 # A status filter may skip many jobs; one request scans at most this many ids
 # and returns a short page with a cursor rather than walk a whole history.
 MAX_SCAN = 2_000
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a job list, newest first; `next_cursor` is None at the end."""
+
+    jobs: list[JobRecord]
+    next_cursor: str | None
 
 
 def created_score() -> int:
@@ -71,30 +79,33 @@ def _parse_cursor(cursor: str | None) -> tuple[int, str] | None:
     return int(match.group(1)), match.group(2)
 
 
-def check_status(status: str | None) -> str | None:
-    """A status filter must name a job status."""
-    if status and status not in STATUSES:
-        raise InvalidRequest(f"query parameter 'status' must be one of {', '.join(STATUSES)}")
-    return status or None
+def check_status(status: str | None) -> JobStatus | None:
+    """A status filter must name a job status a reader can see."""
+    if not status:
+        return None
+    if status not in PUBLIC_STATUSES:
+        raise InvalidRequest("query parameter 'status' must be one of "
+                             f"{', '.join(s.value for s in PUBLIC_STATUSES)}")
+    return JobStatus(status)
 
 
 async def list_jobs(
     redis: RedisClient, keys: Keys, caller: Caller, *,
     limit: int = 50, cursor: str | None = None, status: str | None = None,
-) -> dict[str, Any]:
-    """The caller's jobs, newest first: `{"jobs": [...], "next_cursor"}`."""
+) -> JobPage:
+    """The caller's jobs, newest first, one page."""
     after = _parse_cursor(cursor)
-    status = check_status(status)
+    wanted = check_status(status)
     index = keys.job_index(None if caller.admin else caller.owner)
     top: str = "+inf" if after is None else str(after[0])
     offset, scanned = 0, 0
-    jobs: list[dict[str, Any]] = []
+    jobs: list[JobRecord] = []
     last: tuple[int, str] | None = None
     while len(jobs) < limit and scanned < MAX_SCAN:
         batch = await redis.zrange(index, top, "-inf", desc=True, byscore=True,
                                    withscores=True, offset=offset, num=limit + 1)
         if not batch:
-            return {"jobs": jobs, "next_cursor": None}
+            return JobPage(jobs, None)
         entries = [(m.decode(), int(s)) for m, s in batch]
         # Same-score ids come in descending order; those at or above the cursor's were sent.
         entries = [(m, s) for m, s in entries
@@ -110,12 +121,12 @@ async def list_jobs(
             # A staged job is being submitted: not shown, and not gone either.
             if record is not None and record.status is not JobStatus.STAGED and visible(
                     record.owner, caller) and (
-                    status is None or record.status == status):
-                jobs.append(record.public())
+                    wanted is None or record.status is wanted):
+                jobs.append(record)
             if len(jobs) >= limit:
                 break
     next_cursor = f"{last[0]}-{last[1]}" if last is not None else None
-    return {"jobs": jobs, "next_cursor": next_cursor}
+    return JobPage(jobs, next_cursor)
 
 
 async def _records(

@@ -25,22 +25,70 @@ count in `texts embedded` and in the `interactive_requests` counter.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 import orjson
 
+from pipeline.errors import Unavailable
+from pipeline.jobs.record import JobRecord, JobStatus
+from pipeline.jobs.results import ResultRow, render_rows
 from pipeline.jobs.submission import pack_chunk
 from pipeline.keys import GROUP
 from pipeline.model.prompts import resolve_prompt
 
 if TYPE_CHECKING:
     from pipeline.inputs import Item, JobOptions
+    from pipeline.jobs.backlog import Backlog
+    from pipeline.jobs.quantize import VectorView, Views
     from pipeline.keys import Keys
     from pipeline.model.info import ModelInfo
+    from pipeline.settings import Settings
+    from pipeline.store.commands import RedisPipeline
     from pipeline.store.connections import RedisClient
 
 REPLY_TTL_S = 120
+NO_WORKER_IN_TIME = ("no worker finished the embedding in time; is a worker running for this "
+                     "model? (GET /readyz tells)")
+# Told (texts done, texts in all) as an embedding advances.
+ProgressCallback = Callable[[int, int], Awaitable[None]]
+
+
+class RequestOptions(TypedDict):
+    """What a worker needs to embed a request as a job's chunk would be (sent as JSON)."""
+
+    model: str
+    normalize: bool
+    dimensions: int
+    model_dimensions: int
+    prompt: str
+    chunk: bool
+    chunk_overlap: int
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """A few texts embedded and waited for: the rows in index order, and what made them.
+
+    `id` names the job, or the interactive request (which has no job); the
+    status is the job's, or for a request `completed` unless every input failed.
+    """
+
+    id: str
+    status: JobStatus
+    model: str
+    dimensions: int
+    done: int
+    failed: int
+    tokens: int
+    rows: list[ResultRow]
+
+    @classmethod
+    def of_job(cls, record: JobRecord, rows: list[ResultRow]) -> Embeddings:
+        """What a job made of a few texts, as its (finished) record says."""
+        return cls(record.id, record.status, record.model, record.dimensions, record.done,
+                   record.failed, record.tokens, rows)
 
 # KEYS: the fast lane.  ARGV: group, limit (texts; 0 for none), texts an entry
 # counts for, texts adding, then the entry's field/value pairs.
@@ -76,7 +124,7 @@ def is_light(items: list[Item], options: JobOptions, max_texts: int) -> bool:
     return len(items) <= max_texts and (options.truncate or options.chunk)
 
 
-def request_options(options: JobOptions, model: ModelInfo) -> dict[str, Any]:
+def request_options(options: JobOptions, model: ModelInfo) -> RequestOptions:
     """What a worker needs to embed the request as a job's chunk would be."""
     dims = options.dimensions or model.dimensions
     return {"model": model.name, "normalize": options.normalize, "dimensions": dims,
@@ -92,11 +140,12 @@ class Sender:
         self.entry_texts = entry_texts
         self._send = redis.register_script(_SEND)
 
-    async def send(self, stream: str, items: list[Item], options: dict[str, Any]) -> str | int:
+    async def send(self, stream: str, items: list[Item], options: RequestOptions) -> str | int:
         """The request's id (its reply key's tag), or the texts waiting when the lane is full."""
         request_id = uuid.uuid4().hex
-        fields = ["req", request_id, "n", len(items), "inputs", pack_chunk(items),
-                  "options", orjson.dumps(options)]
+        fields: list[bytes | str | int] = [
+            "req", request_id, "n", len(items), "inputs", pack_chunk(items),
+            "options", orjson.dumps(options)]
         outcome, value = await self._send(
             keys=[stream], args=[GROUP, self.limit, self.entry_texts, len(items), *fields])
         if outcome in (b"full", "full"):
@@ -135,25 +184,48 @@ class Reply:
         return int(orjson.loads(self.meta).get("tokens", 0))
 
 
-def queue_reply(pipe: Any, keys: Keys, request_id: str, reply: Reply) -> None:
+def queue_reply(pipe: RedisPipeline, keys: Keys, request_id: str, reply: Reply) -> None:
     """Add the reply's RPUSH and EXPIRE to a pipeline (one key: one slot)."""
     name = keys.reply(request_id)
     pipe.rpush(name, reply.pack())
     pipe.expire(name, REPLY_TTL_S)
 
 
-def view_record(sent: dict[str, Any]) -> dict[str, Any]:
-    """What decides how a request's vectors are delivered (`Views.for_shape`'s arguments)."""
-    dims, model_dims = int(sent["dimensions"]), int(sent["model_dimensions"])
-    return {"model": sent["model"], "model_dimensions": model_dims,
-            "output_dimensions": dims if dims < model_dims else None,
-            "normalize": bool(sent["normalize"])}
+class Requests:
+    """Embeds a few texts as one interactive request: send, wait for the reply, render it."""
 
+    def __init__(self, redis: RedisClient, blocking: RedisClient, keys: Keys, views: Views,
+                 backlog: Backlog, settings: Settings) -> None:
+        self.blocking = blocking
+        self.keys = keys
+        self.views = views
+        self.backlog = backlog
+        self.sender = Sender(redis, backlog.limit(interactive=True), settings.chunk_size)
 
-def request_job(request_id: str, sent: dict[str, Any], rows: list[dict[str, Any]],
-                reply: Reply) -> dict[str, Any]:
-    """What a finished request looks like to callers of `Pipeline.embed` (a job's shape)."""
-    failed = sum(1 for row in rows if row.get("embedding") is None)
-    return {"id": request_id, "status": "completed" if failed < len(rows) else "failed",
-            "total": len(rows), "done": len(rows) - failed, "failed": failed,
-            "model": sent["model"], "dimensions": sent["dimensions"], "tokens": reply.tokens}
+    async def embed(
+        self, items: list[Item], options: JobOptions, model: ModelInfo, encoding: str,
+        on_progress: ProgressCallback | None, timeout_s: float,
+    ) -> Embeddings:
+        """Embed `items` with `model` and wait at most `timeout_s` for a worker's reply."""
+        sent = request_options(options, model)
+        view = await self._view(encoding, sent)
+        request_id = await self.sender.send(self.keys.queue(model.name, "fast"), items, sent)
+        if isinstance(request_id, int):  # the fast lane's backlog is full: nothing queued
+            await self.backlog.refuse(model.name, request_id, len(items), interactive=True)
+        reply = await await_reply(self.blocking, self.keys, request_id, timeout_s)
+        if reply is None:
+            raise Unavailable(NO_WORKER_IN_TIME)
+        rows = render_rows(0, reply.vectors, reply.meta, view)
+        if on_progress is not None:
+            await on_progress(len(rows), len(rows))
+        failed = sum(1 for row in rows if row.get("embedding") is None)
+        status = JobStatus.COMPLETED if failed < len(rows) else JobStatus.FAILED
+        return Embeddings(request_id, status, sent["model"], sent["dimensions"],
+                          len(rows) - failed, failed, reply.tokens, rows)
+
+    async def _view(self, encoding: str, sent: RequestOptions) -> VectorView:
+        """How the request's vectors are delivered in `encoding`."""
+        dims, model_dims = sent["dimensions"], sent["model_dimensions"]
+        return await self.views.for_shape(encoding, sent["model"], model_dims,
+                                          dims if dims < model_dims else None,
+                                          sent["normalize"])

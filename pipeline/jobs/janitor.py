@@ -18,13 +18,18 @@ of active jobs (`keys.active_jobs`, added before a job can be seen):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from pipeline.jobs.record import JobRecord, JobStatus
 from pipeline.jobs.scripts import JobScripts, TimeOut, announce
 from pipeline.store.stats import served_models
+from pipeline.tasks import honour_cancel
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -97,3 +102,19 @@ async def _time_out(scripts: JobScripts, settings: Settings, record: JobRecord, 
                    extra={"event": "job.failed", "job_id": record.id})
     raw = await scripts.redis.hgetall(scripts.keys.job(record.id))
     return JobRecord.from_hash(raw) if raw else record
+
+
+async def run_janitor(scripts: JobScripts, settings: Settings, stop: asyncio.Event) -> None:
+    """Sweep the active jobs every `janitor_interval_s` until `stop`.
+
+    Stopped between sweeps, never cancelled inside one: a Redis command
+    cancelled mid-reply can leave its connection so that closing the client hangs.
+    """
+    while not stop.is_set():
+        honour_cancel()
+        try:
+            await sweep_jobs(scripts, settings)
+        except RedisError:
+            logger.warning("job janitor failed; retrying", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.janitor_interval_s)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import InvalidRequest, Unavailable
+from pipeline.errors import InvalidRequest, PipelineError, Unavailable
 from pipeline.model.embedder import shape_vectors
 
 if TYPE_CHECKING:
@@ -40,13 +40,14 @@ CALIBRATED = ("int8", "uint8")
 CALIBRATION_FILE = Path(__file__).parents[1] / "data" / "calibration.txt"
 
 
-def check_encoding(value: str | None, name: str = "encoding") -> str:
-    """The encoding asked for (float when unset), or a 4xx naming the choices."""
+def check_encoding(
+    value: object, name: str = "'encoding'", *, error: type[PipelineError] = InvalidRequest
+) -> str:
+    """The encoding asked for (float when unset), or `error` naming `name` and the choices."""
     if value is None or value == "":
         return "float"
-    if value not in ENCODINGS:
-        raise InvalidRequest(f"'{name}' must be one of {', '.join(ENCODINGS)}; "
-                             f"got {str(value)[:40]!r}")
+    if not isinstance(value, str) or value not in ENCODINGS:
+        raise error(f"{name} must be one of {', '.join(ENCODINGS)}; got {str(value)[:40]!r}")
     return value
 
 

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from pipeline.errors import InvalidJobId, JobNotFound
 
@@ -84,6 +84,23 @@ def check_job_id(job_id: str) -> str:
 def now_iso() -> str:
     """The current UTC time as ISO 8601 with a Z."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class PublicJob(TypedDict):
+    """A job as the API shows it (REST, MCP, the feed's job events)."""
+
+    id: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    model: str
+    dimensions: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    backend: str | None
 
 
 @dataclass(frozen=True)
@@ -164,7 +181,7 @@ class JobRecord:
         """The Matryoshka cut a worker applies, or None for the model's full size."""
         return self.dimensions if self.dimensions < self.model_dimensions else None
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> PublicJob:
         """The job as the API shows it."""
         return {
             "id": self.id, "status": self.status.value, "total": self.total,
@@ -182,8 +199,3 @@ async def load_job(redis: RedisClient, keys: Keys, job_id: str) -> JobRecord:
     if record is None or record.status is JobStatus.STAGED:
         raise JobNotFound(f"job {job_id} does not exist or has expired")
     return record
-
-
-async def get_job(redis: RedisClient, keys: Keys, job_id: str) -> dict[str, Any]:
-    """The public view of a job."""
-    return (await load_job(redis, keys, job_id)).public()

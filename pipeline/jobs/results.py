@@ -17,7 +17,7 @@ only references (`chunk`), never a second copy of the vectors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import numpy as np
 import orjson
@@ -31,8 +31,28 @@ if TYPE_CHECKING:
     from pipeline.store.connections import RedisClient
 
 MAX_PAGE = 1000
-SEARCH_PAGE_CHUNKS = 64
 MAX_SCAN_CHUNKS = 4096
+
+
+class ResultRow(TypedDict):
+    """One input's result: its vector as a view delivers it, or None and the reason it failed."""
+
+    index: int
+    id: str | None
+    embedding: Any  # a numpy row (float), base64 text or integers; None for a failed input
+    truncated: bool
+    chunks: NotRequired[int]  # windows embedded, for a job submitted with `chunk: true`
+    error: NotRequired[str]
+
+
+@dataclass(frozen=True)
+class ResultsPage:
+    """One page of a job's results in index order; `next_cursor` is None at the end."""
+
+    rows: list[ResultRow]
+    next_cursor: str | None
+    backend: str | None  # what embedded the job so far, as its status says
+
 
 @dataclass(frozen=True)
 class ChunkResult:
@@ -50,7 +70,7 @@ class ChunkResult:
 
     def meta(self) -> bytes:
         ids = self.ids if any(i is not None for i in self.ids) else None
-        meta: dict[str, Any] = {
+        meta: dict[str, object] = {
             "n": len(self.vectors), "dims": int(self.vectors.shape[1]), "ids": ids,
             "truncated": self.truncated, "errors": {str(k): v for k, v in self.errors.items()},
             "tokens": self.tokens,
@@ -62,7 +82,7 @@ class ChunkResult:
 
 def render_rows(
     first_index: int, vectors_raw: bytes, meta_raw: bytes, encoding: str | VectorView = FLOAT
-) -> list[dict[str, Any]]:
+) -> list[ResultRow]:
     """Turn one stored chunk into result objects (`index`, `id`, `embedding`, `truncated`).
 
     Rows of a job submitted with `chunk: true` also carry `chunks` (windows embedded).
@@ -75,9 +95,9 @@ def render_rows(
     errors: dict[str, str] = meta.get("errors") or {}
     chunks: list[int] | None = meta.get("chunks")
     encoded = as_view(encoding).encode(vectors)
-    rows: list[dict[str, Any]] = []
+    rows: list[ResultRow] = []
     for i in range(n):
-        row: dict[str, Any] = {"index": first_index + i, "id": ids[i],
+        row: ResultRow = {"index": first_index + i, "id": ids[i],
                                "embedding": encoded[i], "truncated": i in truncated}
         if chunks is not None:
             row["chunks"] = chunks[i]
@@ -107,7 +127,7 @@ async def read_page(
     redis: RedisClient, keys: Keys, job_id: str,
     cursor: str | None = None, limit: int = 100, encoding: str | VectorView = FLOAT,
     record: JobRecord | None = None,
-) -> dict[str, Any]:
+) -> ResultsPage:
     """One page of a job's results in index order, from `cursor`.
 
     While the job runs, a page stops at the first chunk not yet made and its
@@ -131,8 +151,7 @@ async def read_page(
             if not page.take(chunk, stored[2 * offset], stored[2 * offset + 1], encoding):
                 break
     more = page.position < total
-    return {"results": page.rows, "next_cursor": str(page.position) if more else None,
-            "backend": record.backend or None}
+    return ResultsPage(page.rows, str(page.position) if more else None, record.backend or None)
 
 
 @dataclass
@@ -144,7 +163,7 @@ class _Page:
     total: int
     chunk_size: int
     finished: bool
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[ResultRow] = field(default_factory=list)
     scanned: int = 0
     stalled: bool = False
 
@@ -176,82 +195,9 @@ class _Page:
 async def read_chunk_rows(
     redis: RedisClient, keys: Keys, job_id: str, chunk: int, chunk_size: int,
     encoding: str | VectorView = FLOAT,
-) -> list[dict[str, Any]]:
+) -> list[ResultRow]:
     """The results of one committed chunk (empty if it has expired)."""
     vec, meta = await redis.hmget(keys.vectors(job_id), [f"v:{chunk}", f"m:{chunk}"])
     if vec is None or meta is None:
         return []
     return render_rows(chunk * chunk_size, vec, meta, encoding)
-
-
-async def nearest(
-    redis: RedisClient, keys: Keys, record: JobRecord,
-    query: np.ndarray[Any, np.dtype[np.float32]], top_k: int,
-    *, page_chunks: int = SEARCH_PAGE_CHUNKS,
-) -> list[tuple[int, float]]:
-    """(index, cosine) of the job's `top_k` vectors nearest to `query`, best first.
-
-    The vectors are read `page_chunks` chunks at a time and only the best
-    `top_k` so far are kept, so memory stays bounded by one page whatever the
-    job's size (a page of 64 chunks of 32 384-float vectors is 3 MB). Failed
-    inputs are left out.
-    """
-    unit = query / max(float(np.linalg.norm(query)), 1e-12)
-    best_index = np.zeros(0, dtype=np.int64)
-    best_score = np.zeros(0, dtype=np.float32)
-    for first in range(0, record.chunks, page_chunks):
-        chunks = range(first, min(first + page_chunks, record.chunks))
-        fields = [f for c in chunks for f in (f"v:{c}", f"m:{c}")]
-        stored = await redis.hmget(keys.vectors(record.id), fields)
-        indexes, scores = _page_scores(chunks, stored, record.chunk_size, unit)
-        best_index = np.concatenate([best_index, indexes])
-        best_score = np.concatenate([best_score, scores])
-        if len(best_score) > top_k:
-            keep = np.argpartition(-best_score, top_k - 1)[:top_k]
-            best_index, best_score = best_index[keep], best_score[keep]
-    order = np.lexsort((best_index, -best_score))
-    return [(int(best_index[i]), float(best_score[i])) for i in order]
-
-
-def _page_scores(
-    chunks: range, stored: list[bytes | None], chunk_size: int,
-    unit: np.ndarray[Any, np.dtype[np.float32]],
-) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.float32]]]:
-    """Indexes and cosines to `unit` of one page's stored vectors (failed inputs left out)."""
-    indexes: list[np.ndarray[Any, np.dtype[np.int64]]] = []
-    scores: list[np.ndarray[Any, np.dtype[np.float32]]] = []
-    for offset, chunk in enumerate(chunks):
-        vec, meta_raw = stored[2 * offset], stored[2 * offset + 1]
-        if vec is None or meta_raw is None:
-            continue
-        meta = orjson.loads(meta_raw)
-        matrix = np.frombuffer(vec, dtype="<f4").reshape(int(meta["n"]), int(meta["dims"]))
-        failed = {int(k) for k in (meta.get("errors") or {})}
-        keep = np.array([i for i in range(len(matrix)) if i not in failed], dtype=np.int64)
-        if not len(keep):
-            continue
-        rows = matrix[keep]
-        norms = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
-        scores.append(((rows @ unit) / norms).astype(np.float32))
-        indexes.append(chunk * chunk_size + keep)
-    if not indexes:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    return np.concatenate(indexes), np.concatenate(scores)
-
-
-async def read_texts(
-    redis: RedisClient, keys: Keys, job_id: str, indexes: list[int], chunk_size: int
-) -> dict[int, dict[str, Any]]:
-    """The inputs (text, id, metadata) at some indexes of a job."""
-    chunks = sorted({i // chunk_size for i in indexes})
-    packed = await redis.hmget(keys.inputs(job_id), [str(c) for c in chunks]) if chunks else []
-    by_chunk = {c: orjson.loads(p) for c, p in zip(chunks, packed, strict=True) if p}
-    found: dict[int, dict[str, Any]] = {}
-    for index in indexes:
-        data = by_chunk.get(index // chunk_size)
-        if data is None:
-            continue
-        pos = index % chunk_size
-        found[index] = {"text": data["texts"][pos], "id": data["ids"][pos],
-                        "metadata": data["metadata"][pos]}
-    return found

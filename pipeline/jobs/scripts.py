@@ -10,6 +10,7 @@ strings are spelled only in `JobStatus`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from string import Template
 from typing import TYPE_CHECKING, Any
@@ -21,16 +22,18 @@ from pipeline.jobs.record import (
     JobStatus,
     StepHook,
     check_job_id,
-    get_job,
+    load_job,
     no_step,
     now_iso,
 )
 from pipeline.store import feed
+from pipeline.store.connections import text_of
 
 if TYPE_CHECKING:
     from pipeline.jobs.results import ChunkResult
     from pipeline.keys import Keys
     from pipeline.settings import Settings
+    from pipeline.store.commands import RedisPipeline
     from pipeline.store.connections import RedisClient
 
 
@@ -238,10 +241,6 @@ class CancelOutcome(enum.Enum):
     JOB_GONE = "gone"
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class JobScripts:
     """Every Lua script that changes a job, registered once on one client.
 
@@ -266,7 +265,7 @@ class JobScripts:
         self._claim_announcement = redis.register_script(_CLAIM_ANNOUNCEMENT)
         self._confirm_announcement = redis.register_script(_CONFIRM_ANNOUNCEMENT)
 
-    async def queue_commit(self, pipe: Any, result: ChunkResult, ttl_s: int) -> None:
+    async def queue_commit(self, pipe: RedisPipeline, result: ChunkResult, ttl_s: int) -> None:
         """Add one chunk's idempotent commit to `pipe`."""
         vectors = result.vectors.astype("<f4", copy=False).tobytes()
         await self._commit(
@@ -279,20 +278,20 @@ class JobScripts:
     @staticmethod
     def parse_committed(reply: list[Any]) -> Committed:
         """Decode the commit script's reply."""
-        outcome = CommitOutcome(_text(reply[0]))
+        outcome = CommitOutcome(text_of(reply[0]))
         if len(reply) == 1:
             return Committed(outcome)
         return Committed(outcome, int(reply[1]), int(reply[2]), int(reply[3]),
-                         JobStatus(_text(reply[4])))
+                         JobStatus(text_of(reply[4])))
 
-    async def queue_mark_started(self, pipe: Any, job_id: str) -> None:
+    async def queue_mark_started(self, pipe: RedisPipeline, job_id: str) -> None:
         """Add "queued -> running" to `pipe` (a no-op for a job past queued)."""
         await self._mark_started(keys=[self.keys.job(job_id)], args=[now_iso()], client=pipe)
 
     async def cancel(self, job_id: str, ttl_s: int) -> CancelOutcome:
         """Cancel a queued or running job; its keys then expire after `ttl_s`."""
         reply = await self._cancel(keys=self.keys.job_keys(job_id), args=[now_iso(), ttl_s])
-        return CancelOutcome(_text(reply[0]))
+        return CancelOutcome(text_of(reply[0]))
 
     async def stage(self, record: JobRecord, ttl_s: int) -> bool:
         """Write a staged job's record (False if a record is there already)."""
@@ -308,7 +307,7 @@ class JobScripts:
     async def activate(self, job_id: str, result_ttl_s: int) -> Activation:
         """staged -> queued, with TTLs of the job's timeout plus the results' lifetime."""
         keys = [self.keys.job(job_id), self.keys.inputs(job_id)]
-        return Activation(_text(await self._activate(keys=keys, args=[result_ttl_s])))
+        return Activation(text_of(await self._activate(keys=keys, args=[result_ttl_s])))
 
     async def discard(self, job_id: str) -> bool:
         """Drop a submission that never became visible: its staged record and inputs."""
@@ -319,7 +318,7 @@ class JobScripts:
         """Fail a queued or running job that made no progress within its timeout."""
         reply = await self._time_out(keys=self.keys.job_keys(job_id),
                                      args=[now_iso(), ttl_s, reason])
-        return TimeOut(_text(reply))
+        return TimeOut(text_of(reply))
 
     async def claim_announcement(self, job_id: str, event: str, lease_ms: int) -> bool:
         """True when this caller should publish `event` now (nobody did, nobody is)."""
@@ -337,7 +336,7 @@ ANNOUNCED_EVENTS = ("job.created", *(f"job.{s.value}" for s in TERMINAL_STATUSES
 
 
 async def announce(
-    scripts: JobScripts, job_id: str, event: str, data: dict[str, Any], *, maxlen: int
+    scripts: JobScripts, job_id: str, event: str, data: Mapping[str, object], *, maxlen: int
 ) -> bool:
     """Publish a job's lifecycle event on the feed once, whoever notices first.
 
@@ -348,7 +347,7 @@ async def announce(
     """
     if not await scripts.claim_announcement(job_id, event, ANNOUNCE_LEASE_MS):
         return False
-    await feed.append(scripts.redis, scripts.keys, event, data, maxlen=maxlen)
+    await feed.append(scripts.redis, scripts.keys, event, dict(data), maxlen=maxlen)
     await scripts.confirm_announcement(job_id, event)
     return True
 
@@ -368,14 +367,15 @@ async def announce_created(scripts: JobScripts, job_id: str, *, maxlen: int
     return record
 
 
-async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> dict[str, Any]:
-    """Cancel a queued or running job (a finished job is left as it is); its public view."""
+async def cancel_job(scripts: JobScripts, settings: Settings, job_id: str) -> JobRecord:
+    """Cancel a queued or running job (a finished job is left as it is); its record after."""
     outcome = await scripts.cancel(check_job_id(job_id), settings.result_ttl_s)
     if outcome is CancelOutcome.JOB_GONE:
         raise JobNotFound(f"job {job_id} does not exist or has expired")
-    job = await get_job(scripts.redis, scripts.keys, job_id)
+    record = await load_job(scripts.redis, scripts.keys, job_id)
     if outcome is CancelOutcome.CANCELLED:
         await scripts.step("cancelled")
         await announce_created(scripts, job_id, maxlen=settings.feed_maxlen)
-        await announce(scripts, job_id, "job.cancelled", job, maxlen=settings.feed_maxlen)
-    return job
+        await announce(scripts, job_id, "job.cancelled", record.public(),
+                       maxlen=settings.feed_maxlen)
+    return record

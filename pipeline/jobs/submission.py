@@ -5,15 +5,18 @@ A job is wholly queued or never seen. The steps, each safe to die after:
 1. inputs are written chunk by chunk as they arrive (`JobWriter.add`), under
    `staging_ttl_s`, refreshed with every chunk: an upload that dies leaves
    keys that expire by themselves;
-2. after every input passed validation, the record is written as `staged`
-   (same TTL), and the job is added to the active-jobs index (a global key,
-   so before the job can be seen; the janitor prunes entries whose job is gone);
+2. after every input passed validation, the job is listed in its owner's and
+   the global job lists (`pipeline.jobs.index`), its record is written as
+   `staged` (same TTL), and the job is added to the active-jobs index (global
+   keys, so before the job can be seen; readers and the janitor prune entries
+   whose job is gone, and `abort` unlists a job that never became visible);
 3. its queue entries are added (`XADD`, in batches, refreshing the TTLs); a
    worker that reads one while the job is still staged leaves it for later;
 4. `activate`, one script in the job's slot, makes it `queued` with its long
    TTLs: from here on readers see it, and workers embed it;
 5. the Idempotency-Key is bound to it, and `job.created` is announced (once,
-   by whoever gets there first: the submitter or the janitor).
+   by whoever gets there first: the submitter or the janitor); both are the
+   `Submitter`'s (`pipeline.jobs.submitter`).
 
 A submitter that dies before 4 leaves nothing visible: its staged keys
 expire, its queue entries are acked by the workers that find the job gone,
@@ -30,16 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
-import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.errors import Conflict, InvalidInput, JobNotFound, PayloadTooLarge, Unavailable
-from pipeline.jobs.record import JobRecord, JobStatus, load_job, new_job_id, now_iso
+from pipeline.errors import InvalidInput, PayloadTooLarge, Unavailable
+from pipeline.jobs import index as job_index
+from pipeline.jobs.idempotency import RequestDigest
+from pipeline.jobs.record import JobRecord, JobStatus, new_job_id, now_iso
 from pipeline.jobs.scripts import Activation, JobScripts
 from pipeline.model import tokens
 from pipeline.model.prompts import resolve_prompt, with_prompt
@@ -66,22 +69,6 @@ def pack_chunk(items: list[Item]) -> bytes:
     })
 
 
-class RequestDigest:
-    """A digest of a submission (options and every input), stored with its Idempotency-Key
-    so a reuse of the key for a different request is told apart from a retry."""
-
-    def __init__(self, options: JobOptions | None) -> None:
-        self._hash = hashlib.sha256(orjson.dumps(repr(options)))
-
-    def update(self, item: Item) -> None:
-        """Add one input."""
-        self._hash.update(orjson.dumps([item.text, item.id, item.metadata],
-                                       option=orjson.OPT_SORT_KEYS) + b"\n")
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()[:32]
-
-
 @dataclass
 class JobWriter:
     """Writes a job's inputs chunk by chunk, then commits the job and queues it."""
@@ -100,6 +87,7 @@ class JobWriter:
     _sizes: list[int] = field(default_factory=list)
     digest: RequestDigest = field(init=False)
     scripts: JobScripts | None = None
+    _listed: bool = False
 
     def __post_init__(self) -> None:
         self.digest = RequestDigest(self.options)
@@ -167,6 +155,10 @@ class JobWriter:
             )
         record = self._record()
         scripts = self._scripts
+        # Listed before it becomes visible: the lists are in other hash slots.
+        self._listed = True
+        await job_index.add(self.redis, self.keys, self.owner, self.job_id,
+                            max_age_s=2 * self.settings.result_ttl_s)
         await scripts.stage(record, self.settings.staging_ttl_s)
         await scripts.step("staged")
         await self.redis.zadd(self.keys.active_jobs, {self.job_id: record.created_ts})
@@ -181,7 +173,11 @@ class JobWriter:
 
     async def abort(self) -> bool:
         """Drop what was written, unless the job became visible (then it runs); True if dropped."""
-        return await self._scripts.discard(self.job_id)
+        if not await self._scripts.discard(self.job_id):
+            return False
+        if self._listed:
+            await job_index.remove(self.redis, self.keys, self.owner, self.job_id)
+        return True
 
     def _record(self) -> JobRecord:
         lane = "fast" if self.total <= self.settings.fast_lane_max_texts else "bulk"
@@ -228,175 +224,3 @@ def check_model_options(options: JobOptions, model: ModelInfo) -> None:
                            f"{model.name}'s {model.max_seq_length}-token windows use 0 to {most}")
     if options.chunk:
         tokens.tokenizer(model.name)  # windows need the tokenizer: fail now, not in a worker
-
-
-class Hold(enum.Enum):
-    """What an Idempotency-Key says when a submission tries to take it."""
-
-    TAKEN = "taken"  # free: now leased to this submission
-    BOUND = "bound"  # names a queued job ("<job id> <request digest>"): answer with it
-    HELD = "held"  # another upload holds a live lease on it: 409
-    LAPSED = "lapsed"  # an upload's lease ran out: its job may or may not be visible
-
-
-@dataclass(frozen=True)
-class KeyState:
-    """An Idempotency-Key's state, the job it names, and its raw value (for a swap)."""
-
-    hold: Hold
-    job_id: str | None = None
-    raw: bytes | None = None
-
-
-# KEYS: idem.  ARGV: job id, lease ms, ttl s.  A value "<job>:<until ms>" is a lease.
-_CLAIM_KEY = """
-local value = redis.call('GET', KEYS[1])
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not value then
-  redis.call('SET', KEYS[1], ARGV[1] .. ':' .. (now_ms + tonumber(ARGV[2])), 'EX', ARGV[3])
-  return {'taken'}
-end
-local job, until_ms = string.match(value, '^(%x+):(%d+)$')
-if not job then return {'bound', value, value} end
-if tonumber(until_ms) > now_ms then return {'held', job, value} end
-return {'lapsed', job, value}
-"""
-
-# KEYS: idem.  ARGV: expected value, job id, lease ms (0: bind to the job), ttl s.
-_SWAP_KEY = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local value = ARGV[2]
-if tonumber(ARGV[3]) > 0 then
-  local t = redis.call('TIME')
-  value = value .. ':' .. (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ARGV[3])
-end
-redis.call('SET', KEYS[1], value, 'EX', ARGV[4])
-return 1
-"""
-
-# KEYS: idem.  ARGV: job id, lease ms (0: bind), ttl s, bound value.  Only this job's lease.
-_KEEP_KEY = """
-local value = redis.call('GET', KEYS[1])
-if not value or string.sub(value, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return 0 end
-if tonumber(ARGV[2]) == 0 then
-  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
-  return 1
-end
-local t = redis.call('TIME')
-local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ARGV[2]
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. until_ms, 'KEEPTTL')
-return 1
-"""
-
-# KEYS: idem.  ARGV: job id.  Frees the key if this job's upload still holds it.
-_RELEASE_KEY = """
-local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class IdempotencyKeys:
-    """Idempotency-Keys: leased while an upload runs, bound to its job once queued.
-
-    The lease is a deadline inside the value (read against the server's clock),
-    not the key's TTL, so a lapsed lease still names its job: a retry after
-    the uploader died between making the job visible and binding the key
-    finds that job instead of making a second one.
-    """
-
-    def __init__(self, redis: RedisClient, keys: Keys, settings: Settings,
-                 bound_ttl_s: int) -> None:
-        self.keys = keys
-        self.lease_ms = int(settings.idempotency_lease_s * 1000)
-        self.bound_ttl_s = bound_ttl_s
-        self._claim = redis.register_script(_CLAIM_KEY)
-        self._swap = redis.register_script(_SWAP_KEY)
-        self._keep = redis.register_script(_KEEP_KEY)
-        self._release = redis.register_script(_RELEASE_KEY)
-
-    async def claim(self, scope: str, key: str, job_id: str) -> KeyState:
-        """Lease the key to `job_id` if it is free; else say what holds it."""
-        reply = await self._claim(keys=[self.keys.idempotency(scope, key)],
-                                  args=[job_id, self.lease_ms, self.bound_ttl_s])
-        hold = Hold(_text(reply[0]))
-        if len(reply) == 1:
-            return KeyState(hold)
-        return KeyState(hold, _text(reply[1]), reply[2])
-
-    async def swap(self, scope: str, key: str, expected: bytes, job_id: str,
-                   *, lease: bool) -> bool:
-        """Replace the value if unchanged: lease it to `job_id`, or bind it to that job."""
-        reply = await self._swap(keys=[self.keys.idempotency(scope, key)],
-                                 args=[expected, job_id, self.lease_ms if lease else 0,
-                                       self.bound_ttl_s])
-        return bool(reply)
-
-    async def renew(self, scope: str, key: str, job_id: str) -> bool:
-        """Push this upload's lease back; False if the lease was lost."""
-        reply = await self._keep(keys=[self.keys.idempotency(scope, key)],
-                                 args=[job_id, self.lease_ms, self.bound_ttl_s, ""])
-        return bool(reply)
-
-    async def bind(self, scope: str, key: str, job_id: str, digest: str) -> bool:
-        """Turn this upload's lease into the binding to its (now queued) job and request."""
-        reply = await self._keep(keys=[self.keys.idempotency(scope, key)],
-                                 args=[job_id, 0, self.bound_ttl_s, f"{job_id} {digest}"])
-        return bool(reply)
-
-    async def release(self, scope: str, key: str, job_id: str) -> None:
-        """Free the key of a submission that was rejected or died, so a retry can use it."""
-        await self._release(keys=[self.keys.idempotency(scope, key)], args=[job_id])
-
-
-MAX_KEY_TRIES = 5
-
-
-@dataclass(frozen=True)
-class IdempotencyClaim:
-    """The job an Idempotency-Key already names, and the digest of its request
-    (None when its uploader died before binding it: nothing to compare with)."""
-
-    job_id: str
-    digest: str | None
-
-
-async def take_key(
-    idem: IdempotencyKeys, redis: RedisClient, keys: Keys, scope: str, key: str, job_id: str
-) -> IdempotencyClaim | None:
-    """Lease `key` to the submission of `job_id` (None), or what the key already names.
-
-    Raises Conflict while another upload holds a live lease on the key.
-    """
-    for _ in range(MAX_KEY_TRIES):
-        state = await idem.claim(scope, key, job_id)
-        if state.hold is Hold.TAKEN:
-            return None
-        if state.hold is Hold.HELD:
-            raise Conflict("a submission with this Idempotency-Key is being uploaded right "
-                           "now; retry in a moment to get its job")
-        assert state.job_id is not None and state.raw is not None
-        named, _, digest = state.job_id.partition(" ")
-        if await _visible(redis, keys, named):
-            if state.hold is Hold.BOUND or await idem.swap(scope, key, state.raw,
-                                                           named, lease=False):
-                return IdempotencyClaim(named, digest or None)
-        elif await idem.swap(scope, key, state.raw, job_id, lease=True):
-            return None  # the job it named never became visible, or expired: start afresh
-    raise Conflict("this Idempotency-Key kept changing hands; retry in a moment")
-
-
-async def _visible(redis: RedisClient, keys: Keys, job_id: str) -> bool:
-    try:
-        await load_job(redis, keys, job_id)
-    except JobNotFound:
-        return False
-    return True

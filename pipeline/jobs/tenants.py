@@ -80,3 +80,10 @@ class OwnerCache:
         owner: str = raw.decode()
         self._owners[job_id] = owner
         return owner
+
+    async def may_see(self, event: str, data: object, caller: Caller) -> bool:
+        """Whether a feed event is for `caller`'s eyes (job events: its own jobs only)."""
+        if caller.admin or not event.startswith("job."):
+            return True
+        job_id = data.get("id") if isinstance(data, dict) else None
+        return isinstance(job_id, str) and visible(await self.owner(job_id), caller)

@@ -85,7 +85,7 @@ async def test_mcp_submit_job_past_the_backlog_is_a_tool_error_saying_when_to_re
 ) -> None:
     pipeline = Pipeline(limited)
     try:
-        async with Client(build_mcp(limited, lambda: pipeline)) as client:
+        async with Client(build_mcp(limited, pipeline)) as client:
             ok = await client.call_tool("submit_job", {"inputs": [f"t{i}" for i in range(8)]})
             assert not ok.is_error
             refused = await client.call_tool("submit_job", {"inputs": ["one more"]})
@@ -106,8 +106,8 @@ async def test_past_the_interactive_budget_a_request_is_429_and_nothing_is_queue
     try:
         # Two waiting requests count as two entries of 4 texts: the budget of 8 is full.
         for text in ("first", "second"):
-            assert isinstance(await pipeline.requests.send(fast, [Item(text)], {}), str)
-        assert await pipeline.requests.send(fast, [Item("third")], {}) == 8
+            assert isinstance(await pipeline.requests.sender.send(fast, [Item(text)], {}), str)
+        assert await pipeline.requests.sender.send(fast, [Item("third")], {}) == 8
         with pytest.raises(Overloaded, match="retry in"):
             await pipeline.embed([Item("a query")], JobOptions())
         async with serving(limited) as http:

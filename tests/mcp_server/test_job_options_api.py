@@ -16,12 +16,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from fakes import HashEmbedder, raw_vector, token_count
-from sentence_transformers.util import quantize_embeddings
-from test_rest_api import assert_error, parse_sse, submit, wait_done
 
 from mcp_server.app import create_app
-from pipeline.jobs.quantize import calibration_texts
 from pipeline.keys import Keys
 from pipeline.model.embedder import shape_vectors
 from pipeline.model.info import DEFAULT_MODEL
@@ -29,18 +25,16 @@ from pipeline.model.tokens import tokenizer
 from pipeline.model.windows import split_windows
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from tests.support.fakes import HashEmbedder, raw_vector, token_count
+from tests.support.quantized import QUANTIZED, SENTENCES, reference
+from tests.support.rest import assert_error, parse_sse, submit, wait_done
 from workers.calibration import calibrate
-from workers.worker import Worker
+from workers.worker import run_worker
 
 pytestmark = pytest.mark.anyio
 
 DIMS = 384
 KEYS = Keys("es")
-QUANTIZED = ["int8", "uint8", "binary", "ubinary"]
-SENTENCES = ["a cat sits on the mat", "dogs bark at night", "the stock market fell",
-             "rain is expected tomorrow", "a man plays the guitar"]
-
-
 @pytest.fixture
 def api_settings(settings: Settings) -> Settings:
     return settings.replace(block_ms=100, chunk_size=4, fast_lane_max_texts=4,
@@ -51,9 +45,8 @@ def api_settings(settings: Settings) -> Settings:
 async def worker_running(settings: Settings) -> AsyncIterator[HashEmbedder]:
     embedder = HashEmbedder(settings)
     await calibrate(settings, embedder)
-    worker = Worker(settings, embedder)
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
+    task = asyncio.create_task(run_worker(settings, embedder, stop, ready))
     with anyio.fail_after(10):
         await ready.wait()
     try:
@@ -72,21 +65,6 @@ async def app_client(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]
         async with (worker_running(api_settings),
                     httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client):
             yield client
-
-
-def recorded_ranges(dimensions: int | None = None, normalize: bool = True) -> Any:
-    """The int8 ranges of the recorded calibration, computed here from the fake's vectors."""
-    calibration = np.vstack([raw_vector(text, DIMS) for text in calibration_texts()])
-    shaped = shape_vectors(calibration, dimensions, normalize)
-    return np.vstack([shaped.min(axis=0), shaped.max(axis=0)])
-
-
-def reference(floats: Any, encoding: str, dimensions: int | None = None) -> list[list[int]]:
-    """What sentence-transformers' quantize_embeddings makes of the float vectors."""
-    matrix = np.asarray(floats, dtype=np.float32)
-    ranges = recorded_ranges(dimensions) if encoding.endswith("int8") else None
-    quantized: Any = quantize_embeddings(matrix, encoding, ranges=ranges)
-    return [list(map(int, row)) for row in quantized]
 
 
 async def results(client: httpx.AsyncClient, job_id: str, encoding: str) -> list[dict[str, Any]]:

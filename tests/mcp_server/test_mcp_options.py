@@ -9,18 +9,18 @@ from contextlib import asynccontextmanager
 import anyio
 import numpy as np
 import pytest
-from fakes import HashEmbedder, raw_vector
 from mcp import Client
-from mcp_sessions import call, call_error, read_all_results, wait_for_status
-from test_job_options_api import QUANTIZED, SENTENCES, reference
 
 from mcp_server.agents import build_mcp
 from pipeline.model.embedder import shape_vectors
 from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from tests.support.fakes import HashEmbedder, raw_vector
+from tests.support.mcp_sessions import call, call_error, read_all_results, wait_for_status
+from tests.support.quantized import QUANTIZED, SENTENCES, reference
 from workers.calibration import calibrate
-from workers.worker import Worker
+from workers.worker import run_worker
 
 pytestmark = pytest.mark.anyio
 DIMS = 384
@@ -32,12 +32,12 @@ async def connected(settings: Settings) -> AsyncIterator[Client]:
     embedder = HashEmbedder(settings)
     await calibrate(settings, embedder)
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(Worker(settings, embedder).run(stop, ready))
+    task = asyncio.create_task(run_worker(settings, embedder, stop, ready))
     pipeline = Pipeline(settings)
     try:
         with anyio.fail_after(10):
             await ready.wait()
-        async with Client(build_mcp(settings, lambda: pipeline)) as client:
+        async with Client(build_mcp(settings, pipeline)) as client:
             yield client
     finally:
         stop.set()

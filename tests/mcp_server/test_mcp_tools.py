@@ -21,16 +21,6 @@ import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ResourceUpdated
-from mcp_sessions import (
-    TOOLS,
-    call,
-    call_error,
-    exercise_every_tool,
-    read_all_results,
-    sts_dev_pairs,
-    vector,
-    wait_for_status,
-)
 from sentence_transformers import SentenceTransformer
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -42,7 +32,17 @@ from pipeline.model.info import bundled_model_dir
 from pipeline.model.loading import load_embedder
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
-from workers.worker import Worker
+from tests.support.mcp_sessions import (
+    TOOLS,
+    call,
+    call_error,
+    exercise_every_tool,
+    read_all_results,
+    sts_dev_pairs,
+    vector,
+    wait_for_status,
+)
+from workers.worker import run_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -68,7 +68,7 @@ def sts() -> list[tuple[float, str, str]]:
 async def running_worker(settings: Settings, embedder: Embedder) -> AsyncIterator[None]:
     """A worker in this event loop until the block ends."""
     stop, ready = asyncio.Event(), asyncio.Event()
-    worker = asyncio.create_task(Worker(settings, embedder).run(stop, ready))
+    worker = asyncio.create_task(run_worker(settings, embedder, stop, ready))
     try:
         with anyio.fail_after(30):
             await ready.wait()
@@ -83,7 +83,7 @@ async def serving(settings: Settings) -> AsyncIterator[Client]:
     """A client on an in-process MCP server."""
     pipeline = Pipeline(settings)
     try:
-        async with Client(build_mcp(settings, lambda: pipeline)) as client:
+        async with Client(build_mcp(settings, pipeline)) as client:
             yield client
     finally:
         await pipeline.close()
@@ -313,17 +313,21 @@ async def test_mcp_endpoints_accept_loopback_and_configured_hosts_and_origins_on
 ) -> None:
     configured = settings.replace(allowed_hosts=("embed.example.com",),
                                   allowed_origins=("https://app.example.com",))
-    mcp = build_mcp(configured, lambda: Pipeline(configured))
+    pipeline = Pipeline(configured)
+    mcp = build_mcp(configured, pipeline)
     guard = Middleware(HostGuard, policy=HostPolicy.from_settings(configured))
     app = Starlette(routes=mcp_routes(mcp), middleware=[guard])
-    # A text/plain POST passes the guard and is refused by the SDK itself with 400.
-    async with mcp_lifespan(mcp), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
-        for path in ("/mcp", "/sse/messages/"):
-            reply = await http.post(path, content=b"{}", headers={
-                "content-type": "text/plain", **headers})
-            assert reply.status_code == status, (path, reply.text)
-        if status in (403, 421):
-            sse = await http.get("/sse", headers=headers)
-            assert sse.status_code == status
-            assert "EMBEDSTREAM_ALLOWED_" in sse.json()["error"]["message"]
+    try:
+        # A text/plain POST passes the guard and is refused by the SDK itself with 400.
+        async with mcp_lifespan(mcp), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+            for path in ("/mcp", "/sse/messages/"):
+                reply = await http.post(path, content=b"{}", headers={
+                    "content-type": "text/plain", **headers})
+                assert reply.status_code == status, (path, reply.text)
+            if status in (403, 421):
+                sse = await http.get("/sse", headers=headers)
+                assert sse.status_code == status
+                assert "EMBEDSTREAM_ALLOWED_" in sse.json()["error"]["message"]
+    finally:
+        await pipeline.close()

@@ -23,18 +23,18 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_sessions import (
+from mcp_types import LATEST_PROTOCOL_VERSION
+from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+from pipeline.store.embedded import EmbeddedRedis
+from tests.support.mcp_sessions import (
     call,
     exercise_every_tool,
     read_all_results,
     sts_dev_pairs,
     wait_for_status,
 )
-from mcp_types import LATEST_PROTOCOL_VERSION
-from mcp_types.version import LATEST_HANDSHAKE_VERSION
-from processes import ROOT, Process, start_server, start_worker, wait_for_workers
-
-from pipeline.store.embedded import EmbeddedRedis
+from tests.support.processes import ROOT, Process, start_server, start_worker, wait_for_workers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -114,7 +114,6 @@ async def test_stdio_clients_use_every_tool(stack: Stack) -> None:
             await exercise_every_tool(client)
 
 
-@pytest.mark.timeout(600)
 async def test_the_sts_dev_set_as_one_job_pages_every_index_once_and_finds_its_sentences(
     stack: Stack
 ) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from fakes import HashEmbedder
 from prometheus_client.parser import text_string_to_metric_families
 
 from mcp_server.app import create_app
@@ -23,7 +22,8 @@ from pipeline.keys import Keys
 from pipeline.settings import Settings
 from pipeline.store import metrics
 from pipeline.store.connections import connect
-from workers.worker import Worker
+from tests.support.fakes import HashEmbedder
+from workers.worker import run_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -31,9 +31,8 @@ pytestmark = pytest.mark.anyio
 @contextlib.asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, with_mcp=False)
-    worker = Worker(settings, HashEmbedder(settings))
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
+    task = asyncio.create_task(run_worker(settings, HashEmbedder(settings), stop, ready))
     await asyncio.wait_for(ready.wait(), 10)
     try:
         async with app.router.lifespan_context(app):

@@ -18,13 +18,14 @@ import anyio
 import httpx
 import numpy as np
 import pytest
-from fakes import HashEmbedder, expected_vector, token_count
 
 from mcp_server.app import create_app
 from pipeline.keys import Keys
 from pipeline.model.info import DEFAULT_MODEL
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from tests.support.fakes import HashEmbedder, expected_vector, token_count
+from tests.support.rest import assert_error, parse_sse, submit, wait_done
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -74,37 +75,20 @@ async def redis(api_settings: Settings) -> AsyncIterator[Any]:
 @pytest.fixture
 async def worker(api_settings: Settings) -> AsyncIterator[Worker]:
     """A registered in-process worker embedding with HashEmbedder."""
-    running = Worker(api_settings, HashEmbedder(api_settings))
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(running.run(stop, ready))
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiting}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if task.done():
-        task.result()
-    try:
-        yield running
-    finally:
-        stop.set()
-        with anyio.fail_after(10):
-            await task
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None,
-                 *words: str) -> dict[str, Any]:
-    """The one error shape, with the status, code and words expected in the message."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert isinstance(error["code"], str) and error["code"]
-    assert isinstance(error["message"], str) and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    for word in words:
-        assert word in error["message"], error
-    return error
+    async with Worker.start(api_settings, HashEmbedder(api_settings)) as running:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(running.run(stop, ready))
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiting}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if task.done():
+            task.result()
+        try:
+            yield running
+        finally:
+            stop.set()
+            with anyio.fail_after(10):
+                await task
 
 
 async def assert_nothing_queued(redis: Any) -> None:
@@ -114,37 +98,6 @@ async def assert_nothing_queued(redis: Any) -> None:
     assert leftovers == []
     for stream in QUEUES:
         assert await redis.xlen(stream) == 0
-
-
-async def submit(client: httpx.AsyncClient, inputs: list[Any], **options: Any) -> str:
-    response = await client.post("/v1/jobs", json={"inputs": inputs, **options})
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
-
-
-async def wait_done(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
-    """Poll the status endpoint until the job is finished."""
-    with anyio.fail_after(15):
-        while True:
-            job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
-            if job["status"] in ("completed", "failed", "cancelled"):
-                return job
-            await anyio.sleep(0.02)
-
-
-def parse_sse(text: str) -> list[dict[str, Any]]:
-    """Events of a whole text/event-stream body: [{"id", "event", "data"}]."""
-    events = []
-    for block in re.split(r"\r?\n\r?\n", text):
-        fields: dict[str, Any] = {}
-        for line in block.splitlines():
-            if line and not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value[1:] if value.startswith(" ") else value
-        if "data" in fields:
-            fields["data"] = json.loads(fields["data"])
-            events.append(fields)
-    return events
 
 
 def texts(n: int, prefix: str = "text") -> list[str]:

@@ -23,14 +23,14 @@ import anyio
 import httpx
 import httpx2
 import pytest
-from fakes import HashEmbedder
-from live_server import live_server
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from sse_client import read_events
 
 from pipeline.settings import Settings
-from workers.worker import Worker
+from tests.support.fakes import HashEmbedder
+from tests.support.live_server import live_server
+from tests.support.sse_client import read_events
+from workers.worker import run_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +64,7 @@ def tenant_settings(settings: Settings) -> Settings:
 @asynccontextmanager
 async def worker(settings: Settings) -> AsyncIterator[None]:
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(Worker(settings, HashEmbedder(settings)).run(stop, ready))
+    task = asyncio.create_task(run_worker(settings, HashEmbedder(settings), stop, ready))
     try:
         with anyio.fail_after(10):
             await ready.wait()

@@ -1,4 +1,4 @@
-"""Redis Cluster support, on a real three-primary Valkey cluster (tests/cluster.py)."""
+"""Redis Cluster support, on a real three-primary Valkey cluster (tests/support/cluster.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import ValkeyCluster
 from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -18,6 +17,7 @@ from pipeline.keys import GROUP, Keys
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.connections import ClusterClient, connect, is_cluster, stream_keys
+from tests.support.cluster import ValkeyCluster
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("es")
@@ -66,7 +66,7 @@ async def test_jobs_spread_over_every_node_and_each_jobs_keys_share_one(
         await pipeline.close()
     nodes: set[int] = set()
     for job in jobs:
-        written = [KEYS.job(job["id"]), KEYS.inputs(job["id"])]
+        written = [KEYS.job(job.id), KEYS.inputs(job.id)]
         homes = {valkey_cluster.node_of_key(key) for key in written}
         assert len(homes) == 1
         home = homes.pop()

@@ -7,6 +7,7 @@ agree on.
 
 import base64
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -16,9 +17,11 @@ import pytest
 
 from pipeline.errors import InvalidCursor, InvalidJobId, JobNotFound
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs.events import Event, check_event_id, follow_job
-from pipeline.jobs.record import JobStatus, get_job
-from pipeline.jobs.results import ChunkResult, parse_cursor, read_page
+from pipeline.jobs import results
+from pipeline.jobs.events import ChunkRows, Event, check_event_id, follow_job_live
+from pipeline.jobs.quantize import VectorView
+from pipeline.jobs.record import JobStatus, load_job
+from pipeline.jobs.results import ChunkResult, parse_cursor
 from pipeline.jobs.scripts import CommitOutcome, Committed, JobScripts
 from pipeline.jobs.scripts import cancel_job as cancel_with_scripts
 from pipeline.jobs.submission import JobWriter
@@ -26,6 +29,7 @@ from pipeline.keys import Keys
 from pipeline.model.info import ModelInfo
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from pipeline.store.fanout import Hubs
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +68,34 @@ async def make_job(client: Any, total: int) -> str:
 
 
 async def cancel_job(client: Any, keys: Keys, settings: Settings, job_id: str) -> dict[str, Any]:
-    return await cancel_with_scripts(JobScripts(client, keys), settings, job_id)
+    return dict((await cancel_with_scripts(JobScripts(client, keys), settings, job_id)).public())
+
+
+async def get_job(client: Any, keys: Keys, job_id: str) -> dict[str, Any]:
+    """The job as the API shows it."""
+    return dict((await load_job(client, keys, job_id)).public())
+
+
+async def read_page(client: Any, keys: Keys, job_id: str, *args: Any, **kwargs: Any
+                    ) -> dict[str, Any]:
+    """One page of results, shaped as the API shows it."""
+    page = await results.read_page(client, keys, job_id, *args, **kwargs)
+    return {"results": page.rows, "next_cursor": page.next_cursor, "backend": page.backend}
+
+
+async def follow_job(client: Any, blocking: Any, keys: Keys, job_id: str, *,
+                     after: str | None = None, encoding: str = "float", block_ms: int = 50
+                     ) -> AsyncIterator[Event]:
+    """The job's events through a fan-out hub of its own, as a server follows them."""
+    hubs = Hubs(client, blocking, block_ms=block_ms, buffer=1000)
+    try:
+        stream = follow_job_live(client, hubs, keys, ChunkRows(client, keys), job_id,
+                                 after=after, view=VectorView(encoding))
+        async with aclosing(stream):
+            async for event in stream:
+                yield event
+    finally:
+        await hubs.close()
 
 
 def vectors_for(chunk: int, n: int) -> np.ndarray[Any, np.dtype[np.float32]]:

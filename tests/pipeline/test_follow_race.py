@@ -1,8 +1,8 @@
 """A job that finishes while its follower's blocking read times out loses no result.
 
-The follower's XREAD times out, then the job's last chunk is committed and
-the job finishes, then the follower checks the status. The wrapper below
-makes that interleaving certain; Redis itself is real.
+The job hub's XREAD times out, then the job's last chunk is committed and
+the job finishes, then the hub checks the status (`on_idle`). The wrapper
+below makes that interleaving certain; Redis itself is real.
 """
 
 from typing import Any
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.inputs import Item, JobOptions
-from pipeline.jobs.events import follow_job
+from pipeline.jobs.events import ChunkRows, follow_job_live
+from pipeline.jobs.quantize import FLOAT
 from pipeline.jobs.results import ChunkResult
 from pipeline.jobs.scripts import JobScripts
 from pipeline.jobs.submission import JobWriter
@@ -19,6 +20,7 @@ from pipeline.keys import Keys
 from pipeline.model.info import ModelInfo
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from pipeline.store.fanout import Hubs
 
 pytestmark = pytest.mark.anyio
 
@@ -65,11 +67,16 @@ async def test_results_committed_between_a_read_timeout_and_the_status_check_are
 
         await commit(0)
         blocking = FinishDuringTimeout(redis, None)
+        hubs = Hubs(redis, blocking, block_ms=1, buffer=100)
         events = []
-        async for event in follow_job(redis, blocking, KEYS, job_id, block_ms=1):
-            events.append(event)
-            if event.name == "progress" and event.data["done"] == 2:
-                blocking.finish = finish  # the next read times out, then the job ends
+        try:
+            async for event in follow_job_live(redis, hubs, KEYS, ChunkRows(redis, KEYS), job_id,
+                                               view=FLOAT):
+                events.append(event)
+                if event.name == "progress" and event.data["done"] == 2:
+                    blocking.finish = finish  # the next read times out, then the job ends
+        finally:
+            await hubs.close()
         indexes = [row["index"] for e in events if e.name == "result" for row in e.data]
         assert blocking.timeouts == 1
         assert indexes == [0, 1, 2, 3]

@@ -4,8 +4,8 @@ import pytest
 
 from pipeline.errors import Conflict, IdempotencyKeyReused
 from pipeline.inputs import Item, JobOptions
+from pipeline.jobs.idempotency import Hold
 from pipeline.jobs.record import new_job_id
-from pipeline.jobs.submission import Hold
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 
@@ -33,8 +33,8 @@ async def test_a_retry_after_the_first_submission_returns_its_job(settings: Sett
                                       idempotency_key="k2")
         again = await pipeline.submit([Item("hello"), Item("world", "w")], JobOptions(),
                                       idempotency_key="k2")
-        assert again["id"] == first["id"] and again["total"] == 2
-        assert await pipeline.redis.hlen(pipeline.keys.inputs(first["id"])) == 1
+        assert again.id == first.id and again.total == 2
+        assert await pipeline.redis.hlen(pipeline.keys.inputs(first.id)) == 1
     finally:
         await pipeline.close()
 
@@ -50,7 +50,7 @@ async def test_a_key_reused_for_another_request_is_a_422_naming_the_first_job(
     pipeline = Pipeline(settings)
     try:
         first = await pipeline.submit([Item("hello")], JobOptions(), idempotency_key="k3")
-        with pytest.raises(IdempotencyKeyReused, match=first["id"]) as caught:
+        with pytest.raises(IdempotencyKeyReused, match=first.id) as caught:
             await pipeline.submit(other[0], other[1], idempotency_key="k3")
         assert caught.value.status == 422
         jobs = [k async for k in pipeline.redis.scan_iter(match="es:{*}:job")]

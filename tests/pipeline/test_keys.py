@@ -118,7 +118,7 @@ def test_model_slugs_are_key_safe_short_and_distinct() -> None:
 
 
 def test_jobs_spread_over_every_third_of_the_slots() -> None:
-    # A three-primary cluster gives each node a third of the slots (tests/cluster.py).
+    # A three-primary cluster gives each node a third of the slots (tests/support/cluster.py).
     thirds = {key_slot(Keys("es").job(new_job_id())) * 3 // 16384 for _ in range(60)}
     assert thirds == {0, 1, 2}
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sts_data import STS_DEV
 
 from pipeline.model.embedder import backend_of
 from pipeline.model.files import model_folder
@@ -17,8 +16,12 @@ from pipeline.model.loading import load_embedder
 from pipeline.model.onnx_backend import ensure_exported, export_path, token_runs
 from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.settings import Settings
+from tests.support.sts_data import STS_DEV
 
 pytestmark = pytest.mark.slow
+# Whichever test first asks for `torch_vectors` pays for torch encoding the ~3,000 dev
+# texts (~40 s on 2 cores), and on a fresh machine for the ONNX export (~10 s) too.
+TORCH_ENCODE_TIMEOUT_S = 180
 
 
 def dev_texts() -> list[str]:
@@ -45,6 +48,7 @@ def cosines(a: Any, b: Any) -> Any:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.mark.timeout(TORCH_ENCODE_TIMEOUT_S)
 def test_onnx_matches_torch_on_every_dev_text(export_dir: Path, torch_vectors: Any) -> None:
     embedder = load_embedder(Settings(backend="onnx", device="cpu", export_dir=export_dir))
     assert backend_of(embedder) == "onnx"
@@ -53,6 +57,7 @@ def test_onnx_matches_torch_on_every_dev_text(export_dir: Path, torch_vectors: A
     assert np.array_equal(got.token_counts, torch_vectors.token_counts)
 
 
+@pytest.mark.timeout(TORCH_ENCODE_TIMEOUT_S)
 def test_int8_stays_close_to_fp32(export_dir: Path, torch_vectors: Any) -> None:
     embedder = load_embedder(Settings(backend="onnx-int8", device="cpu", export_dir=export_dir))
     assert backend_of(embedder) == "onnx-int8"

@@ -98,8 +98,7 @@ async def test_the_first_recorded_calibration_wins(settings: Settings) -> None:
 async def test_only_the_worker_holding_the_lock_records_the_calibration(
     settings: Settings,
 ) -> None:
-    from fakes import HashEmbedder
-
+    from tests.support.fakes import HashEmbedder
     from workers.calibration import ensure_calibration
 
     assert settings.redis_url

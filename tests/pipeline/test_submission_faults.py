@@ -17,10 +17,8 @@ from typing import Any
 import anyio
 import orjson
 import pytest
-from fakes import HashEmbedder
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-import workers.worker as worker_module
 from pipeline.errors import Conflict
 from pipeline.inputs import Item, JobOptions
 from pipeline.jobs import janitor
@@ -30,7 +28,8 @@ from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
-from workers import batch
+from tests.support.fakes import HashEmbedder
+from workers import batch, commits
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -77,17 +76,17 @@ def fault_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Setti
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    worker = Worker(settings, HashEmbedder(settings))
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
-    with anyio.fail_after(10):
-        await ready.wait()
-    try:
-        yield worker
-    finally:
-        stop.set()
+    async with Worker.start(settings, HashEmbedder(settings)) as worker:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, ready))
         with anyio.fail_after(10):
-            await task
+            await ready.wait()
+        try:
+            yield worker
+        finally:
+            stop.set()
+            with anyio.fail_after(10):
+                await task
 
 
 def texts() -> list[Item]:
@@ -112,7 +111,7 @@ async def wait_finished(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     with anyio.fail_after(20):
         while True:
             job = await pipeline.job(job_id)
-            if job["status"] not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                 return job
             await anyio.sleep(0.05)
 
@@ -122,8 +121,8 @@ async def all_indexes(pipeline: Pipeline, job_id: str) -> list[int]:
     cursor = None
     while True:
         page = await pipeline.results(job_id, cursor, limit=1000)
-        indexes += [row["index"] for row in page["results"]]
-        cursor = page["next_cursor"]
+        indexes += [row["index"] for row in page.rows]
+        cursor = page.next_cursor
         if cursor is None:
             return indexes
 
@@ -175,11 +174,11 @@ async def test_a_submitter_killed_at_any_step_leaves_a_retry_that_completes_exac
         assert await keys_without_ttl(check.redis) == []
         async with running_worker(fault_settings):
             job = await retry(fault_settings)
-            end = await wait_finished(check, job["id"])
-            assert (end["status"], end["done"], end["failed"]) == ("completed", TOTAL, 0)
-            assert sorted(await all_indexes(check, job["id"])) == list(range(TOTAL))
+            end = await wait_finished(check, job.id)
+            assert (end.status, end.done, end.failed) == ("completed", TOTAL, 0)
+            assert sorted(await all_indexes(check, job.id)) == list(range(TOTAL))
             await settle(check, fault_settings)
-        assert await feed_events(check.redis, job["id"]) == ["job.created", "job.completed"]
+        assert await feed_events(check.redis, job.id) == ["job.created", "job.completed"]
         assert await keys_without_ttl(check.redis) == []
         assert await check.redis.zcard(KEYS.active_jobs) <= 1  # the dead staged one, if any
     finally:
@@ -195,7 +194,7 @@ async def test_a_retry_after_the_job_became_visible_gets_that_same_job(
         first = await any_job_id(fault_settings)
         assert first is not None, step
         again = await retry(fault_settings)
-        assert again["id"] == first, step
+        assert again.id == first, step
 
 
 async def test_a_retry_before_the_job_became_visible_gets_a_new_job_and_nothing_is_left(
@@ -207,7 +206,7 @@ async def test_a_retry_before_the_job_became_visible_gets_a_new_job_and_nothing_
         staged = await any_job_id(fault_settings, status=b"staged")
         assert staged is not None
         again = await retry(fault_settings)
-        assert again["id"] != staged
+        assert again.id != staged
         # The dead one's record and inputs expire with the staging TTL, unseen.
         assert 0 < await check.redis.ttl(KEYS.job(staged)) <= fault_settings.staging_ttl_s
         with pytest.raises(Exception, match="does not exist"):
@@ -246,13 +245,13 @@ async def test_a_canceller_killed_before_announcing_leaves_the_janitor_to_announ
         job = await submitter.submit(texts(), JobOptions())
         dying_at(dying, "cancelled")
         with pytest.raises(Died):
-            await dying.cancel(job["id"])
-        assert (await submitter.job(job["id"]))["status"] == "cancelled"
-        assert await feed_events(submitter.redis, job["id"]) == ["job.created"]
+            await dying.cancel(job.id)
+        assert (await submitter.job(job.id)).status == "cancelled"
+        assert await feed_events(submitter.redis, job.id) == ["job.created"]
         await settle(submitter, fault_settings)
         await settle(submitter, fault_settings)
-        assert await feed_events(submitter.redis, job["id"]) == ["job.created", "job.cancelled"]
-        assert await submitter.redis.zscore(KEYS.active_jobs, job["id"]) is None
+        assert await feed_events(submitter.redis, job.id) == ["job.created", "job.cancelled"]
+        assert await submitter.redis.zscore(KEYS.active_jobs, job.id) is None
         assert await keys_without_ttl(submitter.redis) == []
     finally:
         await dying.close()
@@ -269,16 +268,16 @@ async def test_a_job_finished_by_a_worker_that_died_before_announcing_is_announc
         skipped.append(event)  # the worker died right after its commit
         return False
 
-    monkeypatch.setattr(worker_module, "announce", died_after_commit)
+    monkeypatch.setattr(commits, "announce", died_after_commit)
     pipeline = Pipeline(fault_settings)
     try:
         async with running_worker(fault_settings):
             job = await pipeline.submit(texts(), JobOptions())
-            await wait_finished(pipeline, job["id"])
+            await wait_finished(pipeline, job.id)
         assert skipped == ["job.completed"]
-        assert await feed_events(pipeline.redis, job["id"]) == ["job.created"]
+        assert await feed_events(pipeline.redis, job.id) == ["job.created"]
         await settle(pipeline, fault_settings)
-        assert await feed_events(pipeline.redis, job["id"]) == ["job.created", "job.completed"]
-        assert await pipeline.redis.zscore(KEYS.active_jobs, job["id"]) is None
+        assert await feed_events(pipeline.redis, job.id) == ["job.created", "job.completed"]
+        assert await pipeline.redis.zscore(KEYS.active_jobs, job.id) is None
     finally:
         await pipeline.close()
