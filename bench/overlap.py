@@ -63,24 +63,24 @@ class Timed:
 async def one_job(settings: Settings, embedder: Timed, texts: list[str], behind: bool
                   ) -> tuple[float, float]:
     """(texts/s, share of the job's time with no model call running)."""
-    worker = Worker(settings, embedder)
-    worker.overlap = behind
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
-    await ready.wait()
-    pipeline = Pipeline(settings)
-    try:
-        embedder.busy_s = 0.0
-        started = time.perf_counter()
-        job = await pipeline.submit([Item(t) for t in texts], JobOptions())
-        async for event in pipeline.follow(job["id"]):
-            if event.name == "end":
-                break
-        wall = time.perf_counter() - started
-    finally:
-        stop.set()
-        await task
-        await pipeline.close()
+    async with Worker.start(settings, embedder) as worker:
+        worker.overlap = behind
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, ready))
+        await ready.wait()
+        pipeline = Pipeline(settings)
+        try:
+            embedder.busy_s = 0.0
+            started = time.perf_counter()
+            job = await pipeline.submit([Item(t) for t in texts], JobOptions())
+            async for event in pipeline.follow(job.id):
+                if event.name == "end":
+                    break
+            wall = time.perf_counter() - started
+        finally:
+            stop.set()
+            await task
+            await pipeline.close()
     return len(texts) / wall, 1 - embedder.busy_s / wall
 
 

@@ -1,11 +1,11 @@
-"""Turning claimed queue entries into committed results.
+"""Turning claimed queue entries into chunks to embed, and embedded chunks into results.
 
-A batch is what one model call embeds: the chunks of one or more jobs read
-together from the queue. Each chunk is committed on its own (see
-`pipeline.jobs.results`), so jobs sharing a batch never wait for each other's
-bookkeeping. When a model call fails, the batch is retried chunk by chunk and
-then text by text, so one poison input fails alone, as data, and every other
-text still gets its vector.
+The chunks a worker claims together, of one or more jobs, are embedded in
+batches of at most `batch_max_texts` texts (`batches`), each in model calls
+(`workers.model_calls`, where a failed call is retried text by text, so one
+poison input fails alone, as data), then committed (`workers.commits`).
+Each chunk is committed on its own (see `pipeline.jobs.results`), so jobs
+sharing a batch never wait for each other's bookkeeping.
 
 An input can also kill the process (a segfault in native code, the OOM
 killer) instead of raising. So a redelivered chunk, which may have done just
@@ -92,6 +92,20 @@ async def load_work(
     return requests + work, skip
 
 
+def batches(work: list[Work], max_texts: int) -> list[list[Work]]:
+    """Split chunks into batches of at most `max_texts` texts (a chunk is never split)."""
+    groups: list[list[Work]] = []
+    size = 0
+    for item in work:
+        if groups and size + len(item.texts) <= max_texts:
+            groups[-1].append(item)
+            size += len(item.texts)
+        else:
+            groups.append([item])
+            size = len(item.texts)
+    return groups
+
+
 async def _activated(redis: RedisClient, keys: Keys, entries: list[Entry]) -> list[Entry]:
     """The entries whose job stopped being staged within STAGED_WAIT_S (queued or gone)."""
     deadline = time.monotonic() + STAGED_WAIT_S
@@ -108,47 +122,6 @@ async def _activated(redis: RedisClient, keys: Keys, entries: list[Entry]) -> li
             logger.info("leaving %d entries of staged jobs for later", len(entries) - len(ready))
             return ready
         await asyncio.sleep(STAGED_POLL_S)
-
-
-async def embed_work(model: ModelThread, work: list[Work]) -> None:
-    """Embed every chunk in one model call, falling back to smaller calls on failure."""
-    plans = [item.planned(model.embedder.info) for item in work]
-    texts = [text for plan in plans for text in plan.texts]
-    try:
-        embedded = await model.embed(texts)
-    except Exception:
-        # Even a batch of one text goes on to `_embed_texts_alone`, which records
-        # the failure on that text: re-raising would leave the entry pending, to be
-        # redelivered until given up on with a misleading "worker stopped" reason.
-        logger.exception("batch of %d texts failed; retrying piece by piece", len(texts))
-        await _embed_apart(model, work)
-        return
-    offset = 0
-    for item, plan in zip(work, plans, strict=True):
-        n = len(plan.texts)
-        item.take(plan, Embedded(embedded.vectors[offset:offset + n],
-                                 embedded.token_counts[offset:offset + n]))
-        offset += n
-
-
-async def _embed_apart(model: ModelThread, work: list[Work]) -> None:
-    for item in work:
-        if len(work) > 1:
-            try:
-                await embed_work(model, [item])
-                continue
-            except Exception:
-                logger.exception("chunk %s/%d failed; retrying text by text",
-                                 item.entry.job_id, item.entry.chunk)
-        await _embed_texts_alone(model, item)
-
-
-async def _embed_texts_alone(model: ModelThread, item: Work) -> None:
-    # One model call per input (all of its windows when chunked), so one bad
-    # input fails alone.
-    plan = item.planned(model.embedder.info)
-    rows = [await _embed_one(model, item, plan, i) for i in range(len(item.texts))]
-    _stack(model.embedder, item, rows)
 
 
 async def embed_attempted(redis: RedisClient, keys: Keys, model: ModelThread, item: Work,

@@ -68,6 +68,7 @@ class ModelThread:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="model")
 
     async def embed(self, texts: Sequence[str]) -> Embedded:
+        """Embed `texts` on the model's thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
 

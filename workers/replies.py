@@ -1,7 +1,7 @@
 """The worker's side of interactive requests (see `pipeline.jobs.interactive`).
 
 A request entry carries its texts and options, so it becomes `Work` without
-a read (`workers.batch.request_work`), and its result goes to the request's
+a read (`workers.work.request_work`), and its result goes to the request's
 reply list instead of a job's commit script: RPUSH and EXPIRE, then XACK,
 then the texts counter. A crash before the XACK leaves the entry pending, to
 be reclaimed and answered by a peer; the server reads the first reply only.

@@ -43,14 +43,14 @@ from redis.exceptions import RedisError, ResponseError
 
 from pipeline import GROUP, honour_cancel
 from pipeline.jobs import JobScripts, sweep_jobs
-from pipeline.store import feed
+from pipeline.store import feed, text_of
 from workers.lanes import Forgotten, Lanes
 from workers.work import Entry, parse_entry
 
 if TYPE_CHECKING:
     from pipeline import Keys, Settings
     from pipeline.model import ModelInfo
-    from pipeline.store import RedisClient
+    from pipeline.store import AutoClaim, ConsumerInfo, RedisClient
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Upkeep:
                 await feed.publish(self.redis, self.keys, "worker.down",
                                    {"id": self.worker_id, "reason": "stopped"},
                                    maxlen=self.settings.feed_maxlen)
-            await self._forget_consumer(self.worker_id)
+            await self.forget_consumer(self.worker_id)
         logger.info("worker %s down", self.worker_id)
 
     async def beat(self) -> bool:
@@ -246,21 +246,22 @@ class Upkeep:
                                    {"id": worker_id, "reason": "heartbeat expired"},
                                    maxlen=self.settings.feed_maxlen)
         live = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
-        gone = {_text(c["name"]) for stream in self.streams for c in await self._consumers(stream)}
+        gone = {text_of(c["name"]) for stream in self.streams
+                for c in await self._consumers(stream)}
         for name in sorted(gone - live):
-            await self._forget_consumer(name)
+            await self.forget_consumer(name)
 
-    async def _forget_consumer(self, name: str) -> None:
+    async def forget_consumer(self, name: str) -> None:
+        """Delete a consumer from each lane's group where it holds nothing pending."""
         outcome = await self.lanes.forget(name)
         if Forgotten.FORGOTTEN in outcome.values():
             logger.info("forgot consumer %s", name)
 
-    async def _consumers(self, stream: str) -> list[dict[str, Any]]:
+    async def _consumers(self, stream: str) -> list[ConsumerInfo]:
         try:
-            consumers: list[dict[str, Any]] = await self.redis.xinfo_consumers(stream, GROUP)
+            return await self.redis.xinfo_consumers(stream, GROUP)
         except ResponseError:
             return []
-        return consumers
 
     async def trim_queues(self) -> None:
         """Drop acked entries: everything below the oldest pending or undelivered one."""
@@ -269,7 +270,7 @@ class Upkeep:
                 logger.debug("trimmed %d entries from %s", trimmed.deleted, trimmed.lane)
 
 
-def _claimed(reply: Any) -> list[tuple[bytes, Any]]:
+def _claimed(reply: AutoClaim) -> list[tuple[bytes, Any]]:
     # [next, entries, deleted] on Redis 7+/Valkey; an entry's fields may be
     # None when it was deleted (Redis 6.2 keeps such ids in the PEL).
     if not reply or len(reply) < 2:
@@ -277,12 +278,8 @@ def _claimed(reply: Any) -> list[tuple[bytes, Any]]:
     return [(item[0], item[1]) for item in reply[1] if item and item[0] is not None]
 
 
-def _cursor(reply: Any) -> bytes:
+def _cursor(reply: AutoClaim) -> bytes:
     # The next start id; "0-0" once the scan reached the end of the pending list.
     if not reply:
         return b"0-0"
     return reply[0] if isinstance(reply[0], bytes) else str(reply[0]).encode()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

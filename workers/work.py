@@ -41,6 +41,7 @@ class Attempt:
             return None
 
     def dump(self) -> bytes:
+        """The record as stored: JSON of the input in hand and the inputs given up."""
         return orjson.dumps({"trying": self.trying, "given_up": sorted(self.given_up)})
 
     @property
@@ -93,6 +94,18 @@ class Work:
         """Keep the embedded model texts, pooled back to one raw vector per input."""
         self.vectors, self.tokens, self.longest = plan.pool(embedded.vectors,
                                                             embedded.token_counts)
+
+
+def parse_reply(reply: Any) -> list[Entry]:
+    """The entries of an XREADGROUP reply, less those deleted or not ours to read."""
+    entries: list[Entry] = []
+    for stream, items in reply or ():
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        for entry_id, fields in items:
+            entry = parse_entry(name, entry_id, fields)
+            if entry is not None:
+                entries.append(entry)
+    return entries
 
 
 def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:

@@ -8,8 +8,6 @@ from collections.abc import Sequence
 import anyio
 import numpy as np
 import pytest
-from fakes import HashEmbedder, expected_vector, raw_vector
-from test_worker_recovery import all_rows, create_groups, quick, running, submit, wait_end
 
 from pipeline.keys import Keys
 from pipeline.model.embedder import Embedded
@@ -17,9 +15,10 @@ from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.metrics import read_metrics
+from tests.support.fakes import HashEmbedder, expected_vector, raw_vector
+from tests.support.workers import all_rows, create_groups, running, submit, wait_end
 from workers.cache import Cached, EmbeddingCache, fingerprint
 from workers.model_calls import ModelCalls
-from workers.upkeep import Upkeep
 from workers.work import Entry, Work
 from workers.worker import Worker
 
@@ -50,8 +49,9 @@ class StallingEmbedder(CachingEmbedder):
 
 
 @pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings).replace(call_max_texts=4, batch_max_texts=16)
+def fast_settings(fast_settings: Settings) -> Settings:
+    """The shared fast settings, with model calls of 4 texts in batches of 16."""
+    return fast_settings.replace(call_max_texts=4, batch_max_texts=16)
 
 
 def work_of(texts: list[str], chunk: int = 0) -> Work:
@@ -179,11 +179,9 @@ async def test_a_worker_claims_fast_lane_entries_only_until_they_fill_one_call(
     await create_groups(pipeline.redis)
     for n in range(6):
         await submit(pipeline, [f"query {n} text {i}" for i in range(3)])
-    worker = Worker(fast_settings.replace(call_max_texts=4), HashEmbedder(fast_settings), "w")
-    worker.redis = pipeline.redis
-    worker.upkeep = Upkeep(pipeline.redis, worker.keys, worker.settings, "w",
-                           worker.embedder.info, worker.streams)
-    entries = await worker._claim_fast()
+    worker = Worker(fast_settings.replace(call_max_texts=4), HashEmbedder(fast_settings), "w",
+                    pipeline.redis, pipeline.redis)
+    entries = await worker.claims.claim_fast()
     assert [e.size for e in entries] == [3, 3]  # four peers may take the other four
 
 
@@ -195,11 +193,11 @@ async def wait_first_call(embedder: StallingEmbedder) -> None:
 
 
 @pytest.mark.parametrize(("backend", "scale"), [("torch", 2), ("onnx", 1), ("onnx-int8", 1)])
-def test_torch_calls_are_twice_the_size_of_onnx_calls(
-    fast_settings: Settings, backend: str, scale: int
+async def test_torch_calls_are_twice_the_size_of_onnx_calls(
+    fast_settings: Settings, pipeline: Pipeline, backend: str, scale: int
 ) -> None:
     fake = HashEmbedder(fast_settings)
     fake.info = dataclasses.replace(fake.info, backend=backend)
-    calls = Worker(fast_settings, fake).calls
+    calls = Worker(fast_settings, fake, "w", pipeline.redis, pipeline.redis).calls
     assert (calls.max_texts, calls.max_tokens) == (
         fast_settings.call_max_texts * scale, fast_settings.call_max_tokens * scale)

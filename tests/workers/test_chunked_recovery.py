@@ -6,19 +6,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from fakes import GateEmbedder, HashEmbedder, raw_vector
-from test_worker_recovery import (
-    KEYS,
-    all_rows,
-    fast_settings,
-    janitor_often,
-    pending_count,
-    pipeline,
-    running,
-    submit,
-    wait_end,
-    wait_entered,
-)
 
 from pipeline.model.embedder import shape_vectors
 from pipeline.model.info import DEFAULT_MODEL
@@ -26,10 +13,18 @@ from pipeline.model.tokens import tokenizer
 from pipeline.model.windows import split_windows
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from tests.support.fakes import GateEmbedder, HashEmbedder, raw_vector
+from tests.support.workers import (
+    KEYS,
+    all_rows,
+    pending_count,
+    running,
+    submit,
+    wait_end,
+    wait_entered,
+)
 
 pytestmark = pytest.mark.anyio
-__all__ = ["fast_settings", "janitor_often", "pipeline"]  # fixtures shared with recovery tests
-
 DIMS = 384
 
 

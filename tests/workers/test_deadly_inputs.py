@@ -8,31 +8,25 @@ the real segfaulting process.
 
 import orjson
 import pytest
-from fakes import HashEmbedder, expected_vector
-from test_worker_recovery import (
+
+from pipeline.keys import GROUP
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+from tests.support.fakes import HashEmbedder, expected_vector
+from tests.support.workers import (
     BULK,
     DIMS,
     KEYS,
     all_rows,
     create_groups,
-    quick,
     running,
     submit,
     texts_of,
     wait_end,
 )
-
-from pipeline.keys import GROUP
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
 from workers.batch import DIED_ON_IT
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings)
 
 
 async def die_holding(pipeline: Pipeline, job_id: str, record: dict[str, object] | None,

@@ -8,14 +8,17 @@ from collections import Counter
 
 import anyio
 import pytest
-from fakes import GateEmbedder, HashEmbedder
-from test_worker_recovery import (
+
+from pipeline.keys import GROUP
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+from tests.support.fakes import GateEmbedder, HashEmbedder
+from tests.support.workers import (
     BULK,
     KEYS,
     assert_every_index_once,
     create_groups,
     feed_events,
-    quick,
     running,
     submit,
     texts_of,
@@ -23,16 +26,7 @@ from test_worker_recovery import (
     wait_entered,
 )
 
-from pipeline.keys import GROUP
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
-
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings)
 
 
 async def test_a_stopped_worker_commits_its_model_call_and_hands_back_the_rest(
@@ -58,7 +52,7 @@ async def test_a_stopped_worker_commits_its_model_call_and_hands_back_the_rest(
         gate.open()
     assert gate.calls == [[text] for text in texts[:4]]
     job = await pipeline.job(job_id)
-    assert (job["status"], job["done"]) == ("running", 4)
+    assert (job.status, job.done) == ("running", 4)
     # The five chunks never started are pending, idle past the timeout, and the
     # delivery that was no attempt is not counted.
     rows = await client.xpending_range(BULK, GROUP, "-", "+", 10)

@@ -12,8 +12,12 @@ from typing import Any
 
 import anyio
 import pytest
-from fakes import HashEmbedder
-from test_worker_recovery import (
+
+from pipeline.keys import GROUP
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+from tests.support.fakes import HashEmbedder
+from tests.support.workers import (
     BULK,
     FAST,
     KEYS,
@@ -22,29 +26,19 @@ from test_worker_recovery import (
     feed_events,
     pending_count,
     poll,
-    quick,
     running,
     submit,
     texts_of,
     wait_end,
 )
-
-from pipeline.keys import GROUP
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
+from workers.commits import Commits
 from workers.upkeep import Upkeep
-from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
 
 
 class Died(Exception):
     """The process ended here."""
-
-
-@pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings)
 
 
 COMMIT_BOUNDARIES = {
@@ -64,11 +58,11 @@ async def test_a_worker_killed_at_a_commit_boundary_loses_and_duplicates_nothing
 ) -> None:
     texts = texts_of(1, 16)  # four chunks of four; two chunks a model call
     job_id = await submit(pipeline, texts)  # queued whole before the doomed worker reads
-    real_commit = Worker.commit
+    real_commit = Commits.commit
     died = asyncio.Event()
     batch: list[int] = []
 
-    async def commit(self: Worker, results: list[Any], entries: list[Any]) -> None:
+    async def commit(self: Commits, results: list[Any], entries: list[Any]) -> None:
         if self.worker_id != "doomed":
             return await real_commit(self, results, entries)
         batch.append(len(results))
@@ -76,7 +70,7 @@ async def test_a_worker_killed_at_a_commit_boundary_loses_and_duplicates_nothing
         died.set()
         await asyncio.Event().wait()  # nothing more happens in a dead process
 
-    monkeypatch.setattr(Worker, "commit", commit)
+    monkeypatch.setattr(Commits, "commit", commit)
     async with running(fast_settings, HashEmbedder(fast_settings), "doomed") as doomed:
         with anyio.fail_after(10):
             await died.wait()
@@ -86,7 +80,7 @@ async def test_a_worker_killed_at_a_commit_boundary_loses_and_duplicates_nothing
     # read of the next batch: they died too.
     assert not [t for t in asyncio.all_tasks()
                 if t.get_name() in ("commit doomed", "read-ahead doomed")]
-    assert (await pipeline.job(job_id))["done"] == 4 * commits
+    assert (await pipeline.job(job_id)).done == 4 * commits
     async with running(fast_settings, HashEmbedder(fast_settings)):
         await wait_end(pipeline, job_id)
         # The dead worker's entries, committed or not, are reclaimed and acked.
@@ -153,6 +147,6 @@ def _die_at(monkeypatch: pytest.MonkeyPatch, janitor: Upkeep, step: str) -> None
     if step == "after-removing-the-worker-entry":
         monkeypatch.setattr(janitor, "redis", _DiesOnAnnouncing(janitor.redis))
     elif step == "after-the-announcement":
-        monkeypatch.setattr(janitor, "_forget_consumer", died)
+        monkeypatch.setattr(janitor, "forget_consumer", died)
     elif step == "after-forgetting-consumers":
         monkeypatch.setattr(janitor, "trim_queues", died)

@@ -4,8 +4,6 @@ import asyncio
 
 import anyio
 import pytest
-from fakes import HashEmbedder, PoisonEmbedder, expected_vector, token_count
-from test_worker_recovery import create_groups, feed_events, pipeline, quick, running
 
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
@@ -13,18 +11,14 @@ from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.metrics import read_metrics
+from tests.support.fakes import HashEmbedder, PoisonEmbedder, expected_vector, token_count
+from tests.support.workers import create_groups, feed_events, running
 
 pytestmark = pytest.mark.anyio
 
 KEYS = Keys("es")
 FAST = KEYS.queue(DEFAULT_MODEL, "fast")
 DIMS = 384
-__all__ = ["pipeline"]
-
-
-@pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings)
 
 
 async def test_a_few_texts_are_embedded_without_a_job_or_feed_events(
@@ -33,14 +27,15 @@ async def test_a_few_texts_are_embedded_without_a_job_or_feed_events(
     texts = ["first query", "second query"]
     async with running(fast_settings, HashEmbedder(fast_settings)):
         before = await feed_events(pipeline.redis)
-        job, rows = await pipeline.embed([Item(t) for t in texts], JobOptions(dimensions=32))
+        job = await pipeline.embed([Item(t) for t in texts], JobOptions(dimensions=32))
+        rows = job.rows
         after = await feed_events(pipeline.redis)
     assert [row["index"] for row in rows] == [0, 1]
     for row, text in zip(rows, texts, strict=True):
         assert row["embedding"] == pytest.approx(
             expected_vector(text, DIMS, output_dimensions=32), abs=1e-6)
-    assert (job["status"], job["done"], job["dimensions"]) == ("completed", 2, 32)
-    assert job["tokens"] == sum(token_count(t) for t in texts)
+    assert (job.status, job.done, job.dimensions) == ("completed", 2, 32)
+    assert job.tokens == sum(token_count(t) for t in texts)
     assert [k async for k in pipeline.redis.scan_iter(match="es:{*}:job")] == []
     assert after == before
     assert int(await pipeline.redis.get(KEYS.texts_counter)) == 2
@@ -63,21 +58,23 @@ async def test_a_request_held_by_a_dead_worker_is_answered_by_a_peer(
     assert claimed
     async with running(fast_settings, HashEmbedder(fast_settings)):
         with anyio.fail_after(15):
-            job, rows = await asked
+            job = await asked
+            rows = job.rows
     assert rows[0]["embedding"] == pytest.approx(expected_vector("orphaned query", DIMS),
                                                  abs=1e-6)
-    assert job["status"] == "completed"
+    assert job.status == "completed"
 
 
 async def test_a_poison_text_in_a_request_fails_alone(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:
     async with running(fast_settings, PoisonEmbedder(fast_settings)):
-        job, rows = await pipeline.embed([Item("fine"), Item("POISON here")], JobOptions())
+        job = await pipeline.embed([Item("fine"), Item("POISON here")], JobOptions())
+        rows = job.rows
     assert rows[0]["embedding"] is not None
     assert rows[1]["embedding"] is None
     assert "poisons the model" in rows[1]["error"]
-    assert (job["done"], job["failed"]) == (1, 1)
+    assert (job.done, job.failed) == (1, 1)
 
 
 async def test_more_texts_than_the_fast_lane_takes_still_make_a_job(
@@ -85,7 +82,8 @@ async def test_more_texts_than_the_fast_lane_takes_still_make_a_job(
 ) -> None:
     texts = [f"text {i}" for i in range(fast_settings.fast_lane_max_texts + 1)]
     async with running(fast_settings, HashEmbedder(fast_settings)):
-        job, rows = await pipeline.embed([Item(t) for t in texts], JobOptions())
+        job = await pipeline.embed([Item(t) for t in texts], JobOptions())
+        rows = job.rows
     assert len(rows) == len(texts)
-    assert await pipeline.redis.exists(KEYS.job(job["id"]))
-    assert job["tokens"] == sum(token_count(t) for t in texts)
+    assert await pipeline.redis.exists(KEYS.job(job.id))
+    assert job.tokens == sum(token_count(t) for t in texts)

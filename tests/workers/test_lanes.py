@@ -12,13 +12,13 @@ from typing import Any
 
 import anyio
 import pytest
-from fakes import HashEmbedder
 from redis.exceptions import ResponseError
 
 from pipeline.keys import GROUP, Keys
 from pipeline.model.info import DEFAULT_MODEL
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from tests.support.fakes import HashEmbedder
 from workers.lanes import Forgotten, Lanes
 from workers.upkeep import Upkeep
 

@@ -18,8 +18,6 @@ import anyio
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
-from sts_data import STS_DEV
-from test_worker_recovery import Running, all_rows, quick, running, wait_end
 
 from pipeline.errors import UnknownModel
 from pipeline.inputs import Item, JobOptions
@@ -27,6 +25,8 @@ from pipeline.model.info import DEFAULT_MODEL, bundled_model_dir, describe_local
 from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from tests.support.sts_data import STS_DEV
+from tests.support.workers import Running, all_rows, running, wait_end
 
 pytestmark = pytest.mark.anyio
 
@@ -63,8 +63,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings).replace(batch_max_texts=64)
+def fast_settings(fast_settings: Settings) -> Settings:
+    """The shared fast settings, with batches of 64 texts."""
+    return fast_settings.replace(batch_max_texts=64)
 
 
 def embedder_for(settings: Settings, model: Path | str) -> SentenceTransformerEmbedder:
@@ -73,9 +74,9 @@ def embedder_for(settings: Settings, model: Path | str) -> SentenceTransformerEm
 
 async def embed(pipeline: Pipeline, texts: list[str], **options: Any) -> list[dict[str, Any]]:
     job = await pipeline.submit([Item(t) for t in texts], JobOptions(**options))
-    end = await wait_end(pipeline, job["id"], timeout_s=60)
+    end = await wait_end(pipeline, job.id, timeout_s=60)
     assert end["status"] == "completed", end
-    return await all_rows(pipeline, job["id"])
+    return await all_rows(pipeline, job.id)
 
 
 def matrix(rows: list[dict[str, Any]]) -> np.ndarray[Any, np.dtype[np.float32]]:

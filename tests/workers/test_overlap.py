@@ -16,23 +16,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from fakes import GateEmbedder, HashEmbedder
-from test_worker_recovery import (
+
+from pipeline.keys import GROUP
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+from tests.support.fakes import GateEmbedder, HashEmbedder
+from tests.support.workers import (
     BULK,
     assert_every_index_once,
     create_groups,
-    quick,
     running,
     submit,
     texts_of,
     wait_end,
     wait_entered,
 )
-
-from pipeline.keys import GROUP
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
-from workers.worker import Worker
+from workers.claims import ReadAhead
+from workers.commits import Commits
 
 pytestmark = pytest.mark.anyio
 
@@ -58,9 +58,10 @@ class TimedEmbedder(HashEmbedder):
 
 
 @pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
+def fast_settings(fast_settings: Settings) -> Settings:
+    """The shared fast settings, with model calls as large as a batch."""
     # Claims of 8 texts in two chunks of 4: a 32-text job is four batches, four commits.
-    return quick(settings).replace(batch_max_texts=8, call_max_texts=8)
+    return fast_settings.replace(batch_max_texts=8, call_max_texts=8)
 
 
 def overlapping(a: list[Span], b: list[Span]) -> int:
@@ -73,26 +74,26 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
 ) -> None:
     embedder = TimedEmbedder(fast_settings, delay_s=0.05)
     commits: list[Span] = []
-    real_commit = Worker.commit
+    real_commit = Commits.commit
 
-    async def slow_commit(self: Worker, results: list[Any], entries: list[Any]) -> None:
+    async def slow_commit(self: Commits, results: list[Any], entries: list[Any]) -> None:
         started = time.monotonic()
         await asyncio.sleep(0.05)
         await real_commit(self, results, entries)
         commits.append((started, time.monotonic()))
 
     reads: list[Span] = []
-    real_read_ahead = Worker._read_ahead
+    real_read_ahead = ReadAhead.read
 
-    async def read_ahead(self: Worker) -> Any:
+    async def read_ahead(self: ReadAhead) -> Any:
         started = time.monotonic()
         found = await real_read_ahead(self)
         if found[0]:
             reads.append((started, time.monotonic()))
         return found
 
-    monkeypatch.setattr(Worker, "commit", slow_commit)
-    monkeypatch.setattr(Worker, "_read_ahead", read_ahead)
+    monkeypatch.setattr(Commits, "commit", slow_commit)
+    monkeypatch.setattr(ReadAhead, "read", read_ahead)
     texts = texts_of(1, 32)
     async with running(fast_settings, embedder) as run:
         run.worker.overlap = behind
@@ -128,7 +129,7 @@ async def test_a_stopping_worker_hands_back_the_batch_it_read_ahead(
         gate.open()
     assert gate.calls == [texts[:8]]
     job = await pipeline.job(job_id)
-    assert job["done"] == 8
+    assert job.done == 8
     # Batch 2's two chunks were read ahead and are handed back: idle past the
     # timeout, and the delivery that was no attempt is not counted.
     rows = await pipeline.redis.xpending_range(BULK, GROUP, "-", "+", 10)

@@ -5,14 +5,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fakes import POISON, PoisonEmbedder, expected_vector
-from test_worker_recovery import quick, running, submit, wait_end
 
-from pipeline.jobs import results
+from pipeline.jobs import search
 from pipeline.jobs.record import load_job
 from pipeline.keys import Keys
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
+from tests.support.fakes import POISON, PoisonEmbedder, expected_vector
+from tests.support.timings import quick
+from tests.support.workers import running, submit, wait_end
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +49,7 @@ async def test_the_paged_scan_finds_the_same_top_k_as_scoring_everything_at_once
         record = await load_job(pipeline.redis, KEYS, job_id)
         assert record.chunks > 3 * page_chunks or page_chunks == 64
         query = expected_vector("sentence number 41", DIMS)
-        hits = await results.nearest(pipeline.redis, KEYS, record, query, 10,
+        hits = await search.nearest(pipeline.redis, KEYS, record, query, 10,
                                      page_chunks=page_chunks)
     finally:
         await pipeline.close()

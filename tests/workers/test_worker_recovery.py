@@ -11,14 +11,18 @@ wait: tests follow the job's events or poll with a deadline.
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import orjson
 import pytest
-from fakes import (
+
+from pipeline.keys import GROUP
+from pipeline.model.info import DEFAULT_MODEL
+from pipeline.service import Pipeline
+from pipeline.settings import Settings
+from tests.support.fakes import (
     GateEmbedder,
     HashEmbedder,
     NanEmbedder,
@@ -26,34 +30,27 @@ from fakes import (
     SlowEmbedder,
     expected_vector,
 )
-
-from pipeline.inputs import Item, JobOptions
-from pipeline.keys import GROUP, Keys
-from pipeline.model.info import DEFAULT_MODEL
-from pipeline.service import Pipeline
-from pipeline.settings import Settings
-from pipeline.tasks import cancel_and_wait
+from tests.support.timings import quick
+from tests.support.workers import (
+    BULK,
+    DIMS,
+    FAST,
+    KEYS,
+    all_rows,
+    assert_every_index_once,
+    create_groups,
+    feed_events,
+    pending_count,
+    poll,
+    running,
+    submit,
+    texts_of,
+    wait_end,
+    wait_entered,
+)
 from workers.upkeep import Upkeep
-from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
-
-KEYS = Keys("es")
-FAST, BULK = KEYS.queues(DEFAULT_MODEL)
-DIMS = 384
-
-
-def quick(settings: Settings) -> Settings:
-    """Short timings and small chunks, so recovery happens within a second or two."""
-    return settings.replace(heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0,
-                            visibility_timeout_s=1.0, block_ms=100, chunk_size=4,
-                            fast_lane_max_texts=4, batch_max_texts=8)
-
-
-@pytest.fixture
-def fast_settings(settings: Settings) -> Settings:
-    return quick(settings)
-
 
 @pytest.fixture
 def any_settings(any_redis_url: str, tmp_path: Any) -> Settings:
@@ -69,128 +66,6 @@ async def pipeline(request: pytest.FixtureRequest) -> AsyncIterator[Pipeline]:
     finally:
         await service.close()
 
-
-@pytest.fixture
-def janitor_often(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the janitor (dead-worker sweep, trimming) every 0.2 s instead of every 10 s."""
-    monkeypatch.setattr("workers.upkeep.JANITOR_EVERY_S", 0.2)
-
-
-@dataclass
-class Running:
-    worker: Worker
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-
-    async def kill(self) -> None:
-        """Stop the task at once, without the goodbye: the heartbeat is left to expire."""
-        assert self.worker.upkeep is not None
-
-        async def silent() -> None:
-            return None
-
-        self.worker.upkeep.deregister = silent  # type: ignore[method-assign]
-        with anyio.fail_after(10):
-            await cancel_and_wait(self.task)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, embedder: Any, worker_id: str | None = None
-                  ) -> AsyncIterator[Running]:
-    """A Worker as a task, registered before the block starts, stopped cleanly after it."""
-    worker = Worker(settings, embedder, worker_id)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
-    waiting = asyncio.create_task(ready.wait())
-    done, _ = await asyncio.wait({task, waiting}, timeout=10,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if task in done:
-        task.result()
-    assert ready.is_set(), "the worker did not start"
-    try:
-        yield Running(worker, stop, task)
-    finally:
-        stop.set()
-        if not task.done():
-            with anyio.fail_after(10):
-                await task
-
-
-def texts_of(job: int, n: int) -> list[str]:
-    return [f"job {job} text number {i}" for i in range(n)]
-
-
-async def submit(pipeline: Pipeline, texts: Sequence[str], **options: Any) -> str:
-    job = await pipeline.submit([Item(t, f"id-{i}") for i, t in enumerate(texts)],
-                                JobOptions(**options))
-    return str(job["id"])
-
-
-async def wait_end(pipeline: Pipeline, job_id: str, timeout_s: float = 15) -> dict[str, Any]:
-    """Follow the job's events until its end event."""
-    with anyio.fail_after(timeout_s):
-        async for event in pipeline.follow(job_id):
-            if event.name == "end":
-                return dict(event.data)
-    raise AssertionError("the event stream ended without an end event")
-
-
-async def all_rows(pipeline: Pipeline, job_id: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    cursor: str | None = None
-    while True:
-        page = await pipeline.results(job_id, cursor, limit=1000)
-        rows.extend(page["results"])
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return rows
-
-
-async def assert_every_index_once(pipeline: Pipeline, job_id: str, texts: list[str]) -> None:
-    """Each input has exactly one row, with its own vector, and one result event per chunk."""
-    job = await pipeline.job(job_id)
-    assert (job["status"], job["done"], job["failed"]) == ("completed", len(texts), 0)
-    rows = await all_rows(pipeline, job_id)
-    assert [row["index"] for row in rows] == list(range(len(texts)))
-    for row, text in zip(rows, texts, strict=True):
-        assert row["id"] == f"id-{row['index']}"
-        assert row["embedding"] == pytest.approx(expected_vector(text, DIMS), abs=1e-6)
-    entries = await pipeline.redis.xrange(KEYS.events(job_id))
-    kinds = Counter(fields[b"type"] for _, fields in entries)
-    chunk_size = pipeline.settings.chunk_size
-    assert kinds == {b"result": -(-len(texts) // chunk_size), b"end": 1}
-
-
-async def poll(check: Callable[[], Any], timeout_s: float = 10) -> Any:
-    """Await `check()` until it returns something truthy, within a deadline."""
-    with anyio.fail_after(timeout_s):
-        while True:
-            value = await check()
-            if value:
-                return value
-            await anyio.sleep(0.02)
-
-
-async def wait_entered(embedder: GateEmbedder) -> None:
-    with anyio.fail_after(10):
-        while not embedder.entered.is_set():
-            await anyio.sleep(0.01)
-
-
-async def create_groups(client: Any) -> None:
-    for stream in (FAST, BULK):
-        with contextlib.suppress(Exception):
-            await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-
-
-async def feed_events(client: Any) -> list[tuple[str, dict[str, Any]]]:
-    return [(fields[b"type"].decode(), orjson.loads(fields[b"data"]))
-            for _, fields in await client.xrange(KEYS.feed)]
-
-
-async def pending_count(client: Any, stream: str) -> int:
-    return int((await client.xpending(stream, GROUP))["pending"])
 
 
 # Sharing the work
@@ -464,7 +339,7 @@ async def test_a_cancelled_jobs_queued_chunks_are_acked_without_embedding(
         await poll(lambda: _queue_drained(pipeline))
     assert not set(texts_of(1, 20)) & set(embedder.embedded_texts)
     job = await pipeline.job(cancelled)
-    assert (job["status"], job["done"]) == ("cancelled", 0)
+    assert (job.status, job.done) == ("cancelled", 0)
 
 
 async def _queue_drained(pipeline: Pipeline) -> bool:
@@ -493,7 +368,7 @@ async def test_a_job_cancelled_mid_batch_keeps_no_late_results(
     assert end["status"] == "cancelled"
     assert len(embedder.calls) == 1  # the batch in hand; no chunk after the cancel
     assert await all_rows(pipeline, job_id) == []
-    assert (await pipeline.job(job_id))["done"] == 0
+    assert (await pipeline.job(job_id)).done == 0
 
 
 # Trimming
@@ -597,7 +472,7 @@ async def test_a_worker_recovers_when_redis_loses_its_data(
     async with running(fast_settings, embedder):
         await pipeline.redis.flushall()  # groups, worker entries, models: all gone
         with anyio.fail_after(10):
-            while not (await pipeline.ready())["workers"]:
+            while not (await pipeline.ready()).workers:
                 await asyncio.sleep(0.05)
         texts = texts_of(7, 10)
         job_id = await submit(pipeline, texts)
@@ -622,6 +497,6 @@ async def test_a_worker_carries_on_after_redis_restarts(tmp_path: Any) -> None:
                     second = await submit(pipeline, texts_of(9, 6))
                     end = await wait_end(pipeline, second)
                     assert end["status"] == "completed" and end["done"] == 6
-                    assert (await pipeline.job(first))["status"] == "completed"
+                    assert (await pipeline.job(first)).status == "completed"
         finally:
             await pipeline.close()

@@ -1,0 +1,143 @@
+"""Claiming queue entries: the fast lane first, then the bulk lane, then the next
+bulk batch read ahead while the model embeds the last call of this one.
+
+- The fast lane is claimed an entry at a time, up to one model call's worth
+  of texts, by one script (`workers.lanes`): an entry may carry up to
+  `fast_lane_max_texts` texts, and reading a whole batch's count of entries
+  at once is how one worker came to hoard the lane while its peers idled.
+- With the fast lane empty, a blocking read takes at most one entry of each
+  lane (COUNT is per stream), and the bulk lane is then read on, without
+  blocking, up to `batch_max_texts`.
+- Read-ahead: while the model embeds a bulk batch's last call, the next
+  batch is read (`ReadAhead`). Its entries are leased from the moment they
+  are read (`Upkeep.hold`), so they are not taken for stale while they wait
+  for the model, and the hold lasts until their batch is processed. A
+  stopping worker hands them back to its peers at once (`Upkeep.release`):
+  read, but never started.
+
+Entries idle past the visibility timeout are reclaimed before any of these,
+by the worker's upkeep (`Upkeep.reclaim_stale`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from pipeline import GROUP, cancel_and_wait
+from workers.model_calls import BUSY_S
+from workers.work import Entry, parse_reply
+
+if TYPE_CHECKING:
+    from pipeline import Settings
+    from pipeline.store import RedisClient
+    from workers.upkeep import Upkeep
+
+ReadBatch = tuple[list[Entry], contextlib.ExitStack]
+
+
+class ReadAhead:
+    """The next bulk batch, claimed while the model embeds this batch's last call."""
+
+    def __init__(self, redis: RedisClient, upkeep: Upkeep, settings: Settings,
+                 worker_id: str, bulk: str) -> None:
+        self.redis = redis
+        self.upkeep = upkeep
+        self.settings = settings
+        self.worker_id = worker_id
+        self.bulk = bulk
+        self._reading: asyncio.Task[ReadBatch] | None = None
+        self._held: contextlib.ExitStack | None = None
+
+    def start(self) -> None:
+        """Begin reading the next batch, unless a read is already under way."""
+        if self._reading is None:
+            self._reading = asyncio.create_task(self.read(), name=f"read-ahead {self.worker_id}")
+
+    async def read(self) -> ReadBatch:
+        """Up to a batch of bulk entries, without blocking; leased from the moment they
+        are read, so they are not taken for stale while they wait for the model."""
+        room = self.settings.batch_max_texts // self.settings.chunk_size
+        reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.bulk: ">"}, count=room)
+        entries = parse_reply(reply)
+        return entries, self.upkeep.hold(entries)
+
+    async def take(self) -> list[Entry]:
+        """The entries read ahead, if a read was begun; held until `drop_hold`."""
+        if self._reading is None:
+            return []
+        task, self._reading = self._reading, None
+        entries, self._held = await task
+        return entries
+
+    def drop_hold(self) -> None:
+        """End the lease hold on the entries taken last (their batch is processed)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    async def hand_back(self) -> None:
+        """Stopping: entries read ahead and never started go back to the peers at once."""
+        entries = await self.take()
+        try:
+            if entries:
+                await self.upkeep.release(entries)
+        finally:
+            self.drop_hold()
+
+    async def cancel(self) -> None:
+        """Stop a read still under way (the worker is leaving on an error or a cancel)."""
+        if self._reading is not None:
+            await cancel_and_wait(self._reading)
+
+
+class Claims:
+    """Where a worker's next entries come from: the fast lane, read-ahead, the bulk lane."""
+
+    def __init__(self, redis: RedisClient, blocking: RedisClient, upkeep: Upkeep,
+                 settings: Settings, worker_id: str, streams: tuple[str, ...]) -> None:
+        self.redis = redis
+        self.blocking = blocking
+        self.upkeep = upkeep
+        self.settings = settings
+        self.worker_id = worker_id
+        self.fast, self.bulk = streams
+        self.ahead = ReadAhead(redis, upkeep, settings, worker_id, self.bulk)
+        self._fast_served_at = -BUSY_S
+
+    async def claim(self) -> list[Entry]:
+        """The fast lane, then the batch read ahead, then a blocking read of both lanes."""
+        entries = await self.claim_fast()
+        if entries:
+            return entries  # alone: the bulk lane can wait one short batch
+        entries = await self.ahead.take()
+        if entries:
+            return entries
+        # COUNT is per stream: one entry of each lane at most, then bulk up to the budget.
+        reply = await self.blocking.xreadgroup(GROUP, self.worker_id,
+                                               {self.fast: ">", self.bulk: ">"},
+                                               count=1, block=self.settings.block_ms)
+        entries = parse_reply(reply)
+        if any(e.stream == self.fast for e in entries):
+            self._fast_served_at = time.monotonic()
+        room = (self.settings.batch_max_texts - sum(e.size for e in entries)) \
+            // self.settings.chunk_size
+        if entries and room > 0:
+            reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.bulk: ">"},
+                                                count=room)
+            entries += parse_reply(reply)
+        return entries
+
+    async def claim_fast(self) -> list[Entry]:
+        """Fast-lane entries, one at a time, up to one model call's worth of texts."""
+        claimed = await self.upkeep.lanes.claim(self.fast, self.worker_id,
+                                                self.settings.call_max_texts)
+        if claimed:
+            self._fast_served_at = time.monotonic()
+        return parse_reply([(self.fast, claimed)])
+
+    def busy(self) -> bool:
+        """Whether interactive work came in the last `BUSY_S` (bulk calls are cut finer)."""
+        return time.monotonic() - self._fast_served_at < BUSY_S
