@@ -6,7 +6,13 @@ digest of the file's bytes and of the options, so a run killed during the
 upload and started again with the same arguments gets the same job back from
 the server instead of a second one. Once the job is known its id is kept in
 the state file beside `--out` (see `embedstream.spool`), and a later run
-follows the job from the state's cursor: one job, no duplicate row.
+follows the job from the state's cursor: one job, no duplicate row. One run
+at a time writes an output: a second run on the same `--out` is refused while
+the first holds its lock (`embedstream.spool.OutputLock`).
+
+`results` without `--out` writes JSONL to stdout instead (the `.jsonl` output's
+lines, in the order results arrive, each with its `index`); it is not
+resumable. Progress and messages go to stderr only.
 
 Exit codes say what happened:
 
@@ -20,21 +26,44 @@ Exit codes say what happened:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from embedstream.client import Client, Job
-from embedstream.protocol import Backoff, EmbedstreamError, ServerUnreachable, retryable
+from embedstream.protocol import (
+    TERMINAL,
+    Backoff,
+    EmbedstreamError,
+    JobStatus,
+    Progress,
+    Result,
+    ServerUnreachable,
+    retryable,
+)
 from embedstream.sources import Source, SourceError
-from embedstream.spool import Spool, State
+from embedstream.spool import OutputBusy, OutputLock, Spool, State, jsonl_line, output_kind
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_FAILED_INPUTS, EXIT_CANCELLED, EXIT_UNREACHABLE = range(6)
 HASH_PIECE_BYTES = 1024 * 1024
+
+
+class SubmitOptions(TypedDict, total=False):
+    """The job options `submit` passes on (None: the server's default)."""
+
+    dimensions: int | None
+    model: str | None
+    truncate: bool
+    normalize: bool
+    chunk: bool | None
+    prompt: str | None
+    prompt_name: str | None
 
 
 @dataclass(frozen=True)
@@ -46,7 +75,7 @@ class Run:
     quiet: bool = False
 
 
-def derive_key(source: Source, options: dict[str, Any]) -> str | None:
+def derive_key(source: Source, options: SubmitOptions) -> str | None:
     """An Idempotency-Key from the file's bytes and the options (None for stdin)."""
     if source.is_stdin:
         return None
@@ -60,11 +89,27 @@ def derive_key(source: Source, options: dict[str, Any]) -> str | None:
     return f"embedstream-submit-{digest.hexdigest()[:40]}"
 
 
-def submit(run: Run, source: Source, options: dict[str, Any], *, wait: bool,
+@contextlib.contextmanager
+def _spool(run: Run) -> Iterator[Spool | None]:
+    """The spool of `run.out`, under the output's lock for the whole run (None: no --out)."""
+    if run.out is None:
+        yield None
+        return
+    output_kind(run.out)  # a bad name is refused before anything is locked or sent
+    with OutputLock(run.out):
+        yield Spool(run.out)
+
+
+def submit(run: Run, source: Source, options: SubmitOptions, *, wait: bool,
            idempotency_key: str | None = None) -> int:
     """Upload `source` as one job (or resume it), then follow it into `run.out`."""
+    with _spool(run) as spool:
+        return _submit(run, spool, source, options, wait, idempotency_key)
+
+
+def _submit(run: Run, spool: Spool | None, source: Source, options: SubmitOptions,
+            wait: bool, idempotency_key: str | None) -> int:
     key = idempotency_key or derive_key(source, options)
-    spool = Spool(run.out) if run.out else None
     state = (spool.load(key) if spool and key else None) or State(key or "")
     if state.job_id is None:
         job = _upload(run.client, source, options, key)
@@ -82,14 +127,14 @@ def submit(run: Run, source: Source, options: dict[str, Any], *, wait: bool,
 
 
 def results(run: Run, job_id: str) -> int:
-    """Fetch an existing job's results into `run.out`, resumable like `submit`."""
-    spool = Spool(run.out) if run.out else None
-    key = f"job:{job_id}"
-    state = (spool.load(key) if spool else None) or State(key, job_id=job_id)
-    return follow(run, run.client.job(job_id), spool, state)
+    """Fetch an existing job's results into `run.out` (resumable), else as JSONL on stdout."""
+    with _spool(run) as spool:
+        key = f"job:{job_id}"
+        state = (spool.load(key) if spool else None) or State(key, job_id=job_id)
+        return follow(run, run.client.job(job_id), spool, state, echo=spool is None)
 
 
-def _upload(client: Client, source: Source, options: dict[str, Any], key: str | None) -> Job:
+def _upload(client: Client, source: Source, options: SubmitOptions, key: str | None) -> Job:
     """POST the inputs; with a key, retry through dropped connections and 409/5xx."""
     backoff = Backoff(client.reconnect_for_s)
     delays = backoff.delays()
@@ -107,24 +152,33 @@ def _upload(client: Client, source: Source, options: dict[str, Any], key: str | 
             time.sleep(delay)
 
 
-def follow(run: Run, job: Job, spool: Spool | None, state: State) -> int:
-    """Follow the job's stream to its end, spooling results; write the output."""
+def follow(run: Run, job: Job, spool: Spool | None, state: State, *,
+           echo: bool = False) -> int:
+    """Follow the job's stream to its end, spooling results (or, with `echo`, writing
+    them to stdout as JSONL); write the output."""
     status = job.status()
     total = int(status["total"])
     state.total, state.dims = total, state.dims or int(status["dimensions"])
     if spool is not None:
         spool.open(state)
-    bar = _progress(run, total, int(status["done"]) + int(status["failed"]))
-    final: dict[str, Any] = status
+    # A finished job's bar counts the results fetched; a running one's, the texts made.
+    fetching = status["status"] in TERMINAL
+    bar = _progress(run, total, state.rows if fetching else _made(status))
+    final = status
     try:
         for update in job.stream(after=state.cursor):
             if update.results and spool is not None:
                 spool.append(state, update.results, update.cursor)
-            if update.progress is not None:
-                _advance(bar, update.progress)
+            elif update.results and echo:
+                _echo(update.results)
+                state.rows += len(update.results)
+            if fetching:
+                _advance(bar, state.rows)
+            elif update.progress is not None:
+                _advance(bar, _made(update.progress))
             if update.end is not None:
                 final = update.end
-                _advance(bar, final)
+                _advance(bar, state.rows if fetching else _made(final))
     finally:
         if bar is not None:
             bar.close()
@@ -134,7 +188,18 @@ def follow(run: Run, job: Job, spool: Spool | None, state: State) -> int:
     return _report(run, final, missing)
 
 
-def _report(run: Run, final: dict[str, Any], missing: int) -> int:
+def _echo(results: list[Result]) -> None:
+    out = sys.stdout.buffer
+    out.write(b"".join(jsonl_line(r.index, r.id, r.embedding, r.truncated, r.error, r.extra)
+                       for r in results))
+    out.flush()
+
+
+def _made(progress: JobStatus | Progress) -> int:
+    return int(progress.get("done") or 0) + int(progress.get("failed") or 0)
+
+
+def _report(run: Run, final: JobStatus, missing: int) -> int:
     status, failed = final.get("status"), int(final.get("failed") or 0)
     written = f"; wrote {run.out}" if run.out else ""
     _say(run, f"job {final.get('id')} {status}: {final.get('done')} done, {failed} failed"
@@ -157,10 +222,9 @@ def _progress(run: Run, total: int, initial: int) -> Any:
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def _advance(bar: Any, progress: dict[str, Any]) -> None:
+def _advance(bar: Any, made: int) -> None:
     if bar is None:
         return
-    made = int(progress.get("done") or 0) + int(progress.get("failed") or 0)
     if made > bar.n:
         bar.update(made - bar.n)
 
@@ -174,6 +238,8 @@ def exit_code_of(exc: BaseException) -> tuple[int, str]:
     """The exit code and message for an error that ended a run."""
     if isinstance(exc, ServerUnreachable):
         return EXIT_UNREACHABLE, str(exc)
+    if isinstance(exc, OutputBusy):
+        return EXIT_BAD_INPUT, str(exc)
     if isinstance(exc, SourceError | ValueError | UnicodeDecodeError | OSError):
         return EXIT_BAD_INPUT, str(exc)
     if isinstance(exc, EmbedstreamError):

@@ -1,72 +1,56 @@
-"""The `embedstream` command: up, serve, worker, mcp, submit.
+"""The `embedstream` command: up, serve, worker, mcp, submit, results.
 
 Every flag overrides the `EMBEDSTREAM_*` variable of the same name; with
-neither, the Settings default holds. Logging is configured here and only
-here, always to stderr (stdout belongs to `mcp`'s protocol and `submit`'s
-output).
+neither, the Settings default holds (the options are in `embedstream.flags`).
+Logging is configured here and only here, always to stderr (stdout belongs
+to `mcp`'s protocol and to the output of `submit` and `results`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import importlib.metadata
 import ipaddress
 import logging
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from embedstream import processes
+from embedstream.flags import (
+    FLAG,
+    ApiKey,
+    ApiKeys,
+    Backend,
+    Command,
+    DataDir,
+    Device,
+    Group,
+    Host,
+    Insecure,
+    LogFormat,
+    LogLevel,
+    Model,
+    Models,
+    Out,
+    Port,
+    Quiet,
+    RedisUrl,
+    RetryFor,
+    Url,
+    api_keys_of,
+)
 from embedstream.logs import configure as configure_logs
 from pipeline import PREFIX, Settings
 
-app = typer.Typer(help="A streaming embedding pipeline on Redis Streams.",
+app = typer.Typer(help="A streaming embedding pipeline on Redis Streams.", cls=Group,
                   no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 logger = logging.getLogger("embedstream")
-
-def _env(name: str, text: str) -> str:
-    """Help text ending in the option's variable and default (escaped: rich would eat `[`)."""
-    default = _DEFAULTS[name]
-    shown = "unset" if default in (None, ()) else default
-    return f"{text} \\[env: {PREFIX}{name.upper()}; default: {shown}]"
-
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
-
-RedisUrl = Annotated[str | None, typer.Option(
-    help=_env("redis_url", "Redis/Valkey URL; unset: the embedded server"), show_default=False)]
-DataDir = Annotated[Path | None, typer.Option(
-    help=_env("data_dir", "Where the embedded server keeps its data"), show_default=False)]
-Model = Annotated[str | None, typer.Option(
-    help=_env("model", "sentence-transformers model name or path"), show_default=False)]
-Models = Annotated[list[str] | None, typer.Option(
-    "--model", help=_env("model", "Model to serve (name or path); repeat it to serve several "
-                         "models, each with its own workers; the first is the default"),
-    show_default=False)]
-Backend = Annotated[str | None, typer.Option(
-    help=_env("backend", "How workers run the model: torch, or module:Factory"),
-    show_default=False)]
-Device = Annotated[str | None, typer.Option(
-    help=_env("device", "auto, cpu, cuda, cuda:1…"), show_default=False)]
-Host = Annotated[str | None, typer.Option(help=_env("host", "Bind address"),
-                                          show_default=False)]
-Port = Annotated[int | None, typer.Option(help=_env("port", "Port"), show_default=False)]
-ApiKeys = Annotated[str | None, typer.Option(
-    help=_env("api_keys", "Comma-separated API keys; unset: no auth"), show_default=False)]
-Insecure = Annotated[bool, typer.Option(
-    "--insecure", help=_env("insecure", "Allow a non-loopback bind without API keys"),
-    show_default=False)]
-LogLevel = Annotated[str, typer.Option(help="debug, info, warning, error")]
-LogFormat = Annotated[str, typer.Option(help="text, or json (one object a line, for log "
-                                             "shippers)")]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -93,7 +77,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True,
+        "--version", callback=_version, is_eager=True, metavar=FLAG,
         help="Print the version and exit")] = False) -> None:
     """A streaming embedding pipeline on Redis Streams."""
 
@@ -113,11 +97,7 @@ def _check_bind(settings: Settings) -> None:
         raise typer.Exit(2)
 
 
-def _api_keys(raw: str | None) -> tuple[str, ...] | None:
-    return None if raw is None else tuple(k.strip() for k in raw.split(",") if k.strip())
-
-
-@app.command()
+@app.command(cls=Command)
 def serve(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = None,
           host: Host = None, port: Port = None, api_keys: ApiKeys = None,
           insecure: Insecure = False, log_level: LogLevel = "info",
@@ -125,59 +105,16 @@ def serve(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = N
     """Run the ASGI server: REST, SSE, MCP, dashboard, health, metrics."""
     _logging(log_level, log_format)
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model, host=host,
-                         port=port, api_keys=_api_keys(api_keys), insecure=insecure or None)
+                         port=port, api_keys=api_keys_of(api_keys), insecure=insecure or None)
     _check_bind(settings)
+    processes.check_port(settings)
     from pipeline.store import redis_for
 
     with redis_for(settings) as url:
-        asyncio.run(_serve(settings.replace(redis_url=url), log_level))
+        asyncio.run(processes.serve(settings.replace(redis_url=url), log_level))
 
 
-async def _serve(settings: Settings, log_level: str,
-                 on_started: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
-    import uvicorn
-
-    from mcp_server.app import create_app
-
-    # log_config=None: uvicorn's loggers propagate to ours (text or JSON).
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=log_level, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=5)
-    await _server_class(on_started)(config).serve()
-
-
-def _server_class(on_started: Callable[[], Coroutine[Any, Any, None]] | None = None) -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn, minus re-raising the stop signal after shutdown, plus a started hook.
-
-        uvicorn re-raises SIGINT/SIGTERM once it has shut down; under SIGTERM
-        that kills the process before `up` stops its workers and the embedded
-        server. Here a signal only asks the server to exit, and the caller's
-        cleanup runs. `on_started` runs once the port is bound, so `up` prints
-        URLs that already answer.
-        """
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            previous = {sig: signal.signal(sig, self.handle_exit)
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-        async def startup(self, sockets: list[Any] | None = None) -> None:
-            await super().startup(sockets)
-            if self.started and on_started is not None:
-                self.announcer: asyncio.Task[None] = asyncio.create_task(on_started())
-
-    return Server
-
-
-@app.command()
+@app.command(cls=Command)
 def worker(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = None,
            backend: Backend = None, device: Device = None,
            name: Annotated[str | None, typer.Option(
@@ -197,7 +134,7 @@ def worker(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = 
 async def _work(settings: Settings, name: str | None) -> None:
     from pipeline.model import load_embedder
     from workers.calibration import calibrate
-    from workers.worker import Worker
+    from workers.worker import run_worker
 
     embedder = await asyncio.to_thread(load_embedder, settings)
     stop = asyncio.Event()
@@ -209,7 +146,7 @@ async def _work(settings: Settings, name: str | None) -> None:
     calibration = asyncio.create_task(calibrate(settings, embedder)) if settings.calibrate \
         else None
     try:
-        await Worker(settings, embedder, worker_id=name).run(stop)
+        await run_worker(settings, embedder, stop, worker_id=name)
     finally:
         if calibration is not None:
             calibration.cancel()
@@ -229,7 +166,7 @@ def _stopper(stop: asyncio.Event) -> Any:
     return handle
 
 
-@app.command()
+@app.command(cls=Command)
 def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] = 1,
        redis_url: RedisUrl = None, data_dir: DataDir = None, model: Models = None,
        backend: Backend = None, device: Device = None, host: Host = None, port: Port = None,
@@ -239,9 +176,10 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] 
     _logging(log_level, log_format)
     settings = _settings(redis_url=redis_url, data_dir=data_dir,
                          model=model[0] if model else None, backend=backend,
-                         device=device, host=host, port=port, api_keys=_api_keys(api_keys),
+                         device=device, host=host, port=port, api_keys=api_keys_of(api_keys),
                          insecure=insecure or None)
     _check_bind(settings)
+    processes.check_port(settings)
     models = list(dict.fromkeys(model or [settings.model]))
     from pipeline.store import redis_for
 
@@ -249,69 +187,54 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] 
         settings = settings.replace(redis_url=url)
         total = workers * len(models)
         threads = str(max(1, (os.cpu_count() or 1) // max(1, total)))
-        children = [_spawn_worker(settings.replace(model=name), log_level, log_format, threads)
+        children = [processes.spawn_worker(settings.replace(model=name), log_level,
+                                           log_format, threads)
                     for name in models for _ in range(workers)]
         try:
-            asyncio.run(_serve(settings, log_level,
-                               lambda: _announce(settings, total, models)))
+            asyncio.run(processes.serve(settings, log_level,
+                                        lambda: processes.announce(settings, total, models)))
         finally:
-            _stop_children(children)
+            processes.stop_children(children)
 
 
-async def _announce(settings: Settings, workers: int, models: list[str]) -> None:
-    """Print the URLs (the port is bound), then one `ready` line once a worker is up."""
-    from pipeline import Keys
-    from pipeline.store import connect, live_workers
-
-    base = f"http://{settings.host}:{settings.port}"
-    for line in (f"redis:     {settings.redis_url}", f"api:       {base}/v1/jobs",
-                 f"dashboard: {base}/", f"metrics:   {base}/metrics",
-                 f"mcp:       {base}/mcp (streamable HTTP), {base}/sse (legacy)",
-                 f"workers:   {workers} starting (model {', '.join(models)})"):
-        typer.echo(line, err=True)
-    assert settings.redis_url
-    redis = connect(settings.redis_url)
-    try:
-        while not (alive := await live_workers(redis, Keys(settings.key_prefix))):
-            await asyncio.sleep(0.5)
-        typer.echo(f"ready:     {len(alive)} worker(s) up; try "
-                   f"curl -s {base}/v1/embeddings -H 'content-type: application/json' "
-                   """-d '{"input": "hello"}'""", err=True)
-    finally:
-        await redis.aclose()
+def agent_data_dir() -> Path:
+    """The per-user data dir of `mcp`: $XDG_DATA_HOME/embedstream, else ~/.local/share/…"""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "embedstream"
 
 
-def _spawn_worker(settings: Settings, log_level: str, log_format: str,
-                  threads: str) -> subprocess.Popen[bytes]:
-    # Workers on one machine share its cores: without a thread cap each
-    # would start one compute thread per core and they would oversubscribe.
-    env = {"OMP_NUM_THREADS": threads, **os.environ,
-           "EMBEDSTREAM_REDIS_URL": settings.redis_url or "",
-           "EMBEDSTREAM_MODEL": settings.model, "EMBEDSTREAM_BACKEND": settings.backend,
-           "EMBEDSTREAM_DEVICE": settings.device}
-    return subprocess.Popen([sys.executable, "-m", "embedstream", "worker",
-                             "--log-level", log_level, "--log-format", log_format], env=env,
-                            start_new_session=True)
+def _mcp_settings(settings: Settings, data_dir_given: bool) -> Settings:
+    """Where `mcp` looks when nothing names a data dir: not the agent's working folder."""
+    from pipeline.store import find_running
+
+    if settings.redis_url or data_dir_given or f"{PREFIX}DATA_DIR" in os.environ:
+        return settings
+    if find_running(settings.data_dir) is not None:  # an `up` runs in this very folder
+        return settings
+    return settings.replace(data_dir=agent_data_dir())
 
 
-def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in children:
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+McpDataDir = Annotated[Path | None, typer.Option(
+    help="Where the embedded server keeps its data \\[env: EMBEDSTREAM_DATA_DIR; default: "
+    "./.embedstream if a running `up` uses it, else $XDG_DATA_HOME/embedstream, or "
+    "~/.local/share/embedstream]", show_default=False)]
 
 
-@app.command()
-def mcp(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = None,
+@app.command(cls=Command)
+def mcp(redis_url: RedisUrl = None, data_dir: McpDataDir = None, model: Model = None,
         log_level: LogLevel = "warning", log_format: LogFormat = "text") -> None:
-    """An MCP server over stdio, for desktop agents, on the same Redis as `up`."""
+    """An MCP server over stdio, for desktop agents, on the same Redis as `up`.
+
+    Agents start it from any folder, so with no EMBEDSTREAM_REDIS_URL and no
+    EMBEDSTREAM_DATA_DIR it uses the `up` running in ./.embedstream if there
+    is one, else a per-user data dir (never a new .embedstream in the working
+    folder). To reach an `up`, give the agent EMBEDSTREAM_DATA_DIR set to that
+    `up`'s data dir (its folder's .embedstream), or EMBEDSTREAM_REDIS_URL.
+    """
     _logging(log_level, log_format)
-    settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model)
+    settings = _mcp_settings(_settings(redis_url=redis_url, data_dir=data_dir, model=model),
+                             data_dir is not None)
     from mcp_server.agents import run_stdio
     from pipeline.store import find_running, redis_for
 
@@ -332,23 +255,11 @@ def mcp(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = Non
         asyncio.run(run_stdio(settings.replace(redis_url=url)))
 
 
-Url = Annotated[str | None, typer.Option(
-    help=_env("url", "Where the server is"), show_default=False)]
-ApiKey = Annotated[str | None, typer.Option(
-    help="API key \\[env: first of EMBEDSTREAM_API_KEYS]", show_default=False)]
-Out = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="Write results to a .npy (float32 rows in input order, ids in "
-    ".ids.txt beside it) or a .jsonl file; resumable (state kept beside it)",
-    show_default=False)]
-RetryFor = Annotated[float, typer.Option(
-    help="Seconds to keep retrying an unreachable server before exit code 5")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages")]
-
-
-@app.command()
+@app.command(cls=Command)
 def submit(
     file: Annotated[str, typer.Argument(help="A .txt, .jsonl, .csv or .tsv file; - for stdin "
-                                             "(one text a line unless --format)")],
+                                             "(one text a line unless --format; blank lines "
+                                             "are skipped)")],
     out: Out = None,
     input_format: Annotated[str | None, typer.Option(
         "--format", help="txt, jsonl, csv or tsv; default: from the file's extension",
@@ -364,18 +275,22 @@ def submit(
     model: Annotated[str | None, typer.Option(
         help="A model some worker serves; default: the server's", show_default=False)] = None,
     truncate: Annotated[bool, typer.Option(
-        help="Cut texts over the model's limit (else the job is refused)")] = True,
-    normalize: Annotated[bool, typer.Option(help="L2-normalize the vectors")] = True,
+        metavar=FLAG, help="Cut texts over the model's limit (else the job is refused)")]
+        = True,
+    normalize: Annotated[bool, typer.Option(metavar=FLAG, help="L2-normalize the vectors")]
+        = True,
     chunk: Annotated[bool | None, typer.Option(
-        "--chunk/--no-chunk", help="Split texts over the model's limit into overlapping "
-        "windows and pool them (default: the server's, off)", show_default=False)] = None,
+        "--chunk/--no-chunk", metavar=FLAG, help="Split texts over the model's limit into "
+        "overlapping windows and pool them (default: the server's, off)", show_default=False)]
+        = None,
     prompt: Annotated[str | None, typer.Option(
         help="A literal prefix for every text", show_default=False)] = None,
     prompt_name: Annotated[str | None, typer.Option(
         help="A prompt from the model's configuration (e.g. query)", show_default=False)]
         = None,
     wait: Annotated[bool, typer.Option(
-        help="Follow the job to its end; --no-wait prints its id and exits")] = True,
+        metavar=FLAG, help="Follow the job to its end; --no-wait prints its id and exits")]
+        = True,
     idempotency_key: Annotated[str | None, typer.Option(
         help="Default: derived from the file's bytes and the options (none for stdin)",
         show_default=False)] = None,
@@ -383,15 +298,15 @@ def submit(
 ) -> None:
     """Submit a file of texts as one job, with a progress bar; resumable.
 
-    Exit codes: 0 done, 2 bad input, 3 some inputs failed, 4 cancelled,
-    5 server unreachable.
+    Exit codes: 0 done, 2 bad input (or another run holds --out), 3 some
+    inputs failed, 4 cancelled, 5 server unreachable.
     """
     from embedstream import bulk
     from embedstream.sources import Source, detect_format
 
-    options = {"dimensions": dimensions, "model": model, "truncate": truncate,
-               "normalize": normalize, "chunk": chunk, "prompt": prompt,
-               "prompt_name": prompt_name}
+    options = bulk.SubmitOptions(dimensions=dimensions, model=model, truncate=truncate,
+                                 normalize=normalize, chunk=chunk, prompt=prompt,
+                                 prompt_name=prompt_name)
 
     def run(client: Any) -> int:
         source = Source(file, detect_format(file, input_format), column, id_column)
@@ -401,13 +316,18 @@ def submit(
     raise typer.Exit(_client_command(url, api_key, retry_for, run))
 
 
-@app.command()
+@app.command(cls=Command)
 def results(
     job_id: Annotated[str, typer.Argument(help="The job's id")],
     out: Out = None, url: Url = None, api_key: ApiKey = None, retry_for: RetryFor = 300.0,
     quiet: Quiet = False,
 ) -> None:
-    """Fetch a job's results (following it if it still runs) into --out; resumable."""
+    """Fetch a job's results into --out (resumable), or as JSONL on stdout.
+
+    The job is followed if it still runs. Without --out each result is one
+    line on stdout as it arrives, with its index; progress goes to stderr.
+    Exit codes as for `submit`.
+    """
     from embedstream import bulk
 
     raise typer.Exit(_client_command(

@@ -15,12 +15,19 @@ no duplicate across a resume; the client also drops any index it has already
 yielded, so `results()` is exactly once even against a misbehaving proxy.
 Each `Update` carries the cursor after it, which is what a caller that
 persists its own progress (the `submit` command) saves.
+
+Blank inputs: a list (or tuple) is sent as it is, one input an item, so a
+blank string in it is refused (`422 invalid_input`) rather than dropped, and
+`embed()` keeps one row a text. Any other iterable is streamed as NDJSON, a
+file's lines as a rule, and a blank string in it is a blank line, not an
+input: it is skipped, as `embedstream submit` skips a file's blank lines, and
+the indexes count the inputs sent.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +41,8 @@ from embedstream.protocol import (
     Backoff,
     EmbedstreamError,
     EventParser,
+    JobStatus,
+    Progress,
     Result,
     Seen,
     ServerEvent,
@@ -42,14 +51,14 @@ from embedstream.protocol import (
     default_api_key,
     default_url,
     headers_for,
-    ndjson_line,
+    ndjson_apieces,
+    ndjson_pieces,
     query_options,
     raise_for_error,
     retryable,
     unreachable,
 )
 
-NDJSON_PIECE_BYTES = 64 * 1024
 TIMEOUT = httpx.Timeout(30.0, read=STREAM_READ_TIMEOUT_S)
 
 
@@ -59,8 +68,17 @@ class Update:
 
     cursor: str | None
     results: list[Result] = field(default_factory=list)
-    progress: dict[str, int] | None = None
-    end: dict[str, Any] | None = None
+    progress: Progress | None = None
+    end: JobStatus | None = None
+
+
+@dataclass(frozen=True)
+class _SubmitRequest:
+    """POST /v1/jobs for some inputs: a JSON body for a list, else NDJSON with query options."""
+
+    headers: dict[str, str]
+    body: dict[str, object] | None = None
+    params: dict[str, str] | None = None
 
 
 def _update(event: ServerEvent, seen: Seen) -> Update | None:
@@ -72,32 +90,6 @@ def _update(event: ServerEvent, seen: Seen) -> Update | None:
     if event.event == "end":
         return Update(event.id, end=event.data)
     return None
-
-
-def _pieces(inputs: Iterable[Any]) -> Iterator[bytes]:
-    buffer = bytearray()
-    for item in inputs:
-        buffer += ndjson_line(item)
-        if len(buffer) >= NDJSON_PIECE_BYTES:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
-
-
-async def _apieces(inputs: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[bytes]:
-    if not isinstance(inputs, AsyncIterable):
-        for piece in _pieces(inputs):
-            yield piece
-        return
-    buffer = bytearray()
-    async for item in inputs:
-        buffer += ndjson_line(item)
-        if len(buffer) >= NDJSON_PIECE_BYTES:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
 
 
 def _matrix(results: list[Result]) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -116,14 +108,13 @@ class _Base:
         self.reconnect_for_s = reconnect_for_s
 
     def _submit_request(
-        self, inputs: Any, idempotency_key: str | None, options: dict[str, Any]
-    ) -> dict[str, Any]:
+        self, inputs: object, idempotency_key: str | None, options: Mapping[str, object]
+    ) -> _SubmitRequest:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         if isinstance(inputs, list | tuple):
-            return {"json": {"inputs": list(inputs), **body_options(options)},
-                    "headers": headers}
-        return {"params": query_options(options),
-                "headers": {**headers, "Content-Type": "application/x-ndjson"}}
+            return _SubmitRequest(headers, {"inputs": list(inputs), **body_options(options)})
+        return _SubmitRequest({**headers, "Content-Type": "application/x-ndjson"},
+                              params=query_options(options))
 
 
 class Client(_Base):
@@ -156,11 +147,15 @@ class Client(_Base):
 
     def submit(self, inputs: Iterable[Any], *, idempotency_key: str | None = None,
                **options: Any) -> Job:
-        """Queue a job; a list is sent as JSON, any other iterable streamed as NDJSON."""
+        """Queue a job; a list is sent as JSON (a blank text in it is refused), any other
+        iterable streamed as NDJSON (its blank strings, a file's blank lines, skipped)."""
         request = self._submit_request(inputs, idempotency_key, options)
-        if "json" not in request:
-            request["content"] = _pieces(inputs)
-        reply = self.request("POST", "/v1/jobs", **request)
+        if request.body is not None:
+            reply = self.request("POST", "/v1/jobs", json=request.body,
+                                 headers=request.headers)
+        else:
+            reply = self.request("POST", "/v1/jobs", content=ndjson_pieces(inputs),
+                                 params=request.params, headers=request.headers)
         return Job(self, reply["id"], int(reply["total"]))
 
     def job(self, job_id: str) -> Job:
@@ -169,7 +164,9 @@ class Client(_Base):
         return Job(self, job_id, int(status["total"]))
 
     def embed(self, texts: Iterable[str], **options: Any) -> np.ndarray[Any, np.dtype[Any]]:
-        """Embed texts through the queue; a float32 array, one row a text, in order."""
+        """Embed texts through the queue; a float32 array, one row a text, in order.
+
+        The texts are sent as a list, so a blank one is refused, never dropped."""
         job = self.submit(list(texts), **options)
         return _matrix(list(job.results()))
 
@@ -185,17 +182,17 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JobStatus:
         """The job's status object (`status`, `done`, `failed`, `total`, …)."""
-        status: dict[str, Any] = self.client.request("GET", f"/v1/jobs/{self.id}")
+        status: JobStatus = self.client.request("GET", f"/v1/jobs/{self.id}")
         return status
 
-    def cancel(self) -> dict[str, Any]:
+    def cancel(self) -> JobStatus:
         """Cancel the job; results already made stay readable."""
-        status: dict[str, Any] = self.client.request("DELETE", f"/v1/jobs/{self.id}")
+        status: JobStatus = self.client.request("DELETE", f"/v1/jobs/{self.id}")
         return status
 
-    def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+    def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> JobStatus:
         """Block until the job ends; its final status (TimeoutError past `timeout_s`)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -281,11 +278,15 @@ class AsyncClient(_Base):
 
     async def submit(self, inputs: Iterable[Any] | AsyncIterable[Any], *,
                      idempotency_key: str | None = None, **options: Any) -> AsyncJob:
-        """Queue a job; a list is sent as JSON, any other iterable streamed as NDJSON."""
+        """Queue a job; a list is sent as JSON (a blank text in it is refused), any other
+        iterable streamed as NDJSON (its blank strings, a file's blank lines, skipped)."""
         request = self._submit_request(inputs, idempotency_key, options)
-        if "json" not in request:
-            request["content"] = _apieces(inputs)
-        reply = await self.request("POST", "/v1/jobs", **request)
+        if request.body is not None:
+            reply = await self.request("POST", "/v1/jobs", json=request.body,
+                                       headers=request.headers)
+        else:
+            reply = await self.request("POST", "/v1/jobs", content=ndjson_apieces(inputs),
+                                       params=request.params, headers=request.headers)
         return AsyncJob(self, reply["id"], int(reply["total"]))
 
     async def job(self, job_id: str) -> AsyncJob:
@@ -294,7 +295,9 @@ class AsyncClient(_Base):
         return AsyncJob(self, job_id, int(status["total"]))
 
     async def embed(self, texts: Iterable[str], **options: Any) -> np.ndarray[Any, np.dtype[Any]]:
-        """Embed texts through the queue; a float32 array, one row a text, in order."""
+        """Embed texts through the queue; a float32 array, one row a text, in order.
+
+        The texts are sent as a list, so a blank one is refused, never dropped."""
         job = await self.submit(list(texts), **options)
         return _matrix([r async for r in job.results()])
 
@@ -310,17 +313,17 @@ class AsyncJob:
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> JobStatus:
         """The job's status object."""
-        status: dict[str, Any] = await self.client.request("GET", f"/v1/jobs/{self.id}")
+        status: JobStatus = await self.client.request("GET", f"/v1/jobs/{self.id}")
         return status
 
-    async def cancel(self) -> dict[str, Any]:
+    async def cancel(self) -> JobStatus:
         """Cancel the job; results already made stay readable."""
-        status: dict[str, Any] = await self.client.request("DELETE", f"/v1/jobs/{self.id}")
+        status: JobStatus = await self.client.request("DELETE", f"/v1/jobs/{self.id}")
         return status
 
-    async def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+    async def wait(self, timeout_s: float | None = None, poll_s: float = 0.5) -> JobStatus:
         """Wait until the job ends; its final status (TimeoutError past `timeout_s`)."""
         with anyio.fail_after(timeout_s):
             while True:

@@ -16,9 +16,9 @@ import base64
 import json
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import numpy as np
@@ -29,8 +29,41 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # this long means the connection is dead even if no socket error says so.
 STREAM_READ_TIMEOUT_S = 60.0
 RETRY_STATUSES = frozenset({409, 429, 502, 503, 504})
+NDJSON_PIECE_BYTES = 64 * 1024
 
 Vector = np.ndarray[Any, np.dtype[np.float32]]
+
+
+class JobStatus(TypedDict, total=False):
+    """A job's status object, as `GET /v1/jobs/{id}` answers it (a plain dict)."""
+
+    id: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    model: str
+    dimensions: int
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class Progress(TypedDict):
+    """A `progress` event of a job's stream."""
+
+    done: int
+    failed: int
+    total: int
+
+
+class InputItem(TypedDict, total=False):
+    """One input as an object: its `text`, and an optional `id` and `metadata`."""
+
+    id: str
+    text: str
+    metadata: Mapping[str, object]
 
 
 class EmbedstreamError(Exception):
@@ -75,7 +108,7 @@ def headers_for(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def query_options(options: Mapping[str, Any]) -> dict[str, str]:
+def query_options(options: Mapping[str, object]) -> dict[str, str]:
     """Job options as NDJSON query parameters (None left out, booleans lower case)."""
     params: dict[str, str] = {}
     for name, value in options.items():
@@ -85,14 +118,53 @@ def query_options(options: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
-def body_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def body_options(options: Mapping[str, object]) -> dict[str, object]:
     """Job options as JSON body fields (None left out)."""
     return {name: value for name, value in options.items() if value is not None}
 
 
-def ndjson_line(item: Any) -> bytes:
+def is_blank(item: object) -> bool:
+    """Whether an input is a blank string: a blank line, which a streamed upload skips."""
+    return isinstance(item, str) and not item.strip()
+
+
+def ndjson_line(item: object) -> bytes:
     """One input as an NDJSON line: a string, or an {id, text, metadata} object."""
     return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def ndjson_pieces(inputs: Iterable[Any]) -> Iterator[bytes]:
+    """The inputs as NDJSON in pieces of about 64 KiB, blank strings (blank lines) left out."""
+    buffer = bytearray()
+    for item in inputs:
+        if is_blank(item):
+            continue
+        buffer += ndjson_line(item)
+        if len(buffer) >= NDJSON_PIECE_BYTES:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+async def ndjson_apieces(
+    inputs: AsyncIterable[Any] | Iterable[Any]
+) -> AsyncIterator[bytes]:
+    """As `ndjson_pieces`, from an async iterable too."""
+    if not isinstance(inputs, AsyncIterable):
+        for piece in ndjson_pieces(inputs):
+            yield piece
+        return
+    buffer = bytearray()
+    async for item in inputs:
+        if is_blank(item):
+            continue
+        buffer += ndjson_line(item)
+        if len(buffer) >= NDJSON_PIECE_BYTES:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
 
 
 def raise_for_error(response: httpx.Response) -> None:
@@ -109,7 +181,7 @@ def raise_for_error(response: httpx.Response) -> None:
                            status=response.status_code, code=code)
 
 
-def decode_result(row: dict[str, Any]) -> Result:
+def decode_result(row: Mapping[str, Any]) -> Result:
     """A result object from the server (base64 or float embedding) as a Result."""
     raw = row.get("embedding")
     vector: Vector | None

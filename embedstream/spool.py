@@ -15,12 +15,20 @@ bring those rows again. So every row is in the output exactly once. At the
 end the spool is written out in input order (`.npy`: float32, NaN rows for
 inputs that failed or were never made; ids beside it in `.ids.txt`;
 `.jsonl`: `id`, `index`, `embedding`, `truncated`) and removed.
+
+One run at a time writes an output: `OutputLock` holds an flock on
+`results.npy.lock` (which names the holder's pid) for the whole run, so a
+second run on the same `--out` is refused at once instead of racing the
+first over the state file. The kernel drops the lock of a killed run, so a
+rerun after a crash takes it again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +36,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from embedstream.protocol import Result
+from embedstream.protocol import Result, Vector
 
 OUTPUT_KINDS = (".npy", ".jsonl")
 COPY_ROWS = 65536
@@ -45,6 +53,66 @@ class State:
     meta_bytes: int = 0
     dims: int | None = None
     total: int | None = None
+
+
+class OutputBusy(Exception):
+    """Another run holds the lock of this output."""
+
+
+class OutputLock:
+    """An flock on `<out>.lock`, held by one run of `submit` or `results` at a time."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out.with_name(out.name + ".lock")
+        self._handle: IO[str] | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = self.path.open("a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                pid = handle.read().strip() or "unknown"
+                handle.close()
+                raise OutputBusy(f"another run is writing {self.out} (pid {pid}); wait for it "
+                                 "to end, or choose another --out") from None
+            if _is_current(handle, self.path):
+                break
+            # The holder removed the file as it ended, after we opened it: lock the new one.
+            handle.close()
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one locks a stale file
+            self._handle.close()
+            self._handle = None
+
+
+def _is_current(handle: IO[str], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
+
+
+def jsonl_line(index: int, item_id: str | None, embedding: Vector | None, truncated: bool,
+               error: str | None, extra: Mapping[str, object] | None) -> bytes:
+    """One line of a `.jsonl` output: `id`, `index`, `embedding`, `truncated` (and `error`)."""
+    line: dict[str, object] = {"id": item_id, "index": index,
+                               "embedding": None if error else embedding,
+                               "truncated": truncated}
+    if error:
+        line["error"] = error
+    line.update(extra or {})
+    return orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
 def output_kind(out: Path) -> str:
@@ -181,13 +249,8 @@ class Spool:
                 if row < 0:
                     continue
                 _, item_id, truncated, error, extra = metas[row]
-                line: dict[str, Any] = {"id": item_id, "index": index,
-                                        "embedding": None if error else np.asarray(vectors[row]),
-                                        "truncated": truncated}
-                if error:
-                    line["error"] = error
-                line.update(extra or {})
-                handle.write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+                handle.write(jsonl_line(index, item_id, np.asarray(vectors[row]), truncated,
+                                        error, extra))
         os.replace(tmp, self.out)
 
 

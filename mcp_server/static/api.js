@@ -43,13 +43,15 @@ async function answer(response) {
 
 // An EventSource that also comes back after the server closed it for good
 // (a 5xx, a restart): the browser retries only transient drops by itself.
-// It resumes after the last event id it saw, so nothing is missed or repeated.
+// It resumes after the last event id it saw, so nothing is missed or repeated;
+// `after` (an event id) starts it there instead of at the server's default.
+// Handlers get each event's data and its id.
 export class Feed {
-  constructor(path, handlers, onState) {
+  constructor(path, handlers, onState, after = null) {
     this.path = path;
     this.handlers = handlers;
     this.onState = onState;
-    this.lastId = null;
+    this.lastId = after;
     this.delayMs = 500;
     this.open();
   }
@@ -69,7 +71,7 @@ export class Feed {
     for (const [name, handler] of Object.entries(this.handlers)) {
       source.addEventListener(name, (event) => {
         if (event.lastEventId) this.lastId = event.lastEventId;
-        handler(JSON.parse(event.data));
+        handler(JSON.parse(event.data), event.lastEventId);
       });
     }
   }

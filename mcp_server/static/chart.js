@@ -1,12 +1,19 @@
 // The throughput chart: texts/s over the last minutes, drawn on a canvas.
-// Points come from the feed's `stats` events (every 2 s); the first stats
+// Live points come from the feed's `stats` events (every 2 s); the first stats
 // event of a connection has no rate yet (null), which is skipped, not drawn as 0.
+// The minutes before the page loaded come from `setHistory` (see dashboard.js).
 
 export class RateChart {
   constructor(canvas, windowS = 600) {
     this.canvas = canvas;
     this.windowS = windowS;
     this.points = [];
+    this.history = [];
+  }
+
+  setHistory(points) {
+    this.history = points;
+    this.draw();
   }
 
   add(rate, atMs = Date.now()) {
@@ -29,7 +36,10 @@ export class RateChart {
     ctx.clearRect(0, 0, width, height);
     const left = 44, bottom = 20, top = 8, right = 8;
     const plotW = width - left - right, plotH = height - top - bottom;
-    const peak = Math.max(1, ...this.points.map((p) => p[1]));
+    const start = nowMs - this.windowS * 1000;
+    const shown = [...this.history, ...this.points].filter((p) => p[0] >= start)
+      .sort((a, b) => a[0] - b[0]);
+    const peak = Math.max(1, ...shown.map((p) => p[1]));
     const scale = niceCeiling(peak);
     ctx.font = "11px system-ui, sans-serif";
     ctx.fillStyle = "#6b7280";
@@ -44,8 +54,7 @@ export class RateChart {
       const x = left + plotW - (plotW * m * 60) / this.windowS;
       ctx.fillText(m === 0 ? "now" : `-${m}m`, x - 10, height - 5);
     }
-    const start = nowMs - this.windowS * 1000;
-    const xy = this.points.map(([t, r]) => [left + (plotW * (t - start)) / (this.windowS * 1000),
+    const xy = shown.map(([t, r]) => [left + (plotW * (t - start)) / (this.windowS * 1000),
                                             top + plotH - (plotH * r) / scale]);
     if (xy.length) {
       ctx.beginPath();
@@ -62,6 +71,7 @@ export class RateChart {
       ctx.stroke();
     }
     canvas.dataset.points = String(this.points.length);
+    canvas.dataset.history = String(this.history.filter((p) => p[0] >= start && p[1] > 0).length);
     canvas.dataset.peak = String(peak);
   }
 }

@@ -2,6 +2,13 @@
 // /v1/events feed (resuming by itself), stats and a throughput chart, queue
 // lanes, workers alive, recent failures, a job page (#/jobs/<id>) and the probe.
 // Plain ES modules, no build step, nothing from a CDN.
+//
+// The chart's past: `stats` events are made live, never stored, so the feed
+// cannot replay them. The page subscribes from an event id ten minutes back
+// (a feed id is its Redis stream id, whose first part is a time in ms), and
+// the replayed job events' `done` + `failed` counters, bucketed by their ids'
+// times, give the texts/s of those minutes. Interactive requests publish no
+// feed events, so the past counts jobs' texts only.
 
 import { Feed, getJSON, send, session } from "./api.js";
 import { RateChart, formatRate } from "./chart.js";
@@ -9,6 +16,9 @@ import { setUpProbe } from "./probe.js";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const MAX_ROWS = 100;
+const HISTORY_MS = 600000;
+const BUCKET_MS = 10000;
+const loadedAt = Date.now();
 const RATE_WINDOW_MS = 20000;
 const $ = (id) => document.getElementById(id);
 
@@ -160,6 +170,33 @@ function noteFailure(job) {
   }));
 }
 
+// The throughput of the ten minutes before the page loaded, from replayed job events.
+const past = { made: new Map(), buckets: new Map(), timer: null };
+
+function notePast(data, eventId) {
+  const at = Number(String(eventId || "").split("-")[0]);
+  if (!at || at >= loadedAt || !data.id) return;  // live events: the stats chart them
+  const now = made(data);
+  // A job first seen mid-way (created before the window) counts from there.
+  const before = past.made.has(data.id) ? past.made.get(data.id) : now;
+  past.made.set(data.id, Math.max(now, before));
+  if (now > before) {
+    const bucket = Math.floor(at / BUCKET_MS);
+    past.buckets.set(bucket, (past.buckets.get(bucket) || 0) + now - before);
+  }
+  clearTimeout(past.timer);
+  past.timer = setTimeout(drawPast, 50);
+}
+
+function drawPast() {
+  const points = [];
+  const first = Math.floor((loadedAt - HISTORY_MS) / BUCKET_MS);
+  for (let b = first; b < Math.floor(loadedAt / BUCKET_MS); b++) {
+    points.push([(b + 1) * BUCKET_MS, ((past.buckets.get(b) || 0) * 1000) / BUCKET_MS]);
+  }
+  chart.setHistory(points);
+}
+
 // Workers commit whole batches, so texts/s between two 2-second samples jumps
 // between 0 and a batch's worth; the page shows it over a sliding 10 s instead.
 const totals = [];
@@ -269,13 +306,32 @@ async function showJobPage(jobId) {
   }
 }
 
+const TEXT_SHOWN = 120;
+
+async function sampleTexts(jobId) {
+  // The texts are a courtesy: expired or unreadable inputs leave the column empty.
+  try {
+    const page = await getJSON(`/v1/jobs/${jobId}/inputs?limit=10`);
+    return new Map(page.inputs.map((input) => [input.index, input.text]));
+  } catch {
+    return new Map();
+  }
+}
+
 async function showSample(jobId) {
-  const page = await getJSON(`/v1/jobs/${jobId}/results?limit=10`);
+  const [page, texts] = await Promise.all([
+    getJSON(`/v1/jobs/${jobId}/results?limit=10`), sampleTexts(jobId),
+  ]);
   const tbody = $("jp-results");
   tbody.replaceChildren(...page.results.map((row) => {
     const tr = document.createElement("tr");
     cell(tr, "num").textContent = row.index;
     cell(tr).textContent = row.id ?? "";
+    const text = texts.get(row.index) ?? "";
+    const td = cell(tr, "text");
+    // textContent, never innerHTML: the texts are whatever the submitter sent.
+    td.textContent = text.length > TEXT_SHOWN ? `${text.slice(0, TEXT_SHOWN)}…` : text;
+    if (text) td.title = text;
     const vector = row.embedding || [];
     const code = document.createElement("code");
     code.textContent = vector.length ? `[${vector.slice(0, 8).map((x) => x.toFixed(4)).join(", ")}, …] (${vector.length})` : "";
@@ -288,7 +344,7 @@ async function showSample(jobId) {
   if (!page.results.length) {
     const tr = document.createElement("tr");
     const td = cell(tr, "empty");
-    td.colSpan = 6;
+    td.colSpan = 7;
     td.textContent = "no results yet";
     tbody.replaceChildren(tr);
   }
@@ -317,7 +373,8 @@ async function main() {
   }
   await seedJobs().catch((error) => { $("jobs-note").textContent = `(no job list: ${error.message})`; });
   const conn = $("conn");
-  const lifecycle = (status) => (data) => update(data, status);
+  drawPast();  // no job event in the window: ten quiet minutes, not an empty chart
+  const lifecycle = (status) => (data, eventId) => { notePast(data, eventId); update(data, status); };
   new Feed("/v1/events", {
     "stats": renderStats,
     "job.created": lifecycle(null),
@@ -325,7 +382,8 @@ async function main() {
     "job.completed": lifecycle("completed"),
     "job.failed": lifecycle("failed"),
     "job.cancelled": lifecycle("cancelled"),
-  }, (state) => { conn.dataset.state = state; conn.textContent = state; });
+  }, (state) => { conn.dataset.state = state; conn.textContent = state; },
+  `${loadedAt - HISTORY_MS}-0`);
   setUpProbe({ form: $("probe-form"), query: $("probe-query"), candidates: $("probe-candidates"),
                button: $("probe-run"), status: $("probe-status"), ranking: $("probe-ranking"),
                heatmap: $("probe-heatmap") });

@@ -1,17 +1,23 @@
 // The probe panel: a query and a few candidates go through the queue as one
-// small job (POST /v1/jobs, like any client's), their vectors come back from
-// the results endpoint, and the page ranks the candidates by cosine
-// similarity and draws the similarity of every text to every other.
+// interactive request (POST /v1/embeddings, like any client's), not as a job:
+// a probe is no job a user submitted, so it must not join the job list or the
+// feed. The page ranks the candidates by cosine similarity and draws the
+// similarity of every text to every other.
+//
+// The server answers a request of up to its fast lane's size (32 texts by
+// default) without a job; a bigger one it would queue as a job, so the probe
+// takes at most MAX_CANDIDATES candidates.
 
-import { getJSON, send } from "./api.js";
+import { send } from "./api.js";
 
-const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const MAX_CANDIDATES = 31;
 
 export function setUpProbe(elements) {
   elements.form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const query = elements.query.value.trim();
-    const candidates = elements.candidates.value.split("\n").map((s) => s.trim()).filter(Boolean);
+    const lines = elements.candidates.value.split("\n").map((s) => s.trim()).filter(Boolean);
+    const candidates = lines.slice(0, MAX_CANDIDATES);
     if (!query || !candidates.length) return;
     elements.button.disabled = true;
     elements.status.textContent = "embedding…";
@@ -22,7 +28,9 @@ export function setUpProbe(elements) {
       const ranked = rank(vectors, candidates);
       showRanking(elements.ranking, ranked);
       drawHeatmap(elements.heatmap, vectors);
-      elements.status.textContent = `ranked ${candidates.length} candidates in ${ms} ms`;
+      const left = lines.length - candidates.length;
+      elements.status.textContent = `ranked ${candidates.length} candidates in ${ms} ms` +
+        (left > 0 ? ` (the first ${MAX_CANDIDATES}; ${left} left out)` : "");
     } catch (error) {
       elements.status.textContent = `could not rank: ${error.message}`;
     } finally {
@@ -32,20 +40,8 @@ export function setUpProbe(elements) {
 }
 
 async function embed(texts) {
-  const job = await send("POST", "/v1/jobs", { inputs: texts });
-  const deadline = Date.now() + 60000;
-  let status = job;
-  while (!TERMINAL.has(status.status)) {
-    if (Date.now() > deadline) throw new Error("no worker answered within a minute");
-    await new Promise((resolve) => setTimeout(resolve, 100));
-    status = await getJSON(`/v1/jobs/${job.id}`);
-  }
-  if (status.status !== "completed") throw new Error(`the job ${status.status}: ${status.error || ""}`);
-  const page = await getJSON(`/v1/jobs/${job.id}/results?limit=1000`);
-  const rows = page.results.slice().sort((a, b) => a.index - b.index);
-  const failed = rows.find((row) => !row.embedding);
-  if (failed) throw new Error(`text ${failed.index}: ${failed.error}`);
-  return rows.map((row) => row.embedding);
+  const reply = await send("POST", "/v1/embeddings", { input: texts });
+  return reply.data.slice().sort((a, b) => a.index - b.index).map((row) => row.embedding);
 }
 
 function cosine(a, b) {

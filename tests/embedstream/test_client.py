@@ -16,14 +16,20 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fakes import HashEmbedder, expected_vector
-from processes import Process, free_port, start_worker, wait_for_http, wait_for_workers
 
 from embedstream import AsyncClient, Client, EmbedstreamError, ServerUnreachable
 from mcp_server.app import create_app
 from pipeline.settings import Settings
 from pipeline.store.embedded import EmbeddedRedis
-from workers.worker import Worker
+from tests.support.fakes import HashEmbedder, expected_vector
+from tests.support.processes import (
+    Process,
+    free_port,
+    start_worker,
+    wait_for_http,
+    wait_for_workers,
+)
+from workers.worker import run_worker
 
 DIMS = 384
 
@@ -38,9 +44,8 @@ def client_settings(settings: Settings) -> Settings:
 async def serving(settings: Settings) -> AsyncIterator[AsyncClient]:
     """The app in-process with one in-process fake worker; an AsyncClient on it."""
     app = create_app(settings, with_mcp=False)
-    worker = Worker(settings, HashEmbedder(settings))
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(worker.run(stop, ready))
+    task = asyncio.create_task(run_worker(settings, HashEmbedder(settings), stop, ready))
     await asyncio.wait_for(ready.wait(), 10)
     try:
         async with app.router.lifespan_context(app):
@@ -103,6 +108,24 @@ async def test_errors_carry_the_servers_status_and_code(client_settings: Setting
     assert missing.value.status == 404
 
 
+
+@pytest.mark.anyio
+async def test_a_streamed_files_blank_lines_are_skipped_but_a_lists_blank_text_is_refused(
+    client_settings: Settings, tmp_path: Path
+) -> None:
+    source = tmp_path / "lines.txt"
+    source.write_text("first line\n\n   \nsecond line\n")
+    async with serving(client_settings) as client:
+        with source.open() as handle:
+            job = await client.submit(line.strip() for line in handle)
+        results = sorted([r async for r in job.results()], key=lambda r: r.index)
+        with pytest.raises(EmbedstreamError) as blank:
+            await client.embed(["a text", ""])
+    assert job.total == 2, "a blank line is not an input"
+    np.testing.assert_allclose(np.vstack([r.embedding for r in results]),
+                               expected(["first line", "second line"]), atol=1e-6)
+    assert blank.value.status == 422 and "inputs[1]" in blank.value.message
+
 def test_an_unreachable_server_is_server_unreachable() -> None:
     with Client("http://127.0.0.1:9", reconnect_for_s=0.2) as client, \
             pytest.raises(ServerUnreachable, match="cannot reach embedstream"):
@@ -123,7 +146,7 @@ def test_results_survive_a_server_restart_mid_job(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     with EmbeddedRedis(tmp_path / "redis", binary="valkey") as redis_server:
         worker = start_worker(redis_server.url, tmp_path, "slow",
-                              EMBEDSTREAM_BACKEND="fakes:SlowEmbedder",
+                              EMBEDSTREAM_BACKEND="tests.support.fakes:SlowEmbedder",
                               EMBEDSTREAM_CALIBRATE="0",
                               EMBEDSTREAM_FAKE_DELAY_S="0.2", EMBEDSTREAM_BATCH_MAX_TEXTS="32")
         servers = [start_server_on(redis_server.url, tmp_path, port, "first")]

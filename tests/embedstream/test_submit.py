@@ -23,9 +23,6 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from fakes import expected_vector
-from processes import ROOT, Process, start_server, start_worker, wait_for_workers, wait_until
-from sts_data import STS_DIR
 from typer.testing import CliRunner
 
 from embedstream.bulk import (
@@ -36,7 +33,18 @@ from embedstream.bulk import (
     EXIT_UNREACHABLE,
 )
 from embedstream.cli import app
+from embedstream.spool import OutputLock
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.fakes import expected_vector
+from tests.support.processes import (
+    ROOT,
+    Process,
+    start_server,
+    start_worker,
+    wait_for_workers,
+    wait_until,
+)
+from tests.support.sts_data import STS_DIR
 
 DIMS = 384
 
@@ -55,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with EmbeddedRedis(root / "redis", binary="valkey") as server:
         try:
             processes.append(start_worker(server.url, root, "fake",
-                                          EMBEDSTREAM_BACKEND="fakes:SlowEmbedder",
+                                          EMBEDSTREAM_BACKEND="tests.support.fakes:SlowEmbedder",
                                           EMBEDSTREAM_CALIBRATE="0",
                                           EMBEDSTREAM_FAKE_DELAY_S="0.02"))
             process, base = start_server(server.url, root)
@@ -161,6 +169,45 @@ def test_no_wait_prints_the_job_id_and_a_rerun_gets_the_same_job(
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
 
 
+
+def test_results_without_out_write_jsonl_to_stdout_and_progress_to_stderr_only(
+    stack: Stack, tmp_path: Path
+) -> None:
+    texts = [f"printed text {i}" for i in range(40)]
+    source = tmp_path / "printed.txt"
+    source.write_text("\n".join(texts) + "\n")
+    job_id = run_cli("submit", str(source), "--no-wait", "--url", stack.base,
+                     "-q").stdout.strip()
+    result = run_cli("results", job_id, "--url", stack.base)
+    assert result.exit_code == EXIT_OK, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(40)), "stdout is JSONL only"
+    by_index = sorted(lines, key=lambda line: line["index"])
+    np.testing.assert_allclose([line["embedding"] for line in by_index], expected(texts),
+                               atol=1e-6)
+    assert f"job {job_id} completed: 40 done" in result.stderr
+    assert not list(tmp_path.glob("*.state.json")), "nothing is saved without --out"
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(
+    stack: Stack, tmp_path: Path
+) -> None:
+    source = tmp_path / "locked.txt"
+    source.write_text("one\ntwo\n")
+    job_id = run_cli("submit", str(source), "--no-wait", "--url", stack.base,
+                     "-q").stdout.strip()
+    out = tmp_path / "locked.npy"
+    with OutputLock(out):  # as a first run still writing it would hold it
+        refused = run_cli("results", job_id, "--out", str(out), "--url", stack.base, "-q")
+    assert refused.exit_code == EXIT_BAD_INPUT
+    assert f"another run is writing {out} (pid {os.getpid()})" in refused.output
+    assert not out.exists()
+    again = run_cli("results", job_id, "--out", str(out), "--url", stack.base, "-q")
+    assert again.exit_code == EXIT_OK, again.output
+    assert np.load(out).shape == (2, DIMS)
+    assert not list(tmp_path.glob("locked.npy.*")), "the lock file is removed at the end"
+
+
 def test_results_of_a_cancelled_job_exit_4_with_nan_rows_for_what_was_never_made(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -186,7 +233,8 @@ def test_a_job_with_a_failed_input_exits_3_with_a_nan_row_for_it(
 ) -> None:
     # A model of its own, served by a worker that fails any text containing POISON.
     worker = start_worker(stack.redis_url, tmp_path, "poison", EMBEDSTREAM_MODEL="poison-model",
-                          EMBEDSTREAM_BACKEND="fakes:PoisonEmbedder", EMBEDSTREAM_CALIBRATE="0")
+                          EMBEDSTREAM_BACKEND="tests.support.fakes:PoisonEmbedder",
+                          EMBEDSTREAM_CALIBRATE="0")
     try:
         wait_for_workers(stack.base, 2)
         source = tmp_path / "poisoned.txt"
@@ -243,7 +291,8 @@ def test_a_submit_killed_half_way_resumes_with_one_job_and_no_duplicate_row(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the real model on 2 shared cores
+# 3,000 lines through the real model, then a direct encode of them: ~40 s on 2 cores.
+@pytest.mark.timeout(180)
 def test_submit_of_3000_lines_with_the_real_model_equals_a_direct_encode(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from embedstream import cli
+from embedstream import cli, processes
 from pipeline.settings import Settings
 
 
@@ -31,9 +31,10 @@ def test_up_starts_workers_for_each_model_and_serves_the_first_as_default(
         served.append(settings)
 
     monkeypatch.setattr("pipeline.store.redis_for", fake_redis)
-    monkeypatch.setattr(cli, "_spawn_worker", fake_spawn)
-    monkeypatch.setattr(cli, "_serve", fake_serve)
-    monkeypatch.setattr(cli, "_stop_children", lambda children: None)
+    monkeypatch.setattr(processes, "check_port", lambda settings: None)
+    monkeypatch.setattr(processes, "spawn_worker", fake_spawn)
+    monkeypatch.setattr(processes, "serve", fake_serve)
+    monkeypatch.setattr(processes, "stop_children", lambda children: None)
     result = CliRunner().invoke(cli.app, ["up", "--model", "model-a", "--model", "/models/b",
                                           "--model", "model-a", "--workers", "2"],
                                 catch_exceptions=False)

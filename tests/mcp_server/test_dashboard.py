@@ -18,13 +18,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fakes import expected_vector
-from live_server import live_server
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
-from processes import Process, start_server, start_worker, wait_for_workers, wait_until
 
 from pipeline.settings import Settings
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.fakes import expected_vector
+from tests.support.live_server import live_server
+from tests.support.processes import (
+    Process,
+    start_server,
+    start_worker,
+    wait_for_workers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +46,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with EmbeddedRedis(root / "redis", binary="valkey") as server:
         try:
             processes.append(start_worker(server.url, root, "fake",
-                                          EMBEDSTREAM_BACKEND="fakes:SlowEmbedder",
+                                          EMBEDSTREAM_BACKEND="tests.support.fakes:SlowEmbedder",
                                           EMBEDSTREAM_CALIBRATE="0",
                                           EMBEDSTREAM_FAKE_DELAY_S="0.05"))
             process, url = start_server(server.url, root, EMBEDSTREAM_STATS_INTERVAL_S="0.5")
@@ -91,6 +97,7 @@ def test_the_dashboard_shows_a_job_to_completion_the_chart_and_a_probe_ranking(
     errors: list[str] = []
     page = open_dashboard(browser, base, errors)
     texts = [f"dashboard text number {i}" for i in range(3000)]
+    texts[1] = "<b>not bold</b> " + "a long dashboard text " * 8  # user data, 192 characters
     reply = httpx.post(f"{base}/v1/jobs", json={"inputs": texts}, timeout=30)
     assert reply.status_code == 202
     job_id = reply.json()["id"]
@@ -114,6 +121,8 @@ def test_the_dashboard_shows_a_job_to_completion_the_chart_and_a_probe_ranking(
     query = "a cat sits on the mat"
     candidates = ["a kitten rests on a rug", "dogs bark at the mailman",
                   "the stock market fell today", "a cat is sleeping on a carpet"]
+    rows_before = page.locator("#jobs tr").count()
+    listed_before = job_ids(base)
     page.fill("#probe-query", query)
     page.fill("#probe-candidates", "\n".join(candidates))
     page.click("#probe-run")
@@ -121,12 +130,19 @@ def test_the_dashboard_shows_a_job_to_completion_the_chart_and_a_probe_ranking(
     shown = page.locator("#probe-ranking li .text").all_inner_texts()
     assert shown == probe_order(query, candidates)
     assert page.locator("#probe-heatmap").get_attribute("data-cells") == "25"
+    page.wait_for_timeout(1500)  # three stats ticks: a job.created would have arrived
+    assert page.locator("#jobs tr").count() == rows_before, "a probe is not a job"
+    assert job_ids(base) == listed_before
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
     page.click(f"#job-{job_id} .links a >> text=page")
     page.wait_for_selector("#jobpage:not([hidden])")
     page.wait_for_selector("#jp-results tr:nth-child(10)", timeout=10_000)
     assert page.locator("#jp-pct").inner_text().startswith("100%")
+    shown = page.locator("#jp-results tr td.text")
+    assert shown.nth(0).inner_text() == texts[0]
+    assert shown.nth(1).inner_text() == texts[1][:120] + "…", "long texts are cut, as text"
+    assert shown.nth(1).get_attribute("title") == texts[1]
     page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
     assert errors == [], errors
 
@@ -151,7 +167,8 @@ def test_with_api_keys_the_signed_in_dashboard_ranks_a_probe_through_its_csrf_to
     assert settings.redis_url
     keyed = settings.replace(api_keys=("probe-key",), stats_interval_s=0.5)
     worker = start_worker(settings.redis_url, tmp_path, "keyed",
-                          EMBEDSTREAM_BACKEND="fakes:HashEmbedder", EMBEDSTREAM_CALIBRATE="0")
+                          EMBEDSTREAM_BACKEND="tests.support.fakes:HashEmbedder",
+                          EMBEDSTREAM_CALIBRATE="0")
     try:
         with live_server(keyed, with_mcp=False) as url:
             wait_for_workers_keyed(url, "probe-key")
@@ -175,3 +192,23 @@ def wait_for_workers_keyed(url: str, key: str) -> None:
     headers = {"Authorization": f"Bearer {key}"}
     wait_until(lambda: httpx.get(f"{url}/readyz", headers=headers).status_code == 200, 60,
                "a worker")
+
+
+def job_ids(base: str) -> list[str]:
+    return [job["id"] for job in httpx.get(f"{base}/v1/jobs?limit=100").json()["jobs"]]
+
+
+def test_the_chart_shows_the_minutes_before_the_page_loaded(
+    base: str, browser: Browser
+) -> None:
+    reply = httpx.post(f"{base}/v1/jobs", json={"inputs": [f"past {i}" for i in range(600)]})
+    job_id = reply.json()["id"]
+    wait_until(lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] == "completed",
+               60, "the job to complete")
+    errors: list[str] = []
+    page = open_dashboard(browser, base, errors)
+    # At once, before two live stats could make a rate: the points come from the feed's past.
+    page.wait_for_function("Number(document.getElementById('chart').dataset.history) > 0 && "
+                           "Number(document.getElementById('chart').dataset.peak) > 1",
+                           timeout=5_000)
+    assert errors == [], errors

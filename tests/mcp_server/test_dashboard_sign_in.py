@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import live_server
 from playwright.async_api import Browser, async_playwright
 
 from pipeline.settings import Settings
+from tests.support.live_server import live_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
