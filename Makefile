@@ -1,6 +1,7 @@
-# Quick start: `make up` runs everything on one machine, `make test` runs the suite.
-# Both create .venv and install the project on first use (Python 3.11+): `make up`
-# installs what running needs, `make test` and `make lint` add the test tools.
+# Quick start: `make up` runs everything on one machine, `make test` runs the suite,
+# `make test-fast` all of it but the tests marked slow (the real model, several processes).
+# Each creates .venv and installs the project on first use (Python 3.11+): `make up`
+# installs what running needs, the test and lint targets add the test tools.
 #
 #   make up PORT=9000 WORKERS=2           another port, two worker processes
 #   make up TORCH_INDEX=https://download.pytorch.org/whl/cpu   CPU-only PyTorch (no CUDA libraries)
@@ -16,7 +17,7 @@ TORCH_INDEX ?=
 
 UP_ARGS := $(if $(PORT),--port $(PORT)) $(if $(WORKERS),--workers $(WORKERS))
 
-.PHONY: up test lint
+.PHONY: up test test-fast lint
 
 # `make .venv` is the name to type; the stamps record that an install finished.
 $(VENV): $(RUN_STAMP)
@@ -39,6 +40,9 @@ up: $(RUN_STAMP)
 
 test: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

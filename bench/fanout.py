@@ -33,12 +33,11 @@ import orjson
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from processes import start_server, start_worker, wait_for_workers  # noqa: E402
-
 from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
+from tests.support.processes import start_server, start_worker, wait_for_workers  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -188,7 +187,7 @@ def main() -> None:
             EmbeddedRedis(Path(tmp) / "redis", binary="valkey") as server_redis:
         root = Path(tmp)
         worker = start_worker(server_redis.url, root, "fake",
-                              EMBEDSTREAM_BACKEND="fakes:HashEmbedder")
+                              EMBEDSTREAM_BACKEND="tests.support.fakes:HashEmbedder")
         server, base = start_server(server_redis.url, root)
         try:
             wait_for_workers(base, 1)

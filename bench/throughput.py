@@ -23,14 +23,13 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from processes import start_server, start_worker, wait_for_workers  # noqa: E402
-from sse_client import read_events  # noqa: E402
 
 from pipeline.model.info import bundled_model_dir  # noqa: E402
 from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
+from tests.support.processes import start_server, start_worker, wait_for_workers  # noqa: E402
+from tests.support.sse_client import read_events  # noqa: E402
 
 STS = ROOT / "tests" / "data" / "stsbenchmark" / "sts-train.csv"
 

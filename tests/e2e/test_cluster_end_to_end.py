@@ -16,13 +16,19 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from cluster import ValkeyCluster
-from fakes import expected_vector
-from processes import Process, start_server, start_worker, wait_for_workers, wait_until
-from sse_client import read_events
 
 from pipeline.keys import GROUP, Keys
 from pipeline.store.connections import connect_sync
+from tests.support.cluster import ValkeyCluster
+from tests.support.fakes import expected_vector
+from tests.support.processes import (
+    Process,
+    start_server,
+    start_worker,
+    wait_for_workers,
+    wait_until,
+)
+from tests.support.sse_client import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +36,8 @@ KEYS = Keys("es")
 DIMS = 384  # the fakes report the default model's real shape
 # Short blocking reads, so a worker told to stop exits within half a second;
 # no start-up calibration (int8/uint8 ranges), which these jobs never read.
-WORKER_ENV = {"EMBEDSTREAM_BACKEND": "fakes:HashEmbedder", "EMBEDSTREAM_BLOCK_MS": "500",
-              "EMBEDSTREAM_CALIBRATE": "0"}
+WORKER_ENV = {"EMBEDSTREAM_BACKEND": "tests.support.fakes:HashEmbedder",
+              "EMBEDSTREAM_BLOCK_MS": "500", "EMBEDSTREAM_CALIBRATE": "0"}
 FAST_TIMINGS = {**WORKER_ENV, "EMBEDSTREAM_VISIBILITY_TIMEOUT_S": "3",
                 "EMBEDSTREAM_HEARTBEAT_TTL_S": "3", "EMBEDSTREAM_HEARTBEAT_INTERVAL_S": "0.5"}
 # The kill test's model: no worker of the module serves it, so only its own workers run it.
@@ -148,7 +154,8 @@ def test_a_job_on_the_cluster_survives_kill_9_of_its_worker(
 ) -> None:
     base, root = stack
     doomed = add_worker(workers, valkey_cluster.urls[1], root, "doomed",
-                        **{**FAST_TIMINGS, "EMBEDSTREAM_BACKEND": "fakes:SlowEmbedder",
+                        **{**FAST_TIMINGS,
+                           "EMBEDSTREAM_BACKEND": "tests.support.fakes:SlowEmbedder",
                            "EMBEDSTREAM_FAKE_DELAY_S": "0.5", "EMBEDSTREAM_MODEL": KILL_MODEL})
     wait_for_workers(base, 3)
     texts = texts_for("kill", 2000)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import start_server, start_worker, wait_for_workers
-from sse_client import read_events
 
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.processes import start_server, start_worker, wait_for_workers
+from tests.support.sse_client import read_events
 
 pytestmark = pytest.mark.slow
 

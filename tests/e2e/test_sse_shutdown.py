@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import start_server
 
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.processes import start_server
 
 pytestmark = pytest.mark.slow
 RETRY = re.compile(r"^retry: (\d+)$")

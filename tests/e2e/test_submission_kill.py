@@ -16,17 +16,23 @@ import httpx
 import orjson
 import pytest
 import redis
-from processes import Process, start_server, start_worker, wait_for_workers, wait_until
 
 from pipeline.keys import Keys
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.processes import (
+    Process,
+    start_server,
+    start_worker,
+    wait_for_workers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 LINES = 12_000
 KEY = "upload-12000"
 KEYS = Keys("es")
-ENV = {"EMBEDSTREAM_BACKEND": "fakes:HashEmbedder", "EMBEDSTREAM_CALIBRATE": "0",
+ENV = {"EMBEDSTREAM_BACKEND": "tests.support.fakes:HashEmbedder", "EMBEDSTREAM_CALIBRATE": "0",
        "EMBEDSTREAM_IDEMPOTENCY_LEASE_S": "1", "EMBEDSTREAM_STAGING_TTL_S": "30"}
 HEADERS = {"content-type": "application/x-ndjson", "idempotency-key": KEY}
 

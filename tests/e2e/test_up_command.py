@@ -9,8 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import Process, free_port, wait_for_http, wait_for_workers, wait_until
-from sse_client import read_events
+
+from tests.support.processes import Process, free_port, wait_for_http, wait_for_workers, wait_until
+from tests.support.sse_client import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def test_up_runs_the_pipeline_and_a_second_up_finds_the_first_ones_jobs(tmp_path
 
 def start_fake_up(data_dir: Path, log: Path) -> tuple[Process, str]:
     """`up` with the fake embedder, on a data dir that may already have a running `up`."""
-    return start_up(data_dir, log, "info", EMBEDSTREAM_BACKEND="fakes:HashEmbedder",
+    return start_up(data_dir, log, "info", EMBEDSTREAM_BACKEND="tests.support.fakes:HashEmbedder",
                     EMBEDSTREAM_CALIBRATE="0")
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import start_server, start_worker, wait_for_workers, wait_until
-from sse_client import read_events
-from sts_data import STS_DIR
 
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.processes import start_server, start_worker, wait_for_workers, wait_until
+from tests.support.sse_client import read_events
+from tests.support.sts_data import STS_DIR
 
 STS = STS_DIR
 

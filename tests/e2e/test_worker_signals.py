@@ -9,7 +9,7 @@
 
 Jobs are submitted and read through the in-process Pipeline (the server is
 not what these tests are about); the workers use the fake embedders of
-tests/fakes.py, so a process starts in a second or two.
+tests/support/fakes.py, so a process starts in a second or two.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from typing import Any
 
 import anyio
 import pytest
-from fakes import CRASH, DELAY_ENV, expected_vector
-from processes import Process, start_worker
 
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP, Keys
@@ -32,6 +30,8 @@ from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.embedded import EmbeddedRedis
+from tests.support.fakes import CRASH, DELAY_ENV, expected_vector
+from tests.support.processes import Process, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ async def pipeline(redis_server: EmbeddedRedis, tmp_path: Path) -> AsyncIterator
 def worker(redis_server: EmbeddedRedis, tmp_path: Path, name: str, backend: str,
            **env: str) -> Process:
     return start_worker(redis_server.url, tmp_path, name,
-                        **{**QUICK, "EMBEDSTREAM_BACKEND": f"fakes:{backend}", **env})
+                        **{**QUICK, "EMBEDSTREAM_BACKEND": f"tests.support.fakes:{backend}", **env})
 
 
 async def poll(check: Any, timeout_s: float, what: str) -> Any:
@@ -83,28 +83,28 @@ async def registered(pipeline: Pipeline, process: Process) -> None:
 async def submit(pipeline: Pipeline, texts: list[str]) -> str:
     job = await pipeline.submit([Item(t, f"id-{i}") for i, t in enumerate(texts)],
                                 JobOptions())
-    return str(job["id"])
+    return job.id
 
 
 async def done(pipeline: Pipeline, job_id: str) -> int:
-    return int((await pipeline.job(job_id))["done"])
+    return (await pipeline.job(job_id)).done
 
 
 async def finished(pipeline: Pipeline, job_id: str) -> dict[str, Any] | None:
     job = await pipeline.job(job_id)
-    return job if job["status"] in ("completed", "failed") else None
+    return job.public() if job.status in ("completed", "failed") else None
 
 
 async def rows_of(pipeline: Pipeline, job_id: str) -> list[dict[str, Any]]:
     page = await pipeline.results(job_id, None, limit=1000)
-    assert page["next_cursor"] is None
-    return list(page["results"])
+    assert page.next_cursor is None
+    return list(page.rows)
 
 
 async def assert_exactly_once(pipeline: Pipeline, job_id: str, texts: list[str]) -> None:
     """Every index once with its own vector, one result event per chunk, nothing pending."""
     job = await pipeline.job(job_id)
-    assert (job["status"], job["done"], job["failed"]) == ("completed", len(texts), 0)
+    assert (job.status, job.done, job.failed) == ("completed", len(texts), 0)
     rows = await rows_of(pipeline, job_id)
     assert [row["index"] for row in rows] == list(range(len(texts)))
     for row, text in zip(rows, texts, strict=True):
@@ -190,7 +190,7 @@ async def claimed(pipeline: Pipeline) -> int:
 
 
 async def _running(pipeline: Pipeline, job_id: str) -> bool:
-    return (await pipeline.job(job_id))["status"] == "running"
+    return (await pipeline.job(job_id)).status == "running"
 
 
 async def _logged(process: Process, text: str) -> bool:
@@ -215,7 +215,7 @@ async def test_a_text_that_segfaults_the_worker_fails_alone(
         current.stop()
     assert deaths and all(code == -signal.SIGSEGV for code in deaths)
     job = await pipeline.job(job_id)
-    assert (job["status"], job["done"], job["failed"]) == ("completed", 23, 1)
+    assert (job.status, job.done, job.failed) == ("completed", 23, 1)
     rows = await rows_of(pipeline, job_id)
     assert [row["index"] for row in rows] == list(range(24))
     for row, text in zip(rows, texts, strict=True):

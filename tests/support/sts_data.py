@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STS_DIR = Path(__file__).resolve().parent / "data" / "stsbenchmark"
+STS_DIR = Path(__file__).resolve().parents[1] / "data" / "stsbenchmark"
 STS_DEV = STS_DIR / "sts-dev.csv"
 STS_TRAIN = STS_DIR / "sts-train.csv"

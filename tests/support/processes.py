@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -46,7 +46,7 @@ class Process:
         self.log_path = log_path
         self._log = log_path.open("wb")
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **env}
+                    "PYTHONPATH": str(ROOT), **env}
         self.popen = subprocess.Popen([sys.executable, "-m", "embedstream", *args],
                                       stdout=self._log, stderr=subprocess.STDOUT,
                                       env=full_env, cwd=ROOT)

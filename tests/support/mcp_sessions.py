@@ -15,7 +15,8 @@ import anyio
 import numpy as np
 from mcp import Client
 from mcp_types import CallToolResult
-from sts_data import STS_DEV
+
+from tests.support.sts_data import STS_DEV
 
 TOOLS = {"embed", "similarity", "submit_job", "job_status", "job_results", "search_job",
          "cancel_job", "list_models"}

@@ -1,7 +1,7 @@
 """Small embedders that tests control, usable in-process and from worker processes.
 
-A worker process picks one with `EMBEDSTREAM_BACKEND=fakes:<Factory>` (with
-`tests/` on PYTHONPATH); in-process tests build them directly. Each factory
+A worker process picks one with `EMBEDSTREAM_BACKEND=tests.support.fakes:<Factory>`
+(with the repository root on PYTHONPATH); in-process tests build them directly. Each factory
 takes a Settings, like every backend.
 
 The fakes report the settings' model under its canonical name, so a fake

@@ -1,0 +1,1 @@
+"""What the tests share: fake embedders, real processes and servers, data, clients."""
