@@ -80,7 +80,7 @@ def describe_local_model(name: str) -> ModelInfo | None:
         return None
     dimensions = _output_dimensions(folder)
     max_seq = _max_seq_length(folder)
-    st_config = _read_json(folder / "config_sentence_transformers.json")
+    st_config = read_json(folder / "config_sentence_transformers.json")
     configured = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
     # sentence-transformers gives every model empty "query" and "document"
     # prompts unless it configures them: the same names work on every backend.
@@ -95,20 +95,20 @@ def _max_seq_length(folder: Path) -> int:
     Older saves name it in `sentence_bert_config.json`; sentence-transformers 6
     saves it as the tokenizer's `model_max_length`; else the position table's size.
     """
-    positions = int(_read_json(folder / "config.json").get("max_position_embeddings", 512))
-    named = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+    positions = int(read_json(folder / "config.json").get("max_position_embeddings", 512))
+    named = read_json(folder / "sentence_bert_config.json").get("max_seq_length")
     if named is not None:
         return int(named)
-    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    tokenizer_limit = read_json(folder / "tokenizer_config.json").get("model_max_length")
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < positions:
         return tokenizer_limit
     return positions
 
 
 def _output_dimensions(folder: Path) -> int:
-    dimensions = int(_read_json(folder / "config.json").get("hidden_size", 0))
+    dimensions = int(read_json(folder / "config.json").get("hidden_size", 0))
     for module in _read_json_list(folder / "modules.json"):
-        config = _read_json(folder / str(module.get("path", "")) / "config.json")
+        config = read_json(folder / str(module.get("path", "")) / "config.json")
         kind = str(module.get("type", ""))
         if kind.endswith("Pooling") and "word_embedding_dimension" in config:
             dimensions = int(config["word_embedding_dimension"])
@@ -117,7 +117,8 @@ def _output_dimensions(folder: Path) -> int:
     return dimensions
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model's folder; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

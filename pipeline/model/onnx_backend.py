@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import subprocess
@@ -45,7 +44,7 @@ import numpy as np
 from pipeline.keys import model_slug
 from pipeline.model.embedder import Embedded
 from pipeline.model.files import ExportFailed, model_folder, model_revision
-from pipeline.model.info import canonical_model_name, describe_local_model
+from pipeline.model.info import canonical_model_name, describe_local_model, read_json
 from pipeline.model.runtime import compute_threads, ort_providers
 
 logger = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ class OnnxEmbedder:
         self.truncator.enable_truncation(self.info.max_seq_length)
         padding = self.counter.padding or {}
         self.pad_id = int(padding.get("pad_id", 0))
-        config = _read_json(folder / "sentence_bert_config.json")
+        config = read_json(folder / "sentence_bert_config.json")
         self.lower = bool(config.get("do_lower_case", False))
 
     def embed(self, texts: Sequence[str]) -> Embedded:
@@ -253,14 +252,6 @@ def token_runs(sorted_lengths: np.ndarray[Any, Any], max_texts: int,
     if start < len(sorted_lengths):
         runs.append(slice(start, len(sorted_lengths)))
     return runs
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 if __name__ == "__main__":  # the export child: python -m pipeline.model.onnx_backend FOLDER OUT

@@ -9,16 +9,12 @@ bulk lane does not refuse them.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 from mcp import Client
 
 from mcp_server.agents import build_mcp
-from mcp_server.app import create_app
 from pipeline.errors import Overloaded
 from pipeline.inputs import Item, JobOptions
 from pipeline.keys import Keys
@@ -26,6 +22,7 @@ from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from tests.support.rest import serving
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("es")
@@ -35,14 +32,6 @@ KEYS = Keys("es")
 def limited(settings: Settings) -> Settings:
     return settings.replace(chunk_size=4, fast_lane_max_texts=4, max_backlog=8,
                             interactive_backlog=8)
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, with_mcp=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
-        yield http
 
 
 async def queued(redis: Any) -> tuple[int, int]:

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from mcp_server.app import create_app
 from mcp_server.payloads import LineSplitter, ndjson_values
 from pipeline.errors import PayloadTooLarge
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
+from tests.support.rest import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -35,17 +35,14 @@ ROUTES = [("GET", "/v1/events"), ("GET", f"/v1/jobs/{JOB}/results"),
 BODY = b'{"inputs": ["a"]}'
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, with_mcp=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as http:
-        yield http
+def serving_on(settings: Settings) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+    """The app in-process, reached as 127.0.0.1:8000 (the Host the checks see)."""
+    return serving(settings, base_url="http://127.0.0.1:8000")
 
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(settings.replace(max_upload_bytes=4096, max_json_bytes=4096)) as http:
+    async with serving_on(settings.replace(max_upload_bytes=4096, max_json_bytes=4096)) as http:
         yield http
 
 
@@ -93,7 +90,7 @@ async def test_probes_answer_any_host_so_orchestrators_can_reach_them(
 
 
 async def test_a_configured_host_and_its_own_origin_are_allowed(settings: Settings) -> None:
-    async with serving(settings.replace(allowed_hosts=("embed.example.com",))) as http:
+    async with serving_on(settings.replace(allowed_hosts=("embed.example.com",))) as http:
         reply = await http.get("/v1/jobs", headers={"host": "embed.example.com",
                                                     "origin": "https://embed.example.com"})
         assert reply.status_code == 200, reply.text
@@ -149,11 +146,11 @@ async def test_cors_is_off_unless_origins_are_configured(settings: Settings) -> 
     preflight = {"origin": "https://app.example.com", "access-control-request-method": "POST",
                  "access-control-request-headers": "authorization,content-type"}
     configured = settings.replace(cors_origins=("https://app.example.com",))
-    async with serving(settings) as http:
+    async with serving_on(settings) as http:
         reply = await http.options("/v1/jobs", headers=preflight)
         assert reply.status_code == 403  # a foreign origin, and no CORS
         assert "access-control-allow-origin" not in reply.headers
-    async with serving(configured) as http:
+    async with serving_on(configured) as http:
         reply = await http.options("/v1/jobs", headers=preflight)
         assert reply.status_code == 200
         assert reply.headers["access-control-allow-origin"] == "https://app.example.com"

@@ -7,7 +7,6 @@ the jobs. Chunks hold 4 inputs, so pages and cursors fall inside chunks too.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,12 +14,11 @@ import anyio
 import httpx
 import pytest
 
-from mcp_server.app import create_app
 from pipeline.keys import Keys
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
 from tests.support.fakes import HashEmbedder
-from tests.support.rest import assert_error
+from tests.support.rest import assert_error, serving
 from tests.support.workers import running
 
 pytestmark = pytest.mark.anyio
@@ -53,15 +51,6 @@ def api_settings(settings: Settings) -> Settings:
     return settings.replace(api_keys=(ALICE, BOB), admin_keys=(ADMIN,), block_ms=100,
                             chunk_size=4, fast_lane_max_texts=4,
                             heartbeat_interval_s=0.2, heartbeat_ttl_s=2.0)
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, with_mcp=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            yield client
 
 
 @pytest.fixture

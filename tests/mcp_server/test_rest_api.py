@@ -7,7 +7,6 @@ default model's name and shape, so the server's validation is the real one.
 
 import asyncio
 import base64
-import contextlib
 import json
 import random
 import re
@@ -19,13 +18,12 @@ import httpx
 import numpy as np
 import pytest
 
-from mcp_server.app import create_app
 from pipeline.keys import Keys
 from pipeline.model.info import DEFAULT_MODEL
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
 from tests.support.fakes import HashEmbedder, expected_vector, token_count
-from tests.support.rest import assert_error, parse_sse, submit, wait_done
+from tests.support.rest import assert_error, parse_sse, serving, submit, wait_done
 from workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
@@ -45,15 +43,6 @@ def api_settings(settings: Settings) -> Settings:
     return settings.replace(block_ms=100, chunk_size=4, fast_lane_max_texts=4,
                             batch_max_texts=16, max_text_chars=2000, max_inputs=50,
                             heartbeat_interval_s=0.2, heartbeat_ttl_s=2.0)
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, with_mcp=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            yield client
 
 
 @pytest.fixture

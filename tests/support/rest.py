@@ -1,13 +1,19 @@
-"""Shared helpers of the REST tests: the one error shape, submitting, polling, parsing SSE."""
+"""Shared helpers of the REST tests: the app in-process, the one error shape, submitting,
+polling, parsing SSE."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
+
+from mcp_server.app import create_app
+from pipeline.settings import Settings
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None,
@@ -56,3 +62,14 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
             fields["data"] = json.loads(fields["data"])
             events.append(fields)
     return events
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, base_url: str = "http://127.0.0.1"
+                  ) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process (lifespan run, no MCP), and a client that talks to it."""
+    app = create_app(settings, with_mcp=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+            yield client
