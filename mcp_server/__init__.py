@@ -1,0 +1,1 @@
+"""The Starlette app: REST, SSE, MCP tools, the dashboard, probes and metrics."""

@@ -1,0 +1,1 @@
+"""The worker process: claim work from the queue, batch it, embed it, commit, recover."""
