@@ -10,6 +10,7 @@ import pytest
 from pipeline.errors import InvalidInput
 from pipeline.inputs import Item, JobOptions, parse_options, parse_query_options
 from pipeline.jobs import janitor
+from pipeline.jobs.record import JobRecord, JobStatus
 from pipeline.keys import Keys
 from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
@@ -27,13 +28,13 @@ async def feed_types(pipeline: Pipeline, job_id: str) -> list[str]:
             if orjson.loads(fields[b"data"]).get("id") == job_id]
 
 
-async def expire_after(pipeline: Pipeline, job_id: str, timeout_s: float) -> dict[str, Any]:
+async def expire_after(pipeline: Pipeline, job_id: str, timeout_s: float) -> JobRecord:
     """Sweep until the job is no longer queued (it must end within its timeout, plus slack)."""
     with anyio.fail_after(timeout_s + 10):
         while True:
             await janitor.sweep_jobs(pipeline.scripts, pipeline.settings)
             job = await pipeline.job(job_id)
-            if job.status != "queued":
+            if job.status is not JobStatus.QUEUED:
                 return job
             await anyio.sleep(0.05)
 

@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from pipeline.errors import Conflict
 from pipeline.inputs import Item, JobOptions
 from pipeline.jobs import janitor
-from pipeline.jobs.record import JobStatus
+from pipeline.jobs.record import JobRecord, JobStatus
 from pipeline.keys import Keys
 from pipeline.model.info import DEFAULT_MODEL
 from pipeline.service import Pipeline
@@ -93,7 +93,7 @@ def texts() -> list[Item]:
     return [Item(f"text number {i}", f"id-{i}") for i in range(TOTAL)]
 
 
-async def retry(settings: Settings) -> dict[str, Any]:
+async def retry(settings: Settings) -> JobRecord:
     """Submit again with the same key until the dead upload's lease has lapsed."""
     pipeline = Pipeline(settings)
     try:
@@ -107,7 +107,7 @@ async def retry(settings: Settings) -> dict[str, Any]:
         await pipeline.close()
 
 
-async def wait_finished(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
+async def wait_finished(pipeline: Pipeline, job_id: str) -> JobRecord:
     with anyio.fail_after(20):
         while True:
             job = await pipeline.job(job_id)
