@@ -58,14 +58,6 @@ class Progress(TypedDict):
     total: int
 
 
-class InputItem(TypedDict, total=False):
-    """One input as an object: its `text`, and an optional `id` and `metadata`."""
-
-    id: str
-    text: str
-    metadata: Mapping[str, object]
-
-
 class EmbedstreamError(Exception):
     """An error the server answered (`status`, `code`, `message`), or none at all."""
 

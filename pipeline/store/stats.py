@@ -98,13 +98,6 @@ async def lanes(redis: RedisClient, keys: Keys) -> list[Lane]:
             for model in models for lane in LANES]
 
 
-async def queue_depth(redis: RedisClient, keys: Keys) -> dict[str, int]:
-    """Chunks waiting and in progress over every model's lanes."""
-    found = await lanes(redis, keys)
-    return {"queued_chunks": sum(x.waiting for x in found),
-            "running_chunks": sum(x.running for x in found)}
-
-
 class WorkerDetail(TypedDict):
     """A live worker as it registered itself, with batches made and when it was last seen."""
 
