@@ -33,6 +33,9 @@ class Settings:
     cache: bool = True
     cache_ttl_s: int = 7 * 24 * 3600
     cache_max_entries: int = 200_000
+    # Whose texts a cached vector answers: "tenant" (one key's cache never answers another),
+    # "global" (shared), "auto": tenant when API keys are set, else global.
+    cache_scope: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
@@ -40,6 +43,21 @@ class Settings:
     admin_keys: tuple[str, ...] = ()
     # Dashboard sign-in sessions (a random id in Redis) last this long.
     session_ttl_s: int = 12 * 3600
+    # A bearer token that reads /metrics beyond admin keys (for a scraper); unset: admins only.
+    metrics_token: str = ""
+    # Proxies whose X-Forwarded-Proto/-For are believed (addresses or CIDRs; "*" any).
+    trusted_proxies: tuple[str, ...] = ()
+    # Per-key quotas, with API keys set (0: none): texts waiting in a key's unfinished jobs,
+    # its unfinished jobs, its interactive requests in flight, its dashboard sessions.
+    key_quota_texts: int = 0
+    key_quota_jobs: int = 1000
+    key_quota_requests: int = 64
+    key_quota_sessions: int = 32
+    # The HTTP server: connections at once (past it, 503), idle keep-alive, and how long a
+    # client may take to send a request's headers.
+    http_max_connections: int = 4096
+    http_keepalive_s: float = 5.0
+    http_header_timeout_s: float = 10.0
     url: str = "http://127.0.0.1:8000"
     insecure: bool = False
     # Allowed Host header values for the MCP transports beyond loopback ("*" allows any).
