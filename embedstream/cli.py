@@ -83,8 +83,8 @@ def main(version: Annotated[bool, typer.Option(
 
 
 def _check_bind(settings: Settings) -> None:
-    """Refuse to expose an unauthenticated server beyond loopback."""
-    if settings.api_keys or settings.insecure:
+    """Refuse to expose an unauthenticated server beyond loopback (admin keys are keys too)."""
+    if settings.api_keys or settings.admin_keys or settings.insecure:
         return
     host = settings.host
     try:
@@ -93,7 +93,7 @@ def _check_bind(settings: Settings) -> None:
         loopback = False
     if not loopback:
         typer.echo(f"refusing to bind {host} without API keys: set EMBEDSTREAM_API_KEYS "
-                   "or pass --insecure", err=True)
+                   "(or EMBEDSTREAM_ADMIN_KEYS) or pass --insecure", err=True)
         raise typer.Exit(2)
 
 

@@ -7,13 +7,23 @@ server replica reports the same numbers. Figures of the serving process
 itself (requests by route and status, SSE subscribers) are counted here, per
 replica, as Prometheus expects of a per-instance scrape target.
 
-Every name starts with `embedstream_`.
+Every name starts with `embedstream_`. Every label takes its value from a
+known, finite set, so no request can add a series: the route is the matched
+route's template ("unmatched" when none), the method one of the standard
+ones or "other" (uvicorn accepts any token as a method), the status a known
+HTTP status or "other". Requests are counted before the Host check and
+auth, so these bounds hold for anyone who can reach the port.
+
+With API keys set, /metrics answers admins and `settings.metrics_token`
+only (403 for any other key): cache hits and misses, read before and after
+a request, would tell one tenant whether another embedded a text.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import Any
 
 from prometheus_client import (
@@ -35,6 +45,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcp_server.auth import may_scrape
+from mcp_server.http_errors import error_response
 from mcp_server.payloads import pipeline_of
 from mcp_server.responses import json_response
 from pipeline import Keys, Unavailable
@@ -59,6 +71,8 @@ HISTOGRAM_HELP = {
     "embed_seconds": "Seconds per model call",
 }
 SSE_PATHS = {"/v1/events": "feed", "/v1/jobs/{job_id}/events": "job"}
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STATUSES = frozenset(str(status.value) for status in HTTPStatus)
 
 
 async def healthz(request: Request) -> Response:
@@ -167,6 +181,9 @@ async def _queue_families(redis: RedisClient, keys: Keys) -> list[Metric]:
 
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
+    if not may_scrape(request.scope):
+        return error_response(403, "forbidden", "/metrics is for admin keys and the "
+                              "EMBEDSTREAM_METRICS_TOKEN only")
     state: PrometheusRegistry = request.app.state.metrics
     pipeline = pipeline_of(request)
     with redis_outage():
@@ -203,8 +220,14 @@ class RequestMetrics:
         finally:
             if gauge is not None:
                 gauge.dec()
-            self.metrics.requests.labels(_route(scope), scope["method"],
-                                         str(status["code"])).inc()
+            self.metrics.requests.labels(*_labels(scope, status["code"])).inc()
+
+
+def _labels(scope: Scope, code: int) -> tuple[str, str, str]:
+    """Route, method and status of a request, each from a finite set."""
+    method = scope["method"] if scope["method"] in METHODS else "other"
+    status = str(code) if str(code) in STATUSES else "other"
+    return _route(scope), method, status
 
 
 def _route(scope: Scope) -> str:

@@ -366,6 +366,8 @@ async function seedJobs() {
 
 async function main() {
   const me = await session();
+  // /metrics answers admins only once keys are set: no dead link for anyone else.
+  if (me.auth && !me.admin) $("metrics-link").hidden = true;
   if (me.auth) {
     const button = $("signout");
     button.hidden = false;

@@ -69,7 +69,7 @@ def test_mcp_without_a_running_up_says_which_data_dir_and_redis_it_used(tmp_path
     err = done.stderr.decode()
     assert done.returncode == 0, err
     assert f"no running `embedstream up` uses the data dir {data_dir}" in err
-    assert "using Redis redis://127.0.0.1:" in err
+    assert "using Redis unix://" in err
     assert done.stdout == b"", "stdout belongs to the MCP protocol"
 
 
@@ -129,3 +129,22 @@ def test_mcp_with_no_data_dir_uses_the_per_user_one_not_the_working_folder(
     assert not (agent / ".embedstream").exists(), "mcp wrote into the agent's working folder"
     assert "uses $XDG_DATA_HOME/embedstream" not in err
     assert "$XDG_DATA_HOME/embedstream" in help_of("mcp")
+
+
+@pytest.mark.parametrize("variable,allowed", [
+    ("EMBEDSTREAM_ADMIN_KEYS", True), ("EMBEDSTREAM_API_KEYS", True), (None, False)])
+def test_admin_keys_alone_allow_binding_beyond_loopback(variable: str | None,
+                                                        allowed: bool) -> None:
+    with socket.socket() as taken:  # so that `serve` stops at the port, past the bind check
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"EMBEDSTREAM_API_KEYS": "", "EMBEDSTREAM_ADMIN_KEYS": ""}
+        if variable:
+            env[variable] = "an-operators-key"
+        result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", str(port)],
+                                    env=env)
+    assert result.exit_code == 2, result.output
+    refused = "refusing to bind 0.0.0.0 without API keys" in result.output
+    assert refused != allowed, result.output
+    assert (f"port {port} on 0.0.0.0 is taken" in result.output) == allowed, result.output

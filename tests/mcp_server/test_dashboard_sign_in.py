@@ -69,6 +69,7 @@ async def test_signing_in_shows_that_keys_jobs_only_with_an_httponly_strict_cook
         await page.click("button[type=submit]")
         await page.wait_for_selector(f"text={alices[:12]}", timeout=15_000)
         assert bobs[:12] not in await page.content()
+        assert await page.locator("#metrics-link").is_hidden()  # /metrics is for admins
 
         cookies = {c["name"]: c for c in await page.context.cookies()}
         session = cookies["embedstream_session"]
