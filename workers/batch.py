@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,46 +51,68 @@ STAGED_WAIT_S = 2.0
 STAGED_POLL_S = 0.02
 
 
-async def load_work(
-    redis: RedisClient, keys: Keys, entries: list[Entry]
-) -> tuple[list[Work], list[Entry]]:
-    """Fetch texts and options; return (work to do, entries to just ack).
+LOST_INPUT = ("this input's chunk was missing from the job's stored inputs when a worker "
+              "came to embed it (it expired or was deleted); submit it again")
+
+
+@dataclass
+class Loaded:
+    """Claimed entries sorted: work to embed, entries to just ack, and chunks to fail."""
+
+    work: list[Work] = field(default_factory=list)
+    skip: list[Entry] = field(default_factory=list)
+    # Entries of visible jobs whose chunk of inputs is gone: failed, never silently acked.
+    lost: list[tuple[Entry, ChunkResult]] = field(default_factory=list)
+
+
+async def load_work(redis: RedisClient, keys: Keys, entries: list[Entry]) -> Loaded:
+    """Fetch texts and options of claimed entries, and sort them (see `Loaded`).
 
     An entry of a job still staged (its submitter adds queue entries before it
     makes the job visible) is waited on briefly, then left pending: a worker
     reclaims it later, when the job is queued or gone.
     """
-    requests = [request_work(e) for e in entries if e.request is not None]
+    loaded = Loaded([request_work(e) for e in entries if e.request is not None])
     entries = [e for e in entries if e.request is None]
     if not entries:
-        return requests, []
+        return loaded
     async with redis.pipeline(transaction=False) as pipe:
         for entry in entries:
             pipe.hgetall(keys.job(entry.job_id))
             pipe.hget(keys.inputs(entry.job_id), str(entry.chunk))
         replies = await pipe.execute()
-    work: list[Work] = []
-    skip: list[Entry] = []
     staged: list[Entry] = []
     for i, entry in enumerate(entries):
         raw, packed = replies[2 * i], replies[2 * i + 1]
         record = JobRecord.from_hash(raw) if raw else None
         if record is not None and record.status is JobStatus.STAGED:
             staged.append(entry)
-            continue
-        if record is None or record.finished or packed is None:
-            skip.append(entry)  # job cancelled, finished or expired: nothing to do
-            continue
-        data = orjson.loads(packed)
-        work.append(Work(entry, data["texts"], data["ids"], normalize=record.normalize,
-                         dimensions=record.output_dimensions, prompt=record.prompt,
-                         chunk=record.chunk, chunk_overlap=record.chunk_overlap))
+        elif record is None or record.finished:
+            loaded.skip.append(entry)  # job cancelled, finished or expired: nothing to do
+        elif packed is None:
+            logger.error("chunk %s/%d of a visible job has no inputs: failing it",
+                         entry.job_id, entry.chunk)
+            loaded.lost.append((entry, lost_result(entry, record)))
+        else:
+            data = orjson.loads(packed)
+            loaded.work.append(Work(
+                entry, data["texts"], data["ids"], normalize=record.normalize,
+                dimensions=record.output_dimensions, prompt=record.prompt, chunk=record.chunk,
+                chunk_overlap=record.chunk_overlap, owner=record.owner))
     if staged:
-        later_work, later_skip = await load_work(redis, keys,
-                                                 await _activated(redis, keys, staged))
-        work += later_work
-        skip += later_skip
-    return requests + work, skip
+        later = await load_work(redis, keys, await _activated(redis, keys, staged))
+        loaded.work += later.work
+        loaded.skip += later.skip
+        loaded.lost += later.lost
+    return loaded
+
+
+def lost_result(entry: Entry, record: JobRecord) -> ChunkResult:
+    """A chunk whose inputs are gone: each of its inputs failed, saying so."""
+    n = min(record.chunk_size, record.total - entry.chunk * record.chunk_size)
+    n = n if n > 0 else entry.size
+    return ChunkResult(entry.job_id, entry.chunk, np.zeros((n, record.dimensions), np.float32),
+                       [None] * n, [], dict.fromkeys(range(n), LOST_INPUT), 0)
 
 
 def batches(work: list[Work], max_texts: int) -> list[list[Work]]:

@@ -32,7 +32,7 @@ from pipeline import GROUP, cancel_and_wait
 from pipeline.jobs import Committed, JobScripts, announce, announce_created
 from pipeline.store import feed, metrics
 from workers import replies
-from workers.batch import chunk_result
+from workers.batch import chunk_result, load_work
 
 if TYPE_CHECKING:
     from pipeline import Keys, Settings
@@ -58,6 +58,16 @@ class Commits:
         self.max_seq_length = max_seq_length
         self.backend = backend
         self._behind: asyncio.Task[None] | None = None
+
+    async def load(self, entries: list[Entry]) -> list[Work]:
+        """The work of claimed entries: those with nothing to do are acked, and chunks of
+        visible jobs whose inputs are gone are committed as failed, so their jobs end."""
+        loaded = await load_work(self.redis, self.keys, entries)
+        if loaded.lost:
+            await self.commit([r for _, r in loaded.lost], [e for e, _ in loaded.lost])
+        if loaded.skip:
+            await self.ack(loaded.skip)
+        return loaded.work
 
     async def finish(self, group: list[Work], embed_s: float) -> None:
         """Commit an embedded group's chunks, then count the batch."""

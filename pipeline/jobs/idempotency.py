@@ -8,7 +8,10 @@ silently answered with a job that is not its own. The steps:
 - take: a free key is leased to the upload (`Hold.TAKEN`); a key another
   upload holds a live lease on is a 409; a key bound to a visible job is a
   replay; a lapsed lease whose job never became visible is taken afresh;
-- lease: the upload renews its lease while it runs (`leased`);
+- lease: the upload renews its lease while it runs (`leased`); one that
+  stalled past its lease while a retry took the key over has lost it
+  (`Lease`), and stops with a `Conflict` at its next input or, at the
+  latest, when the lease is confirmed just before its job becomes visible;
 - bind: once the job is queued, the lease becomes "<job id> <digest>";
 - release: a submission that failed before its job became visible frees the key;
 - replay: the job a reused key names, once the request is known to be the same.
@@ -27,6 +30,7 @@ import contextlib
 import enum
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -235,10 +239,11 @@ class IdempotencyKeys:
         return True
 
     @contextlib.asynccontextmanager
-    async def leased(self, scope: str, key: str | None, job_id: str) -> AsyncIterator[None]:
+    async def leased(self, scope: str, key: str | None, job_id: str) -> AsyncIterator[Lease]:
         """Renew the upload's lease on its key while the block runs (no key: nothing)."""
+        lease = Lease(self, scope, key, job_id)
         if not key:
-            yield
+            yield lease
             return
 
         async def renew() -> None:
@@ -246,14 +251,21 @@ class IdempotencyKeys:
                 await asyncio.sleep(self.lease_s / 3)
                 with contextlib.suppress(RedisError):
                     if not await self.renew(scope, key, job_id):
-                        logger.warning("job %s lost its Idempotency-Key lease", job_id)
+                        lease.lose()
                         return
 
         task = asyncio.create_task(renew())
         try:
-            yield
+            yield lease
         finally:
             await cancel_and_wait(task)
+
+    async def holder(self, scope: str, key: str) -> str | None:
+        """The job a key names (leased or bound), or None when it names none."""
+        value = await self.redis.get(self.keys.idempotency(scope, key))
+        if value is None:
+            return None
+        return re.split(r"[ :]", text_of(value), maxsplit=1)[0]
 
     async def replay(self, scope: str, key: str, claim: IdempotencyClaim,
                      digest: RequestDigest, items: Items) -> JobRecord:
@@ -272,6 +284,42 @@ class IdempotencyKeys:
             raise Conflict("a submission with this Idempotency-Key is still being written; "
                            "retry in a moment to get its job") from None
         return record
+
+
+class Lease:
+    """An upload's hold on its Idempotency-Key (none without a key): lost once another
+    upload took the key while this one stalled, and from then on the upload must stop."""
+
+    def __init__(self, keys: IdempotencyKeys, scope: str, key: str | None, job_id: str) -> None:
+        self._keys = keys
+        self.scope = scope
+        self.key = key
+        self.job_id = job_id
+        self.lost = False
+
+    def lose(self) -> None:
+        """Record that another upload holds the key now."""
+        if not self.lost:
+            logger.warning("job %s lost its Idempotency-Key lease; its upload stops",
+                           self.job_id)
+        self.lost = True
+
+    def check(self) -> None:
+        """Raise Conflict once the lease is lost (a cheap check, made per input)."""
+        if self.lost:
+            raise Conflict(LEASE_LOST)
+
+    async def confirm(self) -> None:
+        """Renew the lease now, before the job is made visible; Conflict if it was lost."""
+        if self.key and not self.lost and not await self._keys.renew(self.scope, self.key,
+                                                                      self.job_id):
+            self.lose()
+        self.check()
+
+
+LEASE_LOST = ("this upload stalled longer than its Idempotency-Key lease, and another request "
+              "with the same key took it over; nothing was queued by this one: retry with the "
+              "same key to get that request's job")
 
 
 @dataclass(frozen=True)

@@ -117,18 +117,20 @@ return {'ended'}
 """)
 
 
-# KEYS: job, inputs.  ARGV: ttl, then field, value, ... of the staged record.
+# KEYS: job, inputs.  ARGV: ttl, chunks, then the record's fields.  0: a chunk is gone.
 _STAGE = _lua("""
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if redis.call('HLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 """)
 
-# KEYS: job, inputs.  ARGV: ttl.
+# KEYS: job, inputs.  ARGV: ttl.  An upload's keys, before its record is written too.
 _KEEP_STAGED = _lua("""
-if redis.call('HGET', KEYS[1], 'status') ~= '$staged' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= '$staged' then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
@@ -142,11 +144,20 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 """)
 
-# KEYS: job, inputs.  ARGV: result ttl.
+# KEYS: job, inputs, vectors, events.  Drops a queued job no worker started (`withdraw`).
+_WITHDRAW = _lua("""
+if redis.call('HGET', KEYS[1], 'status') ~= '$queued' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return 1
+""")
+
+# KEYS: job, inputs.  ARGV: result ttl.  Never makes visible a job with a chunk missing.
 _ACTIVATE = _lua("""
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'gone' end
 if status ~= '$staged' then return 'already' end
+local chunks = tonumber(redis.call('HGET', KEYS[1], 'chunks'))
+if redis.call('HLEN', KEYS[2]) ~= chunks then return 'missing' end
 redis.call('HSET', KEYS[1], 'status', '$queued', 'progress_ts', $now)
 local live = math.floor(tonumber(redis.call('HGET', KEYS[1], 'timeout_s')) + ARGV[1])
 redis.call('EXPIRE', KEYS[1], live)
@@ -193,6 +204,7 @@ class Activation(enum.Enum):
     ACTIVATED = "activated"  # now queued: visible, with its long TTLs
     ALREADY = "already"  # someone activated it before (a retried call)
     JOB_GONE = "gone"  # its staging expired: the submission must start again
+    INPUTS_MISSING = "missing"  # a chunk of its inputs expired: the submission must start again
 
 
 class TimeOut(enum.Enum):
@@ -261,6 +273,7 @@ class JobScripts:
         self._keep_staged = redis.register_script(_KEEP_STAGED)
         self._activate = redis.register_script(_ACTIVATE)
         self._discard = redis.register_script(_DISCARD)
+        self._withdraw = redis.register_script(_WITHDRAW)
         self._time_out = redis.register_script(_TIME_OUT)
         self._claim_announcement = redis.register_script(_CLAIM_ANNOUNCEMENT)
         self._confirm_announcement = redis.register_script(_CONFIRM_ANNOUNCEMENT)
@@ -294,13 +307,13 @@ class JobScripts:
         return CancelOutcome(text_of(reply[0]))
 
     async def stage(self, record: JobRecord, ttl_s: int) -> bool:
-        """Write a staged job's record (False if a record is there already)."""
+        """Write a staged job's record (kept if one is there); False if a chunk is gone."""
         fields = [x for pair in record.to_hash().items() for x in pair]
         keys = [self.keys.job(record.id), self.keys.inputs(record.id)]
-        return bool(await self._stage(keys=keys, args=[ttl_s, *fields]))
+        return bool(await self._stage(keys=keys, args=[ttl_s, record.chunks, *fields]))
 
     async def keep_staged(self, job_id: str, ttl_s: int) -> bool:
-        """Push back the expiry of a staged job's record and inputs."""
+        """Push back the expiry of an upload's inputs and staged record (False once visible)."""
         keys = [self.keys.job(job_id), self.keys.inputs(job_id)]
         return bool(await self._keep_staged(keys=keys, args=[ttl_s]))
 
@@ -313,6 +326,11 @@ class JobScripts:
         """Drop a submission that never became visible: its staged record and inputs."""
         keys = [self.keys.job(job_id), self.keys.inputs(job_id)]
         return bool(await self._discard(keys=keys))
+
+    async def withdraw(self, job_id: str) -> bool:
+        """Drop a queued job no worker started, whose submitter lost its Idempotency-Key to
+        another job before anyone was told of it (False: it runs on)."""
+        return bool(await self._withdraw(keys=self.keys.job_keys(job_id)))
 
     async def time_out(self, job_id: str, ttl_s: int, reason: str) -> TimeOut:
         """Fail a queued or running job that made no progress within its timeout."""

@@ -3,17 +3,23 @@
 A job is wholly queued or never seen. The steps, each safe to die after:
 
 1. inputs are written chunk by chunk as they arrive (`JobWriter.add`), under
-   `staging_ttl_s`, refreshed with every chunk: an upload that dies leaves
-   keys that expire by themselves;
+   `staging_ttl_s`, refreshed with every chunk and, while the upload is alive,
+   every third of it (`JobWriter.keep`, from the submitter's renewal task), so
+   a producer that pauses loses nothing while an upload that dies leaves keys
+   that expire by themselves;
 2. after every input passed validation, the job is listed in its owner's and
    the global job lists (`pipeline.jobs.index`), its record is written as
-   `staged` (same TTL), and the job is added to the active-jobs index (global
+   `staged` (same TTL), unless a chunk of its inputs is gone (then the
+   submission is refused, to be retried), and the job is added to the
+   active-jobs index (global
    keys, so before the job can be seen; readers and the janitor prune entries
    whose job is gone, and `abort` unlists a job that never became visible);
 3. its queue entries are added (`XADD`, in batches, refreshing the TTLs); a
    worker that reads one while the job is still staged leaves it for later;
 4. `activate`, one script in the job's slot, makes it `queued` with its long
-   TTLs: from here on readers see it, and workers embed it;
+   TTLs, only if every chunk of its inputs is there (else the submission is
+   refused: a visible job never lacks an input): from here on readers see
+   it, and workers embed it;
 5. the Idempotency-Key is bound to it, and `job.created` is announced (once,
    by whoever gets there first: the submitter or the janitor); both are the
    `Submitter`'s (`pipeline.jobs.submitter`).
@@ -34,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,6 +53,7 @@ from pipeline.jobs.record import JobRecord, JobStatus, new_job_id, now_iso
 from pipeline.jobs.scripts import Activation, JobScripts
 from pipeline.model import tokens
 from pipeline.model.prompts import resolve_prompt, with_prompt
+from pipeline.model.windows import check_windows
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -99,10 +107,14 @@ class JobWriter:
         assert self.scripts is not None  # set in __post_init__
         return self.scripts
 
+    def check_size(self, total: int) -> None:
+        """Raise PayloadTooLarge for a job of more than `max_inputs` inputs."""
+        if total > self.settings.max_inputs:
+            raise PayloadTooLarge(f"a job holds at most {self.settings.max_inputs} inputs")
+
     async def add(self, item: Item) -> None:
         """Accept one validated input."""
-        if self.total >= self.settings.max_inputs:
-            raise PayloadTooLarge(f"a job holds at most {self.settings.max_inputs} inputs")
+        self.check_size(self.total + 1)
         self.digest.update(item)
         self._buffer.append(item)
         self.total += 1
@@ -137,8 +149,15 @@ class JobWriter:
         limit = self.model.max_seq_length
         self._too_long.extend(first_index + i for i, n in enumerate(counts) if n > limit)
 
-    async def commit(self) -> JobRecord:
-        """Validate the whole job, stage its record, queue its chunks, make it visible."""
+    async def keep(self) -> None:
+        """Push back the expiry of what the upload wrote so far (until it is visible)."""
+        await self._scripts.keep_staged(self.job_id, self.settings.staging_ttl_s)
+
+    async def commit(self, guard: Callable[[], Awaitable[None]] | None = None) -> JobRecord:
+        """Validate the whole job, stage its record, queue its chunks, make it visible.
+
+        `guard` runs just before the job is made visible; what it raises stops the commit.
+        """
         await self._flush()
         if self.total == 0:
             await self.abort()
@@ -159,17 +178,29 @@ class JobWriter:
         self._listed = True
         await job_index.add(self.redis, self.keys, self.owner, self.job_id,
                             max_age_s=2 * self.settings.result_ttl_s)
-        await scripts.stage(record, self.settings.staging_ttl_s)
+        if not await scripts.stage(record, self.settings.staging_ttl_s):
+            raise self._inputs_lost()
         await scripts.step("staged")
         await self.redis.zadd(self.keys.active_jobs, {self.job_id: record.created_ts})
         await scripts.step("indexed")
         await self._enqueue(record.lane)
         await scripts.step("enqueued")
-        if await scripts.activate(self.job_id, self.settings.result_ttl_s) is Activation.JOB_GONE:
+        if guard is not None:
+            await guard()
+        activation = await scripts.activate(self.job_id, self.settings.result_ttl_s)
+        if activation is Activation.JOB_GONE:
             raise Unavailable("the submission took longer than its staging time "
                               f"({self.settings.staging_ttl_s} s) allows; retry it")
+        if activation is Activation.INPUTS_MISSING:
+            raise self._inputs_lost()
         await scripts.step("activated")
         return dataclasses.replace(record, status=JobStatus.QUEUED)
+
+    def _inputs_lost(self) -> Unavailable:
+        return Unavailable(
+            f"some of this upload's {self._chunks} chunks of inputs expired before it was "
+            f"committed (its uploader stalled for longer than the staging time of "
+            f"{self.settings.staging_ttl_s} s); nothing was queued: retry the upload")
 
     async def abort(self) -> bool:
         """Drop what was written, unless the job became visible (then it runs); True if dropped."""
@@ -222,5 +253,6 @@ def check_model_options(options: JobOptions, model: ModelInfo) -> None:
     if options.chunk and options.chunk_overlap > most:
         raise InvalidInput(f"'chunk_overlap' is {options.chunk_overlap} tokens; with "
                            f"{model.name}'s {model.max_seq_length}-token windows use 0 to {most}")
-    if options.chunk:
-        tokens.tokenizer(model.name)  # windows need the tokenizer: fail now, not in a worker
+    if options.chunk:  # windows need the tokenizer: fail now, not in a worker
+        check_windows(resolve_prompt(options, model), options.chunk_overlap,
+                      model=model.name, max_seq_length=model.max_seq_length)
