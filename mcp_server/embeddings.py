@@ -6,6 +6,9 @@ otherwise, so base64 (little-endian float32) is first-class. Token arrays as
 job options (`chunk`, `chunk_overlap`, `prompt`, `prompt_name`, `normalize`,
 `truncate`) are accepted as extra fields (the client's `extra_body`), and
 `encoding_format` also takes `int8`, `uint8`, `binary` and `ubinary`.
+
+A client that hangs up stops its request at once (`mcp_server.disconnects`):
+its reply is waited for no more, and a job made for it is cancelled.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mcp_server.disconnects import CLIENT_CLOSED_REQUEST, ClientGone, unless_disconnected
 from mcp_server.payloads import json_body, pipeline_of, request_caller, settings_of
 from mcp_server.responses import json_response
 from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options
@@ -52,8 +56,11 @@ async def create_embeddings(request: Request) -> Response:
     options = parse_options({name: body.get(name)
                              for name in ("model", "dimensions", *EXTRA_FIELDS)})
     pipeline = pipeline_of(request)
-    embedded = await pipeline.embed(items, options, caller=request_caller(request),
-                                    encoding=encoding)
+    try:
+        embedded = await unless_disconnected(request, pipeline.embed(
+            items, options, caller=request_caller(request), encoding=encoding))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
     rows = embedded.rows
     failed = [row for row in rows if row.get("embedding") is None]
     if failed:

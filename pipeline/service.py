@@ -6,11 +6,14 @@ checks it through `job` (the one owner check), so another tenant's job is
 tests, tools); the HTTP face always passes the request's caller.
 
 `Pipeline` owns the Redis clients of a server-side process (one for
-commands, one without socket timeout for blocking reads) and the objects
-that do the work: the `Submitter` (`pipeline.jobs.submitter`), interactive
-`Requests`, the fan-out hubs. It returns dataclasses; JSON is made by the
-routes and tools. It never loads a model: embedding always goes through the
-queue, so any number of server replicas and workers can share one Redis.
+commands, one without socket timeout for the fan-out hubs' blocking reads,
+and one connection for its inbox reader, so interactive replies never wait
+behind the hubs) and the objects that do the work: the `Submitter`
+(`pipeline.jobs.submitter`), interactive `Requests` and their `Inbox`
+(`pipeline.jobs.inbox`), the per-key `RequestQuota`, the fan-out hubs. It
+returns dataclasses; JSON is made by the routes and tools. It never loads a
+model: embedding always goes through the queue, so any number of server
+replicas and workers can share one Redis.
 """
 
 from __future__ import annotations
@@ -18,24 +21,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
 from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from pipeline.errors import PipelineError, Unavailable
+from pipeline.errors import Unavailable
 from pipeline.inputs import Item, JobOptions
 from pipeline.jobs import events, index, janitor, search
 from pipeline.jobs.backlog import Backlog
 from pipeline.jobs.catalog import ModelCatalog, Readiness
 from pipeline.jobs.idempotency import IdempotencyKeys, Items
+from pipeline.jobs.inbox import Inbox
 from pipeline.jobs.interactive import Embeddings, ProgressCallback, Requests
 from pipeline.jobs.interactive import is_light as is_light_request
 from pipeline.jobs.quantize import VectorView, Views
 from pipeline.jobs.record import JobRecord, load_job
+from pipeline.jobs.request_quota import RequestQuota
 from pipeline.jobs.results import ResultsPage, read_page
 from pipeline.jobs.scripts import JobScripts, cancel_job
 from pipeline.jobs.submission import JobWriter
-from pipeline.jobs.submitter import Submitter
+from pipeline.jobs.submitter import Submitter, shielded
 from pipeline.jobs.tenants import TRUSTED, Caller, OwnerCache, check_visible
 from pipeline.keys import Keys
 from pipeline.model.info import ModelInfo
@@ -64,6 +70,10 @@ class Pipeline:
         # Commands share a small pool; blocking reads get their own (per hub or wait).
         self.redis = connect(settings.redis_url, max_connections=COMMAND_CONNECTIONS)
         self.blocking = connect(settings.redis_url, blocking=True)
+        self.replies = connect(settings.redis_url, blocking=True, max_connections=1)
+        self.server_id = uuid.uuid4().hex
+        self.inbox = Inbox(self.redis, self.replies, self.keys.inbox(self.server_id),
+                           block_ms=settings.block_ms)
         self.scripts = JobScripts(self.redis, self.keys)
         self.idempotency = IdempotencyKeys(self.redis, self.keys, settings)
         self.views = Views(self.redis, self.keys)
@@ -75,18 +85,21 @@ class Pipeline:
         self.backlog = Backlog(self.redis, self.keys, settings)
         self.catalog = ModelCatalog(self.redis, self.keys, settings.model)
         self.submitter = Submitter(self.scripts, self.idempotency, self.backlog, settings)
-        self.requests = Requests(self.redis, self.blocking, self.keys, self.views, self.backlog,
-                                 settings)
+        self.requests = Requests(self.redis, self.inbox, self.server_id, self.keys, self.views,
+                                 self.backlog, settings)
+        self.quota = RequestQuota(self.redis, self.keys, settings.key_quota_requests)
 
     async def run_janitor(self, stop: asyncio.Event) -> None:
         """Sweep the active jobs until `stop` (see `pipeline.jobs.janitor`)."""
         await janitor.run_janitor(self.scripts, self.settings, stop)
 
     async def close(self) -> None:
-        """Stop the fan-out readers, close both Redis clients."""
+        """Stop the fan-out and inbox readers, close the Redis clients."""
         await self.hubs.close()
+        await self.inbox.close()
         await self.redis.aclose()
         await self.blocking.aclose()
+        await self.replies.aclose()
 
     @outage_is_unavailable
     async def model(self, options: JobOptions, *, recent: bool = False) -> ModelInfo:
@@ -206,21 +219,32 @@ class Pipeline:
         encoding: str = "float",
     ) -> Embeddings:
         """Embed a few texts through the queue and wait: as one interactive request (no job,
-        `pipeline.jobs.interactive`), or as a job when many or `truncate: false`."""
+        `pipeline.jobs.interactive`), or as a job when many or `truncate: false`; each call
+        holds a slot of the caller's `EMBEDSTREAM_KEY_QUOTA_REQUESTS` while it runs."""
         timeout_s = timeout_s or self.settings.embed_timeout_s
-        if is_light_request(items, options, self.settings.fast_lane_max_texts):
-            info = await self.model(options, recent=True)
-            return await self.requests.embed(items, options, info, encoding, on_progress,
-                                             timeout_s)
+        async with self.quota.held(caller.owner, timeout_s):
+            if is_light_request(items, options, self.settings.fast_lane_max_texts):
+                info = await self.model(options, recent=True)
+                return await self.requests.embed(items, options, info, encoding, on_progress,
+                                                 timeout_s, caller.owner)
+            return await self._embed_job(items, options, caller, on_progress, timeout_s,
+                                         encoding)
+
+    async def _embed_job(
+        self, items: list[Item], options: JobOptions, caller: Caller,
+        on_progress: ProgressCallback | None, timeout_s: float, encoding: str,
+    ) -> Embeddings:
+        """Embed texts as a job and wait for its rows; the job is cancelled if the wait ends."""
         job_id = (await self.submit(items, options, caller=caller, interactive=True)).id
+        cancel = functools.partial(self.cancel, job_id, caller)
         try:
             view = await self.view(job_id, encoding, caller)
-        except PipelineError:
-            await self.cancel(job_id, caller)
+        except BaseException:  # an error, or the caller left: nobody will read the job
+            await shielded(cancel())
             raise
-        rows = await events.await_rows(self.follow(job_id, encoding=view, caller=caller),
-                                       functools.partial(self.cancel, job_id, caller),
-                                       timeout_s, on_progress)
+        # Closed on purpose: a caller that left stops the job's hub subscription at once.
+        async with aclosing(self.follow(job_id, encoding=view, caller=caller)) as followed:
+            rows = await events.await_rows(followed, cancel, timeout_s, on_progress)
         return Embeddings.of_job(await self.job(job_id, caller), rows)
 
     @outage_is_unavailable

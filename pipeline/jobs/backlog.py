@@ -1,12 +1,18 @@
 """Backpressure: refuse new work, with a time to come back, when a model's queue is full.
 
 `EMBEDSTREAM_MAX_BACKLOG` bounds the texts waiting per model (both lanes);
-past it, a bulk submission is refused before anything is queued
+past it, a submission is refused before anything is queued
 (`Overloaded`, 429) with `retry_after_s` computed from the measured
-throughput: the excess divided by texts/s. Interactive requests (`embed`,
-`similarity`, `/v1/embeddings`) are checked against their own small budget,
-`EMBEDSTREAM_INTERACTIVE_BACKLOG`, over the fast lane only, so a bulk flood
-(which sits in the bulk lane) never locks agents out.
+throughput: the excess divided by texts/s. Every job counts against it,
+jobs made for an interactive call (`embed`, `similarity`,
+`/v1/embeddings` with more than `fast_lane_max_texts` texts, or
+`truncate: false`) included, so no path queues work past it.
+
+Interactive requests (a few texts, no job) are checked against their own
+small budget, `EMBEDSTREAM_INTERACTIVE_BACKLOG`, over the fast lane only,
+so a bulk flood (which sits in the bulk lane) never locks agents out; a job
+made for an interactive call that lands on the fast lane is checked
+against that budget as well as against `EMBEDSTREAM_MAX_BACKLOG`.
 
 Texts waiting are estimated from the queue: entries not yet delivered to a
 worker (the group's lag) times the texts an entry holds at most (the chunk
@@ -57,7 +63,16 @@ class Backlog:
         return self.settings.interactive_backlog if interactive else self.settings.max_backlog
 
     async def check(self, model: str, adding: int, *, interactive: bool = False) -> None:
-        """Raise Overloaded when `adding` more texts would pass the model's limit."""
+        """Raise Overloaded when a job of `adding` more texts would pass a limit of the model.
+
+        Every job is checked against the jobs' limit over both lanes; one made for an
+        interactive call that lands on the fast lane, against the interactive budget too.
+        """
+        if interactive and adding <= self.settings.fast_lane_max_texts:
+            await self._check(model, adding, interactive=True)
+        await self._check(model, adding, interactive=False)
+
+    async def _check(self, model: str, adding: int, *, interactive: bool) -> None:
         limit = self.limit(interactive)
         if limit <= 0:
             return

@@ -4,26 +4,35 @@ A job costs a record, an inputs hash, queue entries, a result stream, feed
 events and a stream follower. An interactive request (`/v1/embeddings`, MCP
 `embed` and `similarity`, `search_job`'s query: at most
 `fast_lane_max_texts` texts) is one fast-lane entry that carries its texts
-and options, and one reply list the server blocks on:
+and options and names the inbox of the server process that waits for it
+(`pipeline.jobs.inbox`):
 
-    server  XADD <fast lane> req=<id> n=<texts> inputs=<packed> options=<json>
+    server  XADD <fast lane> req=<id> n=<texts> inputs=<packed> options=<json> inbox=<server>
             (one script with the backlog check: `EMBEDSTREAM_INTERACTIVE_BACKLOG`)
-    worker  embeds it, RPUSH + EXPIRE <p>:{r:<id>}:reply <meta, vectors>, then XACK
-    server  BLPOP <p>:{r:<id>}:reply
+    worker  embeds it, XADD <p>:inbox:<server> MAXLEN ~ req=<id> reply=<meta, vectors>
+            and EXPIRE (one key), then XACK
+    server  its one inbox reader resolves the request's future
 
-Crash safety is the queue's: the entry sits in the consumer group like any
-other, so a worker that dies holding it leaves it pending, and a peer
-reclaims it after the visibility timeout and replies (a poison request is
-given up on with a failed reply, as a chunk would be). A reply pushed twice
-(a worker died between RPUSH and XACK) is read once; the list expires. A
-request whose caller went away is still embedded (one short model call) and
-its reply expires unread. No feed events are published for a request (a
-dashboard's feed would otherwise fill with two events per query); requests
-count in `texts embedded` and in the `interactive_requests` counter.
+A waiting request costs a future, not a Redis connection: one reader per
+process reads every reply. Crash safety is the queue's: the entry sits in
+the consumer group like any other, so a worker that dies holding it leaves
+it pending, and a peer reclaims it after the visibility timeout and replies
+(a poison request is given up on with a failed reply, as a chunk would be).
+A reply pushed twice (a worker died between its XADD and XACK) is read
+once: the first resolves the future, the second finds none and is dropped,
+as is the reply to a request whose caller left (it timed out, or its HTTP
+client hung up; the request is still embedded, one short model call). No
+feed events are published for a request (a dashboard's feed would
+otherwise fill with two events per query); requests count in `texts
+embedded` and in the `interactive_requests` counter.
+
+An entry without `inbox` (sent by an older server, during a rolling
+upgrade) is still answered the old way, RPUSH + EXPIRE on
+`<p>:{r:<id>}:reply`, which that server BLPOPs; this one never sends them.
 """
-
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ from typing import TYPE_CHECKING, TypedDict
 import orjson
 
 from pipeline.errors import Unavailable
+from pipeline.jobs.inbox import INBOX_MAXLEN
 from pipeline.jobs.record import JobRecord, JobStatus
 from pipeline.jobs.results import ResultRow, render_rows
 from pipeline.jobs.submission import pack_chunk
@@ -41,6 +51,7 @@ from pipeline.model.prompts import resolve_prompt
 if TYPE_CHECKING:
     from pipeline.inputs import Item, JobOptions
     from pipeline.jobs.backlog import Backlog
+    from pipeline.jobs.inbox import Inbox
     from pipeline.jobs.quantize import VectorView, Views
     from pipeline.keys import Keys
     from pipeline.model.info import ModelInfo
@@ -65,6 +76,7 @@ class RequestOptions(TypedDict):
     prompt: str
     chunk: bool
     chunk_overlap: int
+    owner: str  # the caller's owner id ("": trusted), the scope of the embedding cache
 
 
 @dataclass(frozen=True)
@@ -124,41 +136,37 @@ def is_light(items: list[Item], options: JobOptions, max_texts: int) -> bool:
     return len(items) <= max_texts and (options.truncate or options.chunk)
 
 
-def request_options(options: JobOptions, model: ModelInfo) -> RequestOptions:
+def request_options(options: JobOptions, model: ModelInfo, owner: str = "") -> RequestOptions:
     """What a worker needs to embed the request as a job's chunk would be."""
     dims = options.dimensions or model.dimensions
     return {"model": model.name, "normalize": options.normalize, "dimensions": dims,
             "model_dimensions": model.dimensions, "prompt": resolve_prompt(options, model),
-            "chunk": options.chunk, "chunk_overlap": options.chunk_overlap}
+            "chunk": options.chunk, "chunk_overlap": options.chunk_overlap, "owner": owner}
 
 
 class Sender:
     """Queues requests on a fast lane, unless its backlog is full (one round trip)."""
 
-    def __init__(self, redis: RedisClient, limit: int, entry_texts: int) -> None:
+    def __init__(self, redis: RedisClient, limit: int, entry_texts: int, inbox: str = "") -> None:
         self.limit = limit
         self.entry_texts = entry_texts
+        self.inbox = inbox
         self._send = redis.register_script(_SEND)
 
-    async def send(self, stream: str, items: list[Item], options: RequestOptions) -> str | int:
-        """The request's id (its reply key's tag), or the texts waiting when the lane is full."""
-        request_id = uuid.uuid4().hex
+    async def send(self, stream: str, items: list[Item], options: RequestOptions,
+                   request_id: str | None = None) -> str | int:
+        """The request's id, or the texts waiting when the lane is full (nothing queued)."""
+        request_id = request_id or uuid.uuid4().hex
         fields: list[bytes | str | int] = [
             "req", request_id, "n", len(items), "inputs", pack_chunk(items),
             "options", orjson.dumps(options)]
+        if self.inbox:
+            fields += ["inbox", self.inbox]
         outcome, value = await self._send(
             keys=[stream], args=[GROUP, self.limit, self.entry_texts, len(items), *fields])
         if outcome in (b"full", "full"):
             return int(value)
         return request_id
-
-
-async def await_reply(
-    blocking: RedisClient, keys: Keys, request_id: str, timeout_s: float
-) -> Reply | None:
-    """The worker's reply, or None after `timeout_s`."""
-    answer = await blocking.blpop([keys.reply(request_id)], timeout=max(1, round(timeout_s)))
-    return None if answer is None else Reply.unpack(answer[1])
 
 
 @dataclass(frozen=True)
@@ -184,37 +192,42 @@ class Reply:
         return int(orjson.loads(self.meta).get("tokens", 0))
 
 
-def queue_reply(pipe: RedisPipeline, keys: Keys, request_id: str, reply: Reply) -> None:
-    """Add the reply's RPUSH and EXPIRE to a pipeline (one key: one slot)."""
-    name = keys.reply(request_id)
-    pipe.rpush(name, reply.pack())
+def queue_reply(pipe: RedisPipeline, keys: Keys, request_id: str, reply: Reply,
+                inbox: str = "") -> None:
+    """Add the reply's XADD to the server's inbox, and its EXPIRE, to a pipeline (one key).
+
+    Without an inbox (an older server's request): RPUSH to the request's reply list.
+    """
+    if inbox:
+        name = keys.inbox(inbox)
+        pipe.xadd(name, {"req": request_id, "reply": reply.pack()}, maxlen=INBOX_MAXLEN)
+    else:
+        name = keys.reply(request_id)
+        pipe.rpush(name, reply.pack())
     pipe.expire(name, REPLY_TTL_S)
 
 
 class Requests:
     """Embeds a few texts as one interactive request: send, wait for the reply, render it."""
 
-    def __init__(self, redis: RedisClient, blocking: RedisClient, keys: Keys, views: Views,
-                 backlog: Backlog, settings: Settings) -> None:
-        self.blocking = blocking
+    def __init__(self, redis: RedisClient, inbox: Inbox, server_id: str, keys: Keys,
+                 views: Views, backlog: Backlog, settings: Settings) -> None:
+        self.inbox = inbox
         self.keys = keys
         self.views = views
         self.backlog = backlog
-        self.sender = Sender(redis, backlog.limit(interactive=True), settings.chunk_size)
+        self.sender = Sender(redis, backlog.limit(interactive=True), settings.chunk_size,
+                             server_id)
 
     async def embed(
         self, items: list[Item], options: JobOptions, model: ModelInfo, encoding: str,
-        on_progress: ProgressCallback | None, timeout_s: float,
+        on_progress: ProgressCallback | None, timeout_s: float, owner: str = "",
     ) -> Embeddings:
         """Embed `items` with `model` and wait at most `timeout_s` for a worker's reply."""
-        sent = request_options(options, model)
+        sent = request_options(options, model, owner)
         view = await self._view(encoding, sent)
-        request_id = await self.sender.send(self.keys.queue(model.name, "fast"), items, sent)
-        if isinstance(request_id, int):  # the fast lane's backlog is full: nothing queued
-            await self.backlog.refuse(model.name, request_id, len(items), interactive=True)
-        reply = await await_reply(self.blocking, self.keys, request_id, timeout_s)
-        if reply is None:
-            raise Unavailable(NO_WORKER_IN_TIME)
+        request_id = uuid.uuid4().hex
+        reply = Reply.unpack(await self._ask(request_id, model.name, items, sent, timeout_s))
         rows = render_rows(0, reply.vectors, reply.meta, view)
         if on_progress is not None:
             await on_progress(len(rows), len(rows))
@@ -222,6 +235,21 @@ class Requests:
         status = JobStatus.COMPLETED if failed < len(rows) else JobStatus.FAILED
         return Embeddings(request_id, status, sent["model"], sent["dimensions"],
                           len(rows) - failed, failed, reply.tokens, rows)
+
+    async def _ask(self, request_id: str, model: str, items: list[Item], sent: RequestOptions,
+                   timeout_s: float) -> bytes:
+        """Send the request and wait for its packed reply; the wait is forgotten on exit."""
+        # Expected before it is sent: the fastest reply still finds its waiter.
+        with self.inbox.expecting(request_id) as reply:
+            queued = await self.sender.send(self.keys.queue(model, "fast"), items, sent,
+                                            request_id)
+            if isinstance(queued, int):  # the fast lane's backlog is full: nothing queued
+                await self.backlog.refuse(model, queued, len(items), interactive=True)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await reply
+            except TimeoutError:
+                raise Unavailable(NO_WORKER_IN_TIME) from None
 
     async def _view(self, encoding: str, sent: RequestOptions) -> VectorView:
         """How the request's vectors are delivered in `encoding`."""

@@ -153,7 +153,8 @@ class RedisPipeline(Protocol):
         """Queue RPUSH (reply: int)."""
         ...
 
-    def xadd(self, name: Key, fields: Mapping[Key, Value]) -> Self:
+    def xadd(self, name: Key, fields: Mapping[Key, Value], *, maxlen: int | None = None,
+             approximate: bool = True) -> Self:
         """Queue XADD (reply: the entry id, bytes)."""
         ...
 
@@ -254,6 +255,10 @@ class RedisClient(Protocol):
         """ZREM: how many members were removed."""
         ...
 
+    async def zscore(self, name: Key, value: Key) -> float | None:
+        """ZSCORE: the member's score, or None when it is not in the set."""
+        ...
+
     async def zpopmin(self, name: Key, count: int | None = None) -> list[tuple[bytes, float]]:
         """ZPOPMIN: (member, score) pairs, lowest first."""
         ...
@@ -269,6 +274,10 @@ class RedisClient(Protocol):
 
     async def xlen(self, name: Key) -> int:
         """XLEN."""
+        ...
+
+    async def xtrim(self, name: Key, *, minid: StreamId, approximate: bool = True) -> int:
+        """XTRIM ... MINID: entries removed."""
         ...
 
     async def xrange(self, name: Key, min: StreamId = "-", max: StreamId = "+",

@@ -4,7 +4,10 @@ RESP2 is pinned: RESP3 changes the shape of stream replies. Replies are
 bytes (vectors are binary). Blocking reads (XREAD/XREADGROUP BLOCK) get a
 client with no socket timeout, because redis-py's default timeout turns a
 long BLOCK into a TimeoutError; every other command keeps a timeout so a
-hung server is noticed.
+hung server is noticed. On a single server both pools wait up to
+`POOL_WAIT_S` for a free connection when full (redis-py's
+BlockingConnectionPool); redis-py's cluster client has no waiting pool, so
+there a full pool (per node) fails at once with MaxConnectionsError.
 
 The URL may name a single server or any node of a Redis Cluster or Valkey
 Cluster: `connect()` asks the node (`INFO cluster`) and returns redis-py's
@@ -68,6 +71,8 @@ T = TypeVar("T")
 COMMAND_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 2.0
+# How long a command or a blocking read waits for a free connection of a full pool.
+POOL_WAIT_S = COMMAND_TIMEOUT_S
 OUTAGE_RETRY_AFTER_S = 2
 # RedisClusterException messages that mean "cannot reach the cluster" rather than a bug.
 _OUTAGE_MESSAGES = ("Redis Cluster cannot be connected", "All slots are not covered")
@@ -99,14 +104,16 @@ def _open(url: str, *, blocking: bool, max_connections: int) -> aioredis.Redis |
         # On a cluster this is per node.
         "max_connections": max_connections,
     }
+    if url.startswith("unix://"):  # the embedded server's socket: keepalive is a TCP option
+        del options["socket_keepalive"]
     if cluster_enabled(url):
         return ClusterClient.from_url(url, **options)
-    if blocking:
-        return aioredis.Redis.from_url(url, **options)
-    # Commands wait for a free connection rather than fail at the cap: a server
-    # with a thousand SSE subscribers then holds a few dozen connections, not
-    # one per subscriber, and never answers "Too many connections".
-    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=COMMAND_TIMEOUT_S, **options)
+    # Commands and blocking reads wait for a free connection rather than fail at
+    # the cap: a server with a thousand SSE subscribers then holds a few dozen
+    # command connections, not one per subscriber, and a fan-out reader past
+    # the cap waits its turn (a BLOCK read frees its connection within
+    # `block_ms`) instead of answering "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=POOL_WAIT_S, **options)
     client = aioredis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client

@@ -39,7 +39,11 @@ async def live_workers(redis: RedisClient, keys: Keys) -> list[str]:
 
 
 async def served_models(redis: RedisClient, keys: Keys) -> list[ModelInfo]:
-    """The models live workers serve (sorted by name), with the backend a worker runs."""
+    """The models live workers serve (sorted by name), with the backend a worker runs.
+
+    A worker may deregister between any two reads: its row is then missing
+    (skipped), and when none is left no HMGET is sent (Redis rejects one with no field).
+    """
     alive = await live_workers(redis, keys)
     if not alive:
         return []
@@ -49,6 +53,8 @@ async def served_models(redis: RedisClient, keys: Keys) -> list[ModelInfo]:
             info = orjson.loads(raw)
             backends.setdefault(str(info.get("model")), str(info.get("backend") or ""))
     names = sorted(backends)
+    if not names:
+        return []
     found: list[ModelInfo] = []
     for name, raw in zip(names, await redis.hmget(keys.models, names), strict=True):
         if raw is not None:

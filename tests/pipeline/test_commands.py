@@ -120,6 +120,7 @@ async def test_sorted_set_and_list_replies_have_the_declared_shapes(client: Redi
         pipe.expire(L, 60)
         assert await pipe.execute() == [1, 1, 2, 1, True]
     assert await client.zpopmin(Z, 1) == [(b"b", 2.5)]
+    assert await client.zscore(Z, "c") == 3.0 and await client.zscore(Z, "missing") is None
     assert await client.zrem(Z, "c", "missing") == 1
     assert await client.blpop([L], timeout=1) == (L.encode(), b"v")
 
