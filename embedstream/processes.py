@@ -3,6 +3,17 @@
 The port is checked before anything starts: a second `up` on a busy port
 says which port is taken and how to choose another, and exits 2, instead of
 starting workers and an embedded server and then failing in uvicorn's bind.
+
+The HTTP server bounds what a client can hold (`server_config`): at most
+`http_max_connections` connections and requests in flight (past them, new
+requests get 503), idle keep-alive connections close after
+`http_keepalive_s`, request headers are limited to `MAX_HEADER_BYTES` (400
+past it) and must arrive within `http_header_timeout_s` of the connection
+(or, on a kept-alive one, of the request's first byte), else the connection
+is answered 408 and closed. uvicorn has no header timeout of its own: without
+one, a client sending a byte a second holds a connection for ever. The
+timeout covers only the request head: a slow body upload, and a long
+response such as an SSE stream, are not cut by it.
 """
 
 from __future__ import annotations
@@ -17,14 +28,20 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from pipeline import Settings
 
+if TYPE_CHECKING:
+    import uvicorn
+
 logger = logging.getLogger("embedstream")
 EXIT_PORT_TAKEN = 2
+MAX_HEADER_BYTES = 16 * 1024
+REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                   b"connection: close\r\n\r\n")
 
 OnStarted = Callable[[], Coroutine[Any, Any, None]]
 
@@ -48,15 +65,68 @@ def check_port(settings: Settings) -> None:
 
 async def serve(settings: Settings, log_level: str, on_started: OnStarted | None = None) -> None:
     """Run the ASGI app on the settings' host and port until a stop signal."""
-    import uvicorn
-
     from mcp_server.app import create_app
 
-    # log_config=None: uvicorn's loggers propagate to ours (text or JSON).
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=log_level, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = server_config(create_app(settings), settings, log_level)
     await _server_class(on_started)(config).serve()
+
+
+def server_config(app: Any, settings: Settings, log_level: str) -> uvicorn.Config:
+    """uvicorn's configuration for `app`, with the connection bounds of the module docstring."""
+    import uvicorn
+
+    # log_config=None: uvicorn's loggers propagate to ours (text or JSON).
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level, log_config=None,
+        lifespan="on", timeout_graceful_shutdown=5,
+        http=header_timeout_protocol(settings.http_header_timeout_s),
+        timeout_keep_alive=settings.http_keepalive_s,  # type: ignore[arg-type]  # a float works
+        limit_concurrency=settings.http_max_connections,
+        # X-Forwarded-* only from EMBEDSTREAM_TRUSTED_PROXIES (uvicorn would trust loopback).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or None,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request head takes over `timeout_s`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        """A timer runs from the connection (or a request's first byte) to its last header."""
+
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.header_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # the first byte of a request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is in (or was refused)
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self.header_timer = self.loop.call_later(timeout_s, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _timed_out(self) -> None:
+            self.header_timer = None
+            self.transport.write(REQUEST_TIMEOUT)
+            self.transport.close()
+
+    return HeaderTimeoutProtocol
 
 
 def _server_class(on_started: OnStarted | None = None) -> Any:

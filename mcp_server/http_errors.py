@@ -2,8 +2,9 @@
 
 Every error body has the same shape, `{"error": {"code", "message"}}`, so a
 client needs one parser. A PipelineError carries its own status; Starlette's
-HTTPException (unknown route, wrong method) is reshaped; anything else is a
-bug, logged with its traceback and answered with a bare 500.
+HTTPException (unknown route, wrong method) is reshaped; a client that hung
+up in the middle of its body is logged and answered 499 (nobody reads it);
+anything else is a bug, logged with its traceback and answered with a bare 500.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from pipeline import PipelineError, Unavailable
@@ -58,6 +59,12 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, str(exc.detail))
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: not a bug, and nobody reads the answer."""
+    logger.info("client hung up during %s %s", request.method, request.url.path)
+    return error_response(499, "client_closed_request", "the client closed the request")
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     """A bug: log it, answer 500 without internals."""
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -67,5 +74,6 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     PipelineError: pipeline_error,
     HTTPException: http_error,
+    ClientDisconnect: client_gone,
     Exception: unexpected_error,
 }

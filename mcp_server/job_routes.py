@@ -19,6 +19,7 @@ from mcp_server.payloads import (
     job_page_json,
     json_body,
     ndjson_values,
+    parsed_inputs,
     pipeline_of,
     query_encoding,
     query_int,
@@ -66,12 +67,9 @@ async def create_job(request: Request) -> Response:
                                "metadata} objects), not 'input'; 'input' is the field of "
                                "POST /v1/embeddings")
         options = parse_options({k: v for k, v in body.items() if k != "inputs"})
-        inputs = body.get("inputs")
-        if not isinstance(inputs, list):
-            raise InvalidInput("'inputs' must be a list of strings or {id, text, metadata} "
-                               "objects")
-        parsed = [parse_item(raw, i, max_chars=max_chars) for i, raw in enumerate(inputs)]
-        job = await pipeline.submit(parsed, options, caller=request_caller(request),
+        inputs = parsed_inputs(body, settings_of(request))
+        del body  # `inputs` releases each parsed input as the writer takes it
+        job = await pipeline.submit(inputs, options, caller=request_caller(request),
                                     idempotency_key=key)
     links = _links(request, job.id)
     reply = {"id": job.id, "status": job.status.value, "total": job.total, "links": links}

@@ -44,7 +44,7 @@ class JobOptions:
     timeout_s: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a bulk job holds many at once
 class Item:
     """One input: its text and the caller's optional id and metadata."""
 

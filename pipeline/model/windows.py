@@ -12,6 +12,19 @@ mean of its windows' raw vectors weighted by each window's token count (its
 text tokens, as counted here); shaping (`dimensions`, `normalize`) comes
 after, as for any input.
 
+Limits, checked when a chunked job is submitted (`check_windows`, 422): the
+prompt may take at most half of a window's room for text (`max_seq_length`
+less the special tokens: 127 of MiniLM's 256), so every window carries at
+least as much text as prompt; and `chunk_overlap` must leave a stride of at
+least a quarter of what a window holds of the text. Past half, a long prompt
+soon leaves windows of one token, each the prompt plus a token the model
+barely weighs, and an input becomes thousands of model calls. An input is
+split into at most `MAX_WINDOWS` windows; one that needs more keeps its
+first `MAX_WINDOWS` (the head of the text, as model truncation keeps it) and
+is flagged `truncated`. 512 windows cover a `max_text_chars` (100,000
+character) text at the default overlap even where every character is a
+token (CJK), and bound one input's work at 512 model rows whatever it holds.
+
 Deliberate choices, so nobody "fixes" them:
 
 - Windows are cut at token boundaries, not word boundaries. A window that
@@ -25,13 +38,16 @@ Deliberate choices, so nobody "fixes" them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipeline.errors import InvalidInput
 from pipeline.model import tokens
 from pipeline.model.prompts import with_prompt
+
+MAX_WINDOWS = 512
 
 FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
 IntVector = np.ndarray[Any, np.dtype[np.int64]]
@@ -45,6 +61,8 @@ class Plan:
     sizes: list[int]
     weights: np.ndarray[Any, np.dtype[np.float64]]
     chunked: bool = False
+    # Per input: whether it needed more than MAX_WINDOWS windows and lost its tail.
+    cut: list[bool] = field(default_factory=list)
 
     @property
     def starts(self) -> list[int]:
@@ -54,8 +72,8 @@ class Plan:
     def part(self, index: int) -> Plan:
         """The plan of one input alone."""
         start, size = self.starts[index], self.sizes[index]
-        return Plan(self.texts[start:start + size], [size],
-                    self.weights[start:start + size], self.chunked)
+        return Plan(self.texts[start:start + size], [size], self.weights[start:start + size],
+                    self.chunked, self.cut[index:index + 1])
 
     def pool(
         self, vectors: FloatMatrix, counts: IntVector
@@ -63,7 +81,8 @@ class Plan:
         """(one raw vector per input, its tokens in all, tokens that count for truncation).
 
         A chunked input is never truncated (its windows cover every token), so
-        its truncation count is 0.
+        its truncation count is 0, unless it was cut at `MAX_WINDOWS`: then it
+        is its tokens in all, over the model's limit, so it is flagged.
         """
         counts = np.asarray(counts, dtype=np.int64)
         if not self.chunked:
@@ -72,7 +91,9 @@ class Plan:
         weighted = np.add.reduceat(vectors.astype(np.float64) * self.weights[:, None], starts)
         totals = np.add.reduceat(self.weights, starts)
         pooled = (weighted / totals[:, None]).astype(np.float32)
-        return pooled, np.add.reduceat(counts, starts), np.zeros(len(starts), dtype=np.int64)
+        summed = np.add.reduceat(counts, starts)
+        cut = np.asarray(self.cut, dtype=bool) if self.cut else np.zeros(len(starts), dtype=bool)
+        return pooled, summed, np.where(cut, summed, 0).astype(np.int64)
 
 
 def plan_texts(
@@ -82,25 +103,63 @@ def plan_texts(
     if not chunk:
         return Plan(with_prompt(prompt, texts), [1] * len(texts), np.ones(len(texts)))
     tokenizer = tokens.tokenizer(model)
-    specials = len(tokenizer.encode("", add_special_tokens=True).ids)
-    prompt_tokens = len(tokenizer.encode(prompt, add_special_tokens=False).ids) if prompt else 0
-    budget = max(1, max_seq_length - specials - prompt_tokens)
+    _, budget = _room(tokenizer, prompt, max_seq_length)
+    budget = max(1, budget)
     model_texts: list[str] = []
     sizes: list[int] = []
     weights: list[int] = []
+    cut: list[bool] = []
     for text, encoding in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False),
                               strict=True):
         windows = split_windows(text, encoding.offsets, budget, overlap)
         model_texts.extend(prompt + window for window, _ in windows)
         weights.extend(weight for _, weight in windows)
         sizes.append(len(windows))
-    return Plan(model_texts, sizes, np.asarray(weights, dtype=np.float64), chunked=True)
+        cut.append(count_windows(len(encoding.offsets), budget, overlap) > MAX_WINDOWS)
+    return Plan(model_texts, sizes, np.asarray(weights, dtype=np.float64), chunked=True, cut=cut)
+
+
+def check_windows(prompt: str, overlap: int, *, model: str, max_seq_length: int) -> None:
+    """422 unless the prompt leaves each window at least half its room, and the overlap a
+    stride of a quarter of what is left (see the module docstring)."""
+    tokenizer = tokens.tokenizer(model)
+    room, budget = _room(tokenizer, prompt, max_seq_length)
+    most_prompt = room // 2
+    if room - budget > most_prompt:
+        raise InvalidInput(
+            f"the prompt is {room - budget} tokens; with chunk=true it may take at most "
+            f"{most_prompt} tokens (half of the {room} that {model}'s {max_seq_length}-token "
+            "windows hold besides special tokens), so that every window carries the text; "
+            "shorten the prompt, or submit without chunk", limit=most_prompt)
+    most_overlap = budget - max(1, budget // 4)
+    if overlap > most_overlap:
+        raise InvalidInput(
+            f"'chunk_overlap' is {overlap} tokens; with this prompt a window holds {budget} "
+            f"tokens of text, so use 0 to {most_overlap}", limit=most_overlap)
+
+
+def _room(tokenizer: Any, prompt: str, max_seq_length: int) -> tuple[int, int]:
+    """(tokens of text a window holds without the prompt, and with it)."""
+    specials = len(tokenizer.encode("", add_special_tokens=True).ids)
+    prompt_tokens = len(tokenizer.encode(prompt, add_special_tokens=False).ids) if prompt else 0
+    room = max_seq_length - specials
+    return room, room - prompt_tokens
+
+
+def count_windows(n: int, budget: int, overlap: int) -> int:
+    """How many windows `n` text tokens need (before the `MAX_WINDOWS` cap)."""
+    if n <= budget:
+        return 1
+    stride = max(1, budget - overlap)
+    return 1 + -(-(n - budget) // stride)
 
 
 def split_windows(
-    text: str, offsets: list[tuple[int, int]], budget: int, overlap: int
+    text: str, offsets: list[tuple[int, int]], budget: int, overlap: int,
+    max_windows: int = MAX_WINDOWS,
 ) -> list[tuple[str, int]]:
-    """(window text, its token count) for each window of `text` (one when it fits)."""
+    """(window text, its token count) for each window of `text` (one when it fits), at most
+    `max_windows`, the first ones."""
     n = len(offsets)
     if n <= budget:
         return [(text, max(n, 1))]
@@ -110,6 +169,6 @@ def split_windows(
     while True:
         end = min(start + budget, n)
         windows.append((text[offsets[start][0]:offsets[end - 1][1]], end - start))
-        if end == n:
+        if end == n or len(windows) == max_windows:
             return windows
         start += stride

@@ -206,6 +206,18 @@ async def test_a_chunk_overlap_over_half_a_window_is_refused(
     assert_error(response, 422, "invalid_input", "'chunk_overlap'", "128")
 
 
+async def test_a_prompt_that_would_crowd_the_text_out_of_every_window_is_refused(
+    app_client: httpx.AsyncClient
+) -> None:
+    prompt = "w " * 254  # 254 tokens
+    response = await app_client.post("/v1/jobs", json={"inputs": ["a " * 300], "chunk": True,
+                                                       "prompt": prompt})
+    assert_error(response, 422, "invalid_input", "at most 127")
+    response = await app_client.post("/v1/embeddings", json={"input": "a " * 300, "chunk": True,
+                                                             "prompt": prompt})
+    assert_error(response, 422, "invalid_input", "at most 127")
+
+
 # Models
 
 
