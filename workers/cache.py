@@ -21,6 +21,16 @@ Bounds:
   under those policies; size `cache_max_entries` to fit instead (an entry of
   all-MiniLM-L6-v2 is about 1.7 kB with its index member).
 
+Scope (`cache_scope`): with "tenant" an entry's text hash also covers the
+owner of the job or request (`Work.owner`), so one tenant's cached vector never
+answers another tenant's text: a hit is fast and a miss costs a model call, so a
+shared entry would tell a tenant, by the time its answer takes, whether someone
+else had embedded a given text. With "global" every owner shares each entry
+(more hits, fine for a single tenant or tenants that trust each other). "auto"
+is "tenant" when API keys are set, else "global". Both scopes share the one
+`cache:index`, its cap and the TTL. The caller with no key (owner "") is a
+tenant of its own under "tenant"; entries of the two scopes never share a key.
+
 Deliberate choices, so nobody "fixes" them: entries carry no hash tag and
 are read and written with per-key commands in a non-transactional pipeline,
 so on Redis Cluster they spread over every node and no command spans slots.
@@ -41,15 +51,30 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from redis.exceptions import RedisError
 
+from pipeline import PipelineError
 from pipeline.store import metrics
 
 if TYPE_CHECKING:
-    from pipeline import Keys
+    from pipeline import Keys, Settings
     from pipeline.store import RedisClient
 
 logger = logging.getLogger(__name__)
 
 _TOKENS = np.dtype("<i4")
+SCOPES = ("tenant", "global", "auto")
+# (owner, text) as the cache sees it: the owner is "" under the global scope.
+Scoped = tuple[str, str]
+
+
+def cache_scope(settings: Settings) -> str:
+    """The cache scope in force, "tenant" or "global" ("auto": tenant when keys are set)."""
+    scope = settings.cache_scope.strip().lower()
+    if scope not in SCOPES:
+        raise PipelineError(f"EMBEDSTREAM_CACHE_SCOPE must be one of {', '.join(SCOPES)}, "
+                            f"not {settings.cache_scope!r}")
+    if scope == "auto":
+        return "tenant" if settings.api_keys or settings.admin_keys else "global"
+    return scope
 
 
 def fingerprint(model: str, revision: str, backend: str, dtype: str = "float32") -> str:
@@ -58,9 +83,14 @@ def fingerprint(model: str, revision: str, backend: str, dtype: str = "float32")
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
-def text_hash(text: str, prompt: str = "") -> str:
-    """The hash of a text as the model sees it (a prompt, when given, is part of it)."""
-    return hashlib.blake2b(f"{prompt}\0{text}".encode(), digest_size=16).hexdigest()
+def text_hash(text: str, prompt: str = "", owner: str | None = None) -> str:
+    """The hash of a text as the model sees it (a prompt, when given, is part of it).
+
+    With an `owner` (the tenant scope) the hash is the owner's alone: the owner
+    is hashed with a tag no global hash has, so the two scopes never meet.
+    """
+    scoped = "" if owner is None else f"tenant\0{len(owner)}:{owner}\0"
+    return hashlib.blake2b(f"{scoped}{prompt}\0{text}".encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -86,44 +116,59 @@ class EmbeddingCache:
     """Look up and store raw vectors of one (model, revision, backend) in Redis."""
 
     def __init__(self, redis: RedisClient, keys: Keys, fingerprint: str, *,
-                 ttl_s: int, max_entries: int) -> None:
+                 ttl_s: int, max_entries: int, scope: str = "global") -> None:
         self.redis = redis
         self.keys = keys
         self.fingerprint = fingerprint
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.scope = scope
 
-    def key(self, text: str, prompt: str = "") -> str:
-        """The entry key of one text."""
-        return self.keys.cache_entry(self.fingerprint, text_hash(text, prompt))
+    def scoped(self, owner: str, text: str) -> Scoped:
+        """(owner, text) as this cache's scope sees it: one owner under "global"."""
+        return (owner if self.scope == "tenant" else "", text)
 
-    async def lookup(self, texts: Sequence[str]) -> dict[str, Cached]:
-        """The cached entries among `texts` (distinct texts expected); counts hits and misses."""
-        if not texts:
+    def key(self, text: str, owner: str = "") -> str:
+        """The entry key of one text of `owner`."""
+        tenant = owner if self.scope == "tenant" else None
+        return self.keys.cache_entry(self.fingerprint, text_hash(text, owner=tenant))
+
+    async def lookup(self, texts: Sequence[str], owner: str = "") -> dict[str, Cached]:
+        """The cached entries among `owner`'s `texts` (distinct texts expected)."""
+        found = await self.lookup_scoped([self.scoped(owner, text) for text in texts])
+        return {text: cached for (_, text), cached in found.items()}
+
+    async def lookup_scoped(self, items: Sequence[Scoped]) -> dict[Scoped, Cached]:
+        """The cached entries among distinct (owner, text) pairs; counts hits and misses."""
+        if not items:
             return {}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for text in texts:
-                    pipe.get(self.key(text))
+                for owner, text in items:
+                    pipe.get(self.key(text, owner))
                 replies = await pipe.execute()
         except RedisError:
             logger.warning("embedding cache unreadable; embedding everything", exc_info=True)
             return {}
-        found = {text: unpack(raw) for text, raw in zip(texts, replies, strict=True)
+        found = {item: unpack(raw) for item, raw in zip(items, replies, strict=True)
                  if raw is not None and len(raw) > 4}
-        await self._count(len(found), len(texts) - len(found))
+        await self._count(len(found), len(items) - len(found))
         return found
 
-    async def store(self, entries: dict[str, Cached]) -> None:
-        """Store new entries (best effort), then hold the cache to its size cap."""
+    async def store(self, entries: dict[str, Cached], owner: str = "") -> None:
+        """Store new entries of `owner` (best effort), then hold the cache to its size cap."""
+        await self.store_scoped({self.scoped(owner, text): c for text, c in entries.items()})
+
+    async def store_scoped(self, entries: dict[Scoped, Cached]) -> None:
+        """Store new entries by (owner, text) (best effort), then hold the cache to its cap."""
         if not entries:
             return
         now = time.time()
-        names = {text: self.key(text) for text in entries}
+        names = {item: self.key(item[1], item[0]) for item in entries}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for text, cached in entries.items():
-                    pipe.set(names[text], pack(cached.vector, cached.tokens), ex=self.ttl_s)
+                for item, cached in entries.items():
+                    pipe.set(names[item], pack(cached.vector, cached.tokens), ex=self.ttl_s)
                 pipe.zadd(self.keys.cache_index, {name: now for name in names.values()})
                 pipe.zremrangebyscore(self.keys.cache_index, "-inf", now - self.ttl_s)
                 pipe.zcard(self.keys.cache_index)

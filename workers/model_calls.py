@@ -3,7 +3,9 @@
 What a claimed batch of chunks costs the model:
 
 - each distinct text is embedded once, however many chunks or jobs carry it;
-- texts the shared cache holds (`workers.cache`) are not embedded at all;
+- texts the shared cache holds (`workers.cache`) are not embedded at all; under
+  the tenant scope an entry answers only its owner's texts, and a text any
+  owner in the batch missed is embedded (once) for all of them;
 - the rest are sorted by length and cut into model calls by padded tokens
   (estimated from the text's length, capped at the model's limit) as well as
   by count, so one long text never pads a call of short ones, and every call
@@ -89,16 +91,22 @@ class ModelCalls:
     async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None) -> None:
         """Fill each chunk's raw vectors, token counts and per-input errors."""
         plans = [item.planned(self.embedder.info) for item in work]
-        distinct = list(dict.fromkeys(text for plan in plans for text in plan.texts))
-        found = await self.cache.lookup(distinct) if self.cache is not None else {}
-        missing = [text for text in distinct if text not in found]
+        scoped = self.cache.scoped if self.cache is not None else _unscoped
+        wanted = [[scoped(item.owner, text) for text in plan.texts]
+                  for item, plan in zip(work, plans, strict=True)]
+        distinct = list(dict.fromkeys(pair for pairs in wanted for pair in pairs))
+        found = await self.cache.lookup_scoped(distinct) if self.cache is not None else {}
+        # A text one owner missed is embedded even if another owner's entry holds it:
+        # the miss costs its owner a model call whoever else embedded the text.
+        missing = list(dict.fromkeys(pair[1] for pair in distinct if pair not in found))
         made, errors = await self._compute(missing, between_calls)
         if self.cache is not None:
-            await self.cache.store({t: c for t, c in made.items() if usable(c.vector)})
-        rows = {**found, **made}
-        blank = Cached(np.zeros(self._dimensions(rows), np.float32), 0)
-        for item, plan in zip(work, plans, strict=True):
-            picked = [rows.get(text, blank) for text in plan.texts]
+            await self.cache.store_scoped({pair: made[pair[1]] for pair in distinct
+                                           if pair not in found and pair[1] in made
+                                           and usable(made[pair[1]].vector)})
+        blank = Cached(np.zeros(self._dimensions(found, made), np.float32), 0)
+        for item, plan, pairs in zip(work, plans, wanted, strict=True):
+            picked = [found.get(pair) or made.get(pair[1], blank) for pair in pairs]
             item.take(plan, Embedded(np.vstack([c.vector for c in picked]),
                                      np.array([c.tokens for c in picked], np.int64)))
             for i, (start, size) in enumerate(zip(plan.starts, plan.sizes, strict=True)):
@@ -106,8 +114,8 @@ class ModelCalls:
                 if failed:  # one failed window fails its input
                     item.errors[i] = failed[0]
 
-    def _dimensions(self, rows: dict[str, Cached]) -> int:
-        for cached in rows.values():
+    def _dimensions(self, *rows: dict[Any, Cached]) -> int:
+        for cached in (c for found in rows for c in found.values()):
             return len(cached.vector)
         return self.embedder.info.dimensions
 
@@ -171,6 +179,11 @@ class ModelCalls:
             errors[text] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
             return
         made[text] = Cached(embedded.vectors[0], int(embedded.token_counts[0]))
+
+
+def _unscoped(owner: str, text: str) -> tuple[str, str]:
+    """Without a cache, owners do not matter: a text is embedded once for all of them."""
+    return ("", text)
 
 
 def usable(vector: np.ndarray[Any, np.dtype[np.float32]]) -> bool:

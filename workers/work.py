@@ -62,6 +62,8 @@ class Entry:
     deliveries: int = 1  # times the queue handed it out, this one included
     # An interactive request's (inputs, options): it carries its texts (workers.replies).
     request: tuple[bytes, bytes] | None = None
+    # The inbox (server id) its reply goes to; "" for an older server's request.
+    reply_to: str = ""
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Work:
     prompt: str = ""
     chunk: bool = False
     chunk_overlap: int = 0
+    # The job's or request's owner ("": the trusted caller): the tenant cache scope's key.
+    owner: str = ""
     vectors: np.ndarray[Any, np.dtype[np.float32]] | None = None
     tokens: np.ndarray[Any, np.dtype[np.int64]] | None = None
     longest: np.ndarray[Any, np.dtype[np.int64]] | None = None
@@ -126,7 +130,8 @@ def parse_request(stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> E
     try:
         size = int(fields.get(b"n", b"1"))
         return Entry(stream, entry_id, fields[b"req"].decode(), 0, size,
-                     request=(fields[b"inputs"], fields[b"options"]))
+                     request=(fields[b"inputs"], fields[b"options"]),
+                     reply_to=fields.get(b"inbox", b"").decode())
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
 
@@ -140,4 +145,5 @@ def request_work(entry: Entry) -> Work:
     return Work(entry, data["texts"], data["ids"], normalize=bool(options["normalize"]),
                 dimensions=dims if dims < model_dims else None,
                 prompt=str(options.get("prompt") or ""), chunk=bool(options.get("chunk")),
-                chunk_overlap=int(options.get("chunk_overlap") or 0))
+                chunk_overlap=int(options.get("chunk_overlap") or 0),
+                owner=str(options.get("owner") or ""))

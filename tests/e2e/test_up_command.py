@@ -113,7 +113,7 @@ def test_a_second_up_keeps_working_after_the_first_exits(tmp_path: Path) -> None
         wait_until(answers, 30, "the second up to serve the job again")
         assert set(statuses) <= {200, 503}, statuses  # never a 500 while Redis moves
         # The keeper logs once its server answers, so the log can trail the first 200.
-        wait_until(lambda: "serving redis://" in second.log(), 10, "the keeper's log line")
+        wait_until(lambda: "serving unix://" in second.log(), 10, "the keeper's log line")
         wait_for_workers(base, 1)
         after = completed(base, ["four", "five"])
         assert after["status"] == "completed" and after["done"] == 2

@@ -30,7 +30,7 @@ def test_server_starts_answers_and_records_itself(tmp_path: Path) -> None:
     url = server.start()
     try:
         assert url == server.url
-        assert url.startswith("redis://127.0.0.1:") and url.endswith("/0")
+        assert url == f"unix://{tmp_path.resolve()}/run/redis.sock?db=0"
         with client_for(url) as client:
             assert client.ping() is True
             assert client.config_get("appendonly") == {"appendonly": "yes"}
@@ -130,14 +130,14 @@ def test_missing_redis_server_names_the_package_to_install(
 
 
 def test_server_that_cannot_start_reports_the_tail_of_its_log(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        server = EmbeddedRedis(tmp_path, port=taken.getsockname()[1])
-        with pytest.raises(Unavailable, match=r"(?s)exited with code.*already in use"):
-            server.start()
+    failing = tmp_path / "failing-server"
+    failing.write_text("#!/bin/sh\necho 'FATAL: cannot open the socket' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    server = EmbeddedRedis(tmp_path / "data", binary=str(failing))
+    with pytest.raises(Unavailable, match=r"(?s)exited with code 3.*cannot open the socket"):
+        server.start()
     assert server.pid is None
-    assert not (tmp_path / "embedded.json").exists()
+    assert not (tmp_path / "data" / "embedded.json").exists()
 
 
 def test_second_server_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:

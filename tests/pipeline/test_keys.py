@@ -70,7 +70,9 @@ def test_every_key_name_is_pinned() -> None:
     assert keys.job_index("") == "es:jobs:-"
     session = hashlib.sha256(b"s3cret").hexdigest()[:32]
     assert keys.session("s3cret") == f"es:session:{session}"
+    assert keys.sessions("0123abcd0123abcd") == "es:sessions:0123abcd0123abcd"
     assert keys.active_jobs == "es:janitor:jobs"
+    assert keys.owner_jobs("0123abcd0123abcd") == "es:active:0123abcd0123abcd"
     assert GROUP == "workers"
     assert LANES == ("fast", "bulk")
 
@@ -80,7 +82,7 @@ def test_the_prefix_leads_every_key() -> None:
     names = [*keys.job_keys(JOB), *keys.queues(MODEL), keys.feed, keys.workers,
              keys.heartbeat("w"), keys.models, keys.idempotency("", "k"), keys.texts_counter,
              keys.calibration(MODEL), keys.calibration_lock(MODEL), keys.job_index(None),
-             keys.job_index("o"), keys.session("s")]
+             keys.job_index("o"), keys.session("s"), keys.sessions("o")]
     assert all(name.startswith("tenant7:") for name in names)
 
 
