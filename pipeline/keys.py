@@ -25,12 +25,19 @@ reads both.
                                    finished: what the job janitor walks
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
     <p>:metrics            hash    worker-side counters and histograms for /metrics
-    <p>:{r:<id>}:reply     list    a worker's reply to an interactive request (expires)
+    <p>:{r:<id>}:reply     list    a worker's reply to an older server's request (expires)
+    <p>:inbox:<server>     stream  workers' replies to one server process's requests
+                                   (capped, expires)
+    <p>:inflight:<owner>   zset    one owner's interactive request ids by deadline (ms)
     <p>:cache:<fp>:<hash>  string  raw model output for one text (fp: model, revision, backend)
     <p>:cache:index        zset    cache entry key -> time stored (the size cap evicts oldest)
     <p>:jobs               zset    every job id by creation time (admin job list)
     <p>:jobs:<owner>       zset    one owner's job ids by creation time (job list)
-    <p>:session:<digest>   string  a dashboard session (owner, admin, CSRF token), with a TTL
+    <p>:session:<digest>   string  a dashboard session (owner, CSRF token), with a TTL
+    <p>:sessions:<owner>   zset    one owner's live session keys by expiry (ms): the quota,
+                                   and what makes a session valid (expires with the last)
+    <p>:active:<owner>     zset    job id -> time listed, of one API key's unfinished jobs
+                                   (its per-key quotas; expires when the key goes idle)
 
 Cache entries carry no hash tag on purpose: they spread over every slot of a
 cluster, and are only ever read and written one key a command.
@@ -141,12 +148,26 @@ class Keys:
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:{{r:{request_id}}}:reply"
 
+    def inbox(self, server_id: str) -> str:
+        return f"{self.prefix}:inbox:{server_id}"
+
+    def requests_in_flight(self, owner: str) -> str:
+        return f"{self.prefix}:inflight:{owner}"
+
     def job_index(self, owner: str | None) -> str:
         """The job list of one owner, or of every job when `owner` is None."""
         if owner is None:
             return f"{self.prefix}:jobs"
         return f"{self.prefix}:jobs:{owner or '-'}"
 
+    def owner_jobs(self, owner: str) -> str:
+        """The unfinished jobs of one owner (an API key's digest), for its quotas."""
+        return f"{self.prefix}:active:{owner or '-'}"
+
     def session(self, session_id: str) -> str:
         digest = hashlib.sha256(session_id.encode()).hexdigest()[:32]
         return f"{self.prefix}:session:{digest}"
+
+    def sessions(self, owner: str) -> str:
+        """The index of one owner's dashboard sessions."""
+        return f"{self.prefix}:sessions:{owner or '-'}"
