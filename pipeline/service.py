@@ -235,7 +235,13 @@ class Pipeline:
         on_progress: ProgressCallback | None, timeout_s: float, encoding: str,
     ) -> Embeddings:
         """Embed texts as a job and wait for its rows; the job is cancelled if the wait ends."""
-        job_id = (await self.submit(items, options, caller=caller, interactive=True)).id
+        submitting = asyncio.ensure_future(
+            self.submit(items, options, caller=caller, interactive=True))
+        try:
+            job_id = (await asyncio.shield(submitting)).id
+        except asyncio.CancelledError:  # the caller left mid-submission: finish, then cancel
+            await shielded(self._cancel_once_made(submitting, caller))
+            raise
         cancel = functools.partial(self.cancel, job_id, caller)
         try:
             view = await self.view(job_id, encoding, caller)
@@ -246,6 +252,15 @@ class Pipeline:
         async with aclosing(self.follow(job_id, encoding=view, caller=caller)) as followed:
             rows = await events.await_rows(followed, cancel, timeout_s, on_progress)
         return Embeddings.of_job(await self.job(job_id, caller), rows)
+
+    async def _cancel_once_made(self, submitting: asyncio.Future[JobRecord],
+                                caller: Caller) -> None:
+        """Cancel the job `submitting` makes, if it makes one (a failed one cleans up itself)."""
+        try:
+            record = await submitting
+        except Exception:
+            return
+        await self.cancel(record.id, caller)
 
     @outage_is_unavailable
     async def similarity(

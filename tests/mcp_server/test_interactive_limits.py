@@ -19,6 +19,8 @@ import pytest
 
 import tests.support.live_server as live
 from mcp_server.app import create_app
+from pipeline import Item, parse_options
+from pipeline.jobs.record import no_step
 from pipeline.jobs.tenants import owner_id
 from pipeline.keys import GROUP, Keys
 from pipeline.model.info import DEFAULT_MODEL
@@ -206,3 +208,30 @@ async def test_the_trusted_caller_has_no_request_quota(
                 http.post("/v1/embeddings", json={"input": f"q{i}"}) for i in range(4)))
     assert [a.status_code for a in answers] == [200] * 4
     assert [k async for k in pipeline.redis.scan_iter(match="es:inflight:*")] == []
+
+
+@pytest.mark.parametrize("step", ["indexed", "enqueued", "activated", "announced"])
+async def test_a_caller_that_leaves_mid_submission_leaves_no_job_running(
+    quick_settings: Settings, pipeline: Pipeline, step: str
+) -> None:
+    """The caller leaves while its job is being written (here: paused at `step`);
+    the submission still ends, and the job it made is cancelled, not left to run."""
+    reached, never = asyncio.Event(), asyncio.Event()
+
+    async def pause(name: str) -> None:
+        if name == step:
+            reached.set()
+            await never.wait()
+    pipeline.scripts.step = pause
+    texts = [f"text {i}" for i in range(quick_settings.fast_lane_max_texts + 1)]
+    call = asyncio.ensure_future(pipeline.embed([Item(t) for t in texts],
+                                                parse_options({})))
+    with anyio.fail_after(5):
+        await reached.wait()
+    call.cancel()
+    pipeline.scripts.step = no_step
+    never.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    made = [m.decode() for m in await pipeline.redis.zrange(KEYS.job_index(None), 0, -1)]
+    assert [(await pipeline.job(job_id)).status for job_id in made] in ([], ["cancelled"])
