@@ -13,14 +13,13 @@ its reply is waited for no more, and a job made for it is cancelled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from mcp_server.disconnects import CLIENT_CLOSED_REQUEST, ClientGone, unless_disconnected
-from mcp_server.payloads import json_body, pipeline_of, request_caller, settings_of
+from mcp_server.json_lists import JsonObject, TooMany
+from mcp_server.payloads import json_object, pipeline_of, request_caller, settings_of
 from mcp_server.responses import json_response
 from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options
 from pipeline.jobs import check_encoding
@@ -29,31 +28,35 @@ OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 EXTRA_FIELDS = ("normalize", "truncate", "chunk", "chunk_overlap", "prompt", "prompt_name")
 
 
-def _inputs(body: Mapping[str, object], max_chars: int, limit: int) -> list[Item]:
-    raw = body.get("input")
+def _inputs(body: JsonObject, max_chars: int) -> list[Item]:
+    raw = body.fields.get("input")
     if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
+        return [parse_item(raw, 0, max_chars=max_chars)]
+    if not body.listed or not body.count:
         raise InvalidInput("'input' must be a string or a non-empty list of strings")
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"'input' has {len(raw)} items; the limit is {limit}. "
-                              "Use POST /v1/jobs for bulk work")
-    if not all(isinstance(x, str) for x in raw):
+    texts = list(body.elements())
+    if not all(isinstance(x, str) for x in texts):
         raise InvalidInput("'input' items must be strings (token arrays are not supported)")
-    return [parse_item(text, i, max_chars=max_chars) for i, text in enumerate(raw)]
+    return [parse_item(text, i, max_chars=max_chars) for i, text in enumerate(texts)]
 
 
 async def create_embeddings(request: Request) -> Response:
     """Embed `input` and answer in the OpenAI shape, with token usage."""
-    body = await json_body(request)
-    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(EXTRA_FIELDS))
+    settings = settings_of(request)
+    limit = settings.embed_max_texts * 4
+    try:
+        body = await json_object(request, "input", limit)
+    except TooMany:
+        raise PayloadTooLarge(f"'input' has more than {limit} items; the limit is {limit}. "
+                              "Use POST /v1/jobs for bulk work") from None
+    fields = body.fields
+    unknown = sorted(set(fields) - set(OPENAI_FIELDS) - set(EXTRA_FIELDS))
     if unknown:
         raise InvalidInput(f"unknown field(s): {', '.join(unknown)}")
-    encoding = check_encoding(body.get("encoding_format") or None, "'encoding_format'",
+    encoding = check_encoding(fields.get("encoding_format") or None, "'encoding_format'",
                               error=InvalidInput)
-    settings = settings_of(request)
-    items = _inputs(body, settings.max_text_chars, settings.embed_max_texts * 4)
-    options = parse_options({name: body.get(name)
+    items = _inputs(body, settings.max_text_chars)
+    options = parse_options({name: fields.get(name)
                              for name in ("model", "dimensions", *EXTRA_FIELDS)})
     pipeline = pipeline_of(request)
     try:

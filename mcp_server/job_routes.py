@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mcp_server.json_lists import TooMany
 from mcp_server.payloads import (
     inputs_json,
     is_ndjson,
     job_json,
     job_page_json,
-    json_body,
+    json_object,
     ndjson_values,
     parsed_inputs,
     pipeline_of,
@@ -26,6 +27,7 @@ from mcp_server.payloads import (
     request_caller,
     results_json,
     settings_of,
+    too_many_inputs,
 )
 from mcp_server.responses import json_response
 from pipeline import InvalidInput, Item, parse_item, parse_options, parse_query_options
@@ -61,14 +63,18 @@ async def create_job(request: Request) -> Response:
 
         job = await pipeline.commit(writer, items(), key)
     else:
-        body = await json_body(request)
-        if "input" in body and "inputs" not in body:  # the OpenAI field, sent here by habit
+        settings = settings_of(request)
+        try:
+            body = await json_object(request, "inputs", settings.max_inputs)
+        except TooMany:
+            raise too_many_inputs(settings) from None
+        if "input" in body.fields and not body.listed:  # the OpenAI field, sent by habit
             raise InvalidInput("POST /v1/jobs takes 'inputs' (a list of strings or {id, text, "
                                "metadata} objects), not 'input'; 'input' is the field of "
                                "POST /v1/embeddings")
-        options = parse_options({k: v for k, v in body.items() if k != "inputs"})
-        inputs = parsed_inputs(body, settings_of(request))
-        del body  # `inputs` releases each parsed input as the writer takes it
+        options = parse_options({k: v for k, v in body.fields.items() if k != "inputs"})
+        inputs = parsed_inputs(body, settings)
+        del body  # `inputs` decodes each input as the writer takes it
         job = await pipeline.submit(inputs, options, caller=request_caller(request),
                                     idempotency_key=key)
     links = _links(request, job.id)

@@ -12,12 +12,10 @@ is appended to, never re-split (a client trickling one byte at a time made
 `pending += piece; pending.split()` quadratic).
 
 A JSON body is read into one buffer (not Starlette's cached `request.body()`,
-which keeps a second copy for the life of the request), and one over
-`THREAD_PARSE_BYTES` is parsed in a thread so the event loop keeps serving
-other requests; the buffer is dropped as soon as it is parsed. orjson holds
-the GIL while it parses, so the loop still pauses for that one call (tens of
-milliseconds for a 15 MiB body of strings); what the thread spares the loop
-is everything else: reading, decoding and the caller's validation.
+which keeps a second copy for the life of the request) and walked once,
+in a thread when it is over `THREAD_PARSE_BYTES`: its long list (a job's
+`inputs`) is counted there, and decoded a slice at a time only as the
+job's writer takes it (`mcp_server.json_lists`).
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from starlette.requests import Request
 
 from mcp_server.auth import caller_of
 from mcp_server.body_guard import body_kind
+from mcp_server.json_lists import JsonObject, parse_object
 from pipeline import (
     InvalidInput,
     InvalidRequest,
@@ -82,8 +81,9 @@ def is_ndjson(request: Request) -> bool:
     return body_kind(request.headers.get("content-type")) == "ndjson"
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx naming what is wrong with it."""
+async def json_object(request: Request, list_name: str = "", limit: int = 0) -> JsonObject:
+    """The body as a JSON object with its `list_name` list left to decode as it is taken
+    (at most `limit` items; see `mcp_server.json_lists`), or a 4xx naming what is wrong."""
     if body_kind(request.headers.get("content-type")) != "json":
         raise UnsupportedMediaType("unsupported Content-Type: send application/json")
     raw = bytearray()
@@ -91,52 +91,48 @@ async def json_body(request: Request) -> dict[str, Any]:
         raw += piece
     if not raw.strip():
         raise InvalidRequest("empty body: send a JSON object")
-    try:
-        if len(raw) > THREAD_PARSE_BYTES:
-            body = await asyncio.to_thread(orjson.loads, raw)
-        else:
-            body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"malformed JSON (or invalid UTF-8): {exc}") from None
-    del raw  # the parsed body is all the route needs from here on
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return body
+    if len(raw) > THREAD_PARSE_BYTES:
+        return await asyncio.to_thread(parse_object, raw, list_name, limit)
+    return parse_object(raw, list_name, limit)
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """A small JSON object body (a sign-in, say), or a 4xx naming what is wrong with it."""
+    return (await json_object(request)).fields
 
 
 class ParsedInputs:
-    """A parsed `inputs` list as Items, validated one at a time as they are taken.
+    """A body's inputs as Items, decoded and validated one at a time as they are taken.
 
-    Its length is known before any input is validated, and it is consumed
-    once: each raw input leaves the list as it is validated, so a big job
-    never holds its parsed inputs and all their Items at once.
+    Its length is known before any input is decoded, and it is consumed once.
     """
 
-    def __init__(self, raw: list[Any], *, max_chars: int) -> None:
-        raw.reverse()  # popped from the end: each input is released in O(1)
-        self._raw = raw
-        self._count = len(raw)
+    def __init__(self, body: JsonObject, *, max_chars: int) -> None:
+        self._body = body
+        self._count = body.count
         self.max_chars = max_chars
 
     def __len__(self) -> int:
         return self._count
 
     def __iter__(self) -> Iterator[Item]:
-        raw, max_chars = self._raw, self.max_chars
-        for index in range(self._count):
-            yield parse_item(raw.pop(), index, max_chars=max_chars)
+        max_chars = self.max_chars
+        for index, raw in enumerate(self._body.elements()):
+            yield parse_item(raw, index, max_chars=max_chars)
 
 
-def parsed_inputs(body: dict[str, Any], settings: Settings) -> ParsedInputs:
+def parsed_inputs(body: JsonObject, settings: Settings) -> ParsedInputs:
     """A JSON job body's `inputs`, counted against `max_inputs` before any is validated."""
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list):
+    if not body.listed:
         raise InvalidInput("'inputs' must be a list of strings or {id, text, metadata} "
                            "objects")
-    if len(inputs) > settings.max_inputs:
-        raise PayloadTooLarge(f"a job holds at most {settings.max_inputs} inputs; this one "
-                              f"has {len(inputs)} (EMBEDSTREAM_MAX_INPUTS)")
-    return ParsedInputs(inputs, max_chars=settings.max_text_chars)
+    return ParsedInputs(body, max_chars=settings.max_text_chars)
+
+
+def too_many_inputs(settings: Settings) -> PayloadTooLarge:
+    """The 413 for a job body with more than `max_inputs` inputs."""
+    return PayloadTooLarge(f"a job holds at most {settings.max_inputs} inputs; this one has "
+                           "more (EMBEDSTREAM_MAX_INPUTS)")
 
 
 class LineSplitter:

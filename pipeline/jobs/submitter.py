@@ -107,6 +107,7 @@ class Submitter:
             async with (self.idempotency.leased(scope, key, writer.job_id) as lease,
                         self._kept(writer)):
                 await self.quotas.check(scope, writer.job_id, known)
+                await self.scripts.step("listed")
                 await self.backlog.check(writer.model.name, known, interactive=interactive)
                 await _feed(writer, items, lease, self.quotas)
                 if writer.total > known:

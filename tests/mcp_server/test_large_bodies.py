@@ -12,7 +12,9 @@ import httpx
 import orjson
 import pytest
 
+from mcp_server.json_lists import SLICE, TooMany, parse_object
 from mcp_server.payloads import ParsedInputs
+from pipeline import InvalidRequest
 from pipeline.settings import Settings
 from pipeline.store.embedded import EmbeddedRedis
 from tests.conftest import flushed
@@ -83,14 +85,24 @@ def test_a_body_over_max_inputs_is_refused_without_stalling_or_swelling_the_serv
     assert grown < 10 * len(body) / 2**20, (grown, len(body))
 
 
-def test_a_large_accepted_body_leaves_healthz_answering(server: tuple[int, str]) -> None:
-    _, url = server
-    body = orjson.dumps({"inputs": [{"id": f"i{i}", "text": f"text {i:09d}"}
-                                    for i in range(MAX_INPUTS)]})
+def test_a_large_body_of_objects_is_held_about_twice_and_leaves_healthz_answering(
+        server: tuple[int, str]) -> None:
+    pid, url = server
+    body = orjson.dumps({"inputs": [{"id": f"i{i}", "text": f"text {i:09d}",
+                                     "metadata": {"source": "upload", "n": i}}
+                                    for i in range(MAX_INPUTS)], "chunk": False})  # 18.6 MiB
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
+    before = memory_mib(pid, "VmRSS")
     response, slowest = post_while_probing(url, body)
     assert response.status_code == 202, response.text
     assert response.json()["total"] == MAX_INPUTS
     assert slowest < PROBE_LIMIT_S, slowest
+    # The body's bytes and its text, briefly both; then the text and a slice of inputs.
+    # Parsed whole, these objects cost 14 times their JSON.
+    grown = memory_mib(pid, "VmHWM") - before
+    print(f"{len(body) / 2**20:.1f} MiB of objects: +{grown:.0f} MiB, "
+          f"/healthz at worst {slowest * 1000:.0f} ms")
+    assert grown < 4 * len(body) / 2**20, (grown, len(body))
 
 
 @pytest.mark.anyio
@@ -99,17 +111,47 @@ async def test_inputs_over_max_inputs_are_413_before_any_input_is_validated(
     small = Settings(**{**settings.__dict__, "max_inputs": 3})
     async with serving(small) as client:
         response = await client.post("/v1/jobs", json={"inputs": [42, "", "b", "c"]})
-        assert_error(response, 413, None, "at most 3", "has 4", "EMBEDSTREAM_MAX_INPUTS")
+        assert_error(response, 413, None, "at most 3", "has more", "EMBEDSTREAM_MAX_INPUTS")
         response = await client.post("/v1/jobs", json={"inputs": ["a", 42, "c"]})
         assert_error(response, 422, None, "inputs[1]")
 
 
-def test_parsed_inputs_are_released_as_they_are_taken() -> None:
-    raw: list[object] = ["a", {"text": "b", "id": "x"}, "c"]
-    inputs = ParsedInputs(raw, max_chars=10)
-    assert len(inputs) == 3
-    taken = iter(inputs)
-    assert next(taken).text == "a" and len(raw) == 2
-    second = next(taken)
-    assert (second.text, second.id) == ("b", "x") and raw == ["c"]
-    assert [item.text for item in taken] == ["c"] and raw == []
+def test_parsed_inputs_are_decoded_a_slice_at_a_time() -> None:
+    raw = [f"text {i}" if i % 2 else {"text": f"text {i}", "id": f"x{i}"}
+           for i in range(2 * SLICE + 3)]
+    body = parse_object(orjson.dumps({"model": "m", "inputs": raw, "chunk": True}),
+                        "inputs", 10**6)
+    assert body.fields == {"model": "m", "chunk": True} and body.count == len(raw)
+    assert len(body.slices) == 3  # the text is kept, not the elements
+    inputs = ParsedInputs(body, max_chars=100)
+    assert len(inputs) == len(raw)
+    taken = list(inputs)
+    assert [item.text for item in taken] == [f"text {i}" for i in range(len(raw))]
+    assert taken[2].id == "x2" and body.text == ""  # taken once; the text let go
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"inputs": ["a", "b",]}', "line 1"),
+    (b'{"inputs": ["a"]} trailing', "extra data"),
+    (b'["a"]', "must be a JSON object"),
+    (b'{"inputs" ["a"]}', "expected ':'"),
+    (b'{"model": NaN, "inputs": ["a"]}', "malformed JSON"),
+    (b'{"inputs": ["a"], "model": "\xff"}', "invalid UTF-8"),
+    (b'{"inputs": ["a" "b"]}', "',' or ']'"),
+])
+def test_malformed_bodies_are_named(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_object(body, "inputs", 10)
+    assert message in caught.value.message, caught.value.message
+
+
+def test_the_walk_stops_past_the_limit() -> None:
+    with pytest.raises(TooMany):
+        parse_object(b'{"inputs": ["a", "b", "c", {"not": "read"}', "inputs", 3)
+
+
+def test_the_last_of_a_repeated_field_counts() -> None:
+    body = parse_object(b'{"inputs": ["a", "b"], "inputs": "x"}', "inputs", 10)
+    assert not body.listed and body.fields["inputs"] == "x"
+    body = parse_object(b'{"inputs": "x", "inputs": ["a"]}', "inputs", 10)
+    assert body.listed and body.count == 1 and "inputs" not in body.fields

@@ -3,6 +3,7 @@ another key's job is accepted and completes; a request that can never be accepte
 
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 
 from pipeline.errors import Overloaded, PayloadTooLarge
@@ -12,6 +13,7 @@ from pipeline.keys import Keys
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from tests.support.fakes import HashEmbedder
+from tests.support.faults import Died, dying_at
 from tests.support.rest import assert_error, serving
 from tests.support.timings import quick
 from tests.support.workers import running, texts_of, wait_end
@@ -129,3 +131,33 @@ async def test_a_refusal_over_http_is_a_429_with_retry_after_naming_the_variable
         assert int(refused.headers["retry-after"]) >= 1
         other = await client.post("/v1/jobs", json=body, headers=auth("key-a"))
         assert other.status_code == 202, other.text
+
+
+@pytest.mark.parametrize("step", ["listed", "staged", "enqueued"])
+async def test_a_submitter_killed_after_listing_its_job_frees_the_quota_by_itself(
+    settings: Settings, step: str
+) -> None:
+    """Listing a job under its key and writing it are separate steps; a submitter
+    killed between them (or later) leaves a listing that counts until its deadline
+    (twice the staging TTL) and then frees the quota, and nothing else is stuck."""
+    quota = settings.replace(key_quota_jobs=1, chunk_size=4, staging_ttl_s=1,
+                             calibrate=False)
+    dying, pipeline = Pipeline(quota), Pipeline(quota)
+    try:
+        dying_at(dying, step)
+        with pytest.raises(Died):
+            await dying.submit(items(6), JobOptions(), caller=B)
+        listed = await pipeline.redis.zrange(KEYS.owner_jobs(B.owner), 0, -1)
+        assert len(listed) == 1
+        with pytest.raises(Overloaded, match="EMBEDSTREAM_KEY_QUOTA_JOBS"):
+            await pipeline.submit(items(3, 1), JobOptions(), caller=B)
+        other = await pipeline.submit(items(3, 2), JobOptions(), caller=A)  # not A's quota
+        assert other.total == 3
+        await anyio.sleep(2 * quota.staging_ttl_s + 0.2)
+        again = await pipeline.submit(items(3, 1), JobOptions(), caller=B)
+        assert again.total == 3
+        assert await pipeline.redis.zrange(KEYS.owner_jobs(B.owner), 0, -1) == [
+            again.id.encode()]
+    finally:
+        await pipeline.close()
+        await dying.close()

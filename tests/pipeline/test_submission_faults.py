@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import orjson
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pipeline.errors import Conflict
 from pipeline.inputs import Item, JobOptions
@@ -29,6 +28,7 @@ from pipeline.service import Pipeline
 from pipeline.settings import Settings
 from pipeline.store.connections import connect
 from tests.support.fakes import HashEmbedder
+from tests.support.faults import Died, die, dying_at
 from workers import batch, commits
 from workers.worker import Worker
 
@@ -41,27 +41,8 @@ KEY = "retry-me"
 LONG_LIVED = {KEYS.feed, KEYS.workers, KEYS.models, KEYS.metrics, KEYS.texts_counter,
               KEYS.active_jobs, *KEYS.queues(DEFAULT_MODEL), KEYS.calibration(DEFAULT_MODEL),
               KEYS.job_index(None), KEYS.job_index("")}
-SUBMISSION_STEPS = ["upload", "staged", "indexed", "enqueued:0", "enqueued", "activated",
-                    "bound", "announced"]
-
-
-class Died(Exception):
-    """The simulated kill -9."""
-
-
-def die(pipeline: Pipeline) -> None:
-    """From now on this pipeline's Redis refuses everything, as for a dead process."""
-    async def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise RedisConnectionError("this process is dead")
-    pipeline.redis.connection_pool.get_connection = refuse
-    raise Died("killed")
-
-
-def dying_at(pipeline: Pipeline, step: str) -> None:
-    async def hook(name: str) -> None:
-        if name == step:
-            die(pipeline)
-    pipeline.scripts.step = hook
+SUBMISSION_STEPS = ["listed", "upload", "staged", "indexed", "enqueued:0", "enqueued",
+                    "activated", "bound", "announced"]
 
 
 @pytest.fixture
