@@ -45,7 +45,7 @@ from embedstream.flags import (
     api_keys_of,
 )
 from embedstream.logs import configure as configure_logs
-from pipeline import PREFIX, Settings
+from pipeline import PREFIX, PipelineError, Settings, tracing
 
 app = typer.Typer(help="A streaming embedding pipeline on Redis Streams.", cls=Group,
                   no_args_is_help=True, add_completion=False,
@@ -62,6 +62,15 @@ def _logging(level: str, fmt: str = "text") -> None:
         configure_logs(level, fmt)
     except ValueError as exc:
         typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _tracing(settings: Settings, service: str) -> None:
+    """Set the process's traces up (`pipeline.tracing`); a setting that cannot work exits 2."""
+    try:
+        tracing.configure(settings, service)
+    except PipelineError as exc:
+        typer.echo(f"embedstream: {exc.message}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -107,6 +116,7 @@ def serve(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = N
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model, host=host,
                          port=port, api_keys=api_keys_of(api_keys), insecure=insecure or None)
     _check_bind(settings)
+    _tracing(settings, tracing.SERVER)
     processes.check_port(settings)
     from pipeline.store import redis_for
 
@@ -125,6 +135,7 @@ def worker(redis_url: RedisUrl = None, data_dir: DataDir = None, model: Model = 
     _logging(log_level, log_format)
     settings = _settings(redis_url=redis_url, data_dir=data_dir, model=model,
                          backend=backend, device=device)
+    _tracing(settings, tracing.WORKER)
     from pipeline.store import redis_for
 
     with redis_for(settings) as url:
@@ -179,6 +190,7 @@ def up(workers: Annotated[int, typer.Option(help="Worker processes per model")] 
                          device=device, host=host, port=port, api_keys=api_keys_of(api_keys),
                          insecure=insecure or None)
     _check_bind(settings)
+    _tracing(settings, tracing.SERVER)
     processes.check_port(settings)
     models = list(dict.fromkeys(model or [settings.model]))
     from pipeline.store import redis_for
@@ -235,6 +247,7 @@ def mcp(redis_url: RedisUrl = None, data_dir: McpDataDir = None, model: Model = 
     _logging(log_level, log_format)
     settings = _mcp_settings(_settings(redis_url=redis_url, data_dir=data_dir, model=model),
                              data_dir is not None)
+    _tracing(settings, tracing.SERVER)
     from mcp_server.agents import run_stdio
     from pipeline.store import find_running, redis_for
 

@@ -21,7 +21,7 @@ from mcp_server.disconnects import CLIENT_CLOSED_REQUEST, ClientGone, unless_dis
 from mcp_server.json_lists import JsonObject, TooMany
 from mcp_server.payloads import json_object, pipeline_of, request_caller, settings_of
 from mcp_server.responses import json_response
-from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options
+from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options, tracing
 from pipeline.jobs import check_encoding
 
 OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
@@ -40,6 +40,7 @@ def _inputs(body: JsonObject, max_chars: int) -> list[Item]:
     return [parse_item(text, i, max_chars=max_chars) for i, text in enumerate(texts)]
 
 
+@tracing.continues
 async def create_embeddings(request: Request) -> Response:
     """Embed `input` and answer in the OpenAI shape, with token usage."""
     settings = settings_of(request)

@@ -30,7 +30,7 @@ from mcp_server.payloads import (
     too_many_inputs,
 )
 from mcp_server.responses import json_response
-from pipeline import InvalidInput, Item, parse_item, parse_options, parse_query_options
+from pipeline import InvalidInput, Item, parse_item, parse_options, parse_query_options, tracing
 from pipeline.jobs import MAX_LIMIT, MAX_PAGE, check_idempotency_key, check_job_id
 
 
@@ -39,6 +39,7 @@ def _links(request: Request, job_id: str) -> dict[str, str]:
     return {"self": base, "events": f"{base}/events", "results": f"{base}/results"}
 
 
+@tracing.continues
 async def create_job(request: Request) -> Response:
     """POST /v1/jobs: queue a job; 202 with its id and links."""
     pipeline = pipeline_of(request)

@@ -11,6 +11,7 @@ importing only from the ground and the rooms before it:
     pipeline/service.py  `Pipeline`, the facade the servers call
 """
 
+from pipeline import tracing
 from pipeline.errors import (
     InvalidInput,
     InvalidJobId,
@@ -31,15 +32,16 @@ from pipeline.inputs import (
     parse_query_options,
 )
 from pipeline.jobs.interactive import ProgressCallback
-from pipeline.keys import GROUP, Keys
+from pipeline.keys import GROUP, Keys, QueueLayout
 from pipeline.service import Pipeline
 from pipeline.settings import PREFIX, Settings
-from pipeline.tasks import cancel_and_wait, honour_cancel
+from pipeline.tasks import Backoff, cancel_and_wait, honour_cancel
 
 __all__ = [
     "DEFAULT_CHUNK_OVERLAP",
     "GROUP",
     "PREFIX",
+    "Backoff",
     "InvalidInput",
     "InvalidJobId",
     "InvalidRequest",
@@ -51,6 +53,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "ProgressCallback",
+    "QueueLayout",
     "Settings",
     "Unauthorized",
     "Unavailable",
@@ -60,4 +63,5 @@ __all__ = [
     "parse_item",
     "parse_options",
     "parse_query_options",
+    "tracing",
 ]

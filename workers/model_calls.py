@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import tracing
 from pipeline.model import Embedded
 from workers.cache import Cached
 
@@ -72,7 +73,8 @@ class ModelThread:
     async def embed(self, texts: Sequence[str]) -> Embedded:
         """Embed `texts` on the model's thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
+        with tracing.span("model.call", {"embedstream.texts": len(texts)}):
+            return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
 
 
 class ModelCalls:

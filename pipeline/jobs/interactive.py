@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 import orjson
 
+from pipeline import tracing
 from pipeline.errors import Unavailable
 from pipeline.jobs.inbox import INBOX_MAXLEN
 from pipeline.jobs.record import JobRecord, JobStatus
@@ -162,6 +163,8 @@ class Sender:
             "options", orjson.dumps(options)]
         if self.inbox:
             fields += ["inbox", self.inbox]
+        if parent := tracing.traceparent():  # "" when tracing is off: no extra bytes
+            fields += [tracing.ENTRY_FIELD, parent]
         outcome, value = await self._send(
             keys=[stream], args=[GROUP, self.limit, self.entry_texts, len(items), *fields])
         if outcome in (b"full", "full"):
@@ -227,8 +230,10 @@ class Requests:
         sent = request_options(options, model, owner)
         view = await self._view(encoding, sent)
         request_id = uuid.uuid4().hex
+        tracing.annotate({"embedstream.request.id": request_id})
         reply = Reply.unpack(await self._ask(request_id, model.name, items, sent, timeout_s))
-        rows = render_rows(0, reply.vectors, reply.meta, view)
+        with tracing.span("deliver", {"embedstream.request.id": request_id}):
+            rows = render_rows(0, reply.vectors, reply.meta, view)
         if on_progress is not None:
             await on_progress(len(rows), len(rows))
         failed = sum(1 for row in rows if row.get("embedding") is None)

@@ -132,6 +132,8 @@ class JobRecord:
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = None
+    # The W3C traceparent of the job's submit span; "" unless tracing was on (`pipeline.tracing`).
+    traceparent: str = ""
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> JobRecord:
@@ -150,7 +152,7 @@ class JobRecord:
             failed=int(f.get("failed", 0)), tokens=int(f.get("tokens", 0)),
             backend=f.get("backend", ""),
             started_at=f.get("started_at") or None, finished_at=f.get("finished_at") or None,
-            error=f.get("error") or None,
+            error=f.get("error") or None, traceparent=f.get("traceparent", ""),
         )
 
     def to_hash(self) -> dict[str, str | int | float]:
@@ -168,7 +170,8 @@ class JobRecord:
             "created_at": self.created_at, "created_ts": self.created_ts,
         }
         optional = {"started_at": self.started_at, "finished_at": self.finished_at,
-                    "error": self.error, "backend": self.backend or None}
+                    "error": self.error, "backend": self.backend or None,
+                    "traceparent": self.traceparent or None}
         fields.update({k: v for k, v in optional.items() if v is not None})
         return fields
 
