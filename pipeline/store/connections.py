@@ -49,12 +49,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.exceptions import (
-    NoScriptError,
-    RedisClusterException,
-    SlotNotCoveredError,
+    ConnectionError as RedisConnectionError,
 )
 from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
@@ -62,6 +66,7 @@ from redis.exceptions import (
 from redis.retry import Retry as SyncRetry
 
 from pipeline.errors import Unavailable
+from pipeline.store import sentinel
 from pipeline.store.commands import RedisClient as RedisClient  # re-exported: connect() makes one
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,13 @@ POOL_WAIT_S = COMMAND_TIMEOUT_S
 OUTAGE_RETRY_AFTER_S = 2
 # RedisClusterException messages that mean "cannot reach the cluster" rather than a bug.
 _OUTAGE_MESSAGES = ("Redis Cluster cannot be connected", "All slots are not covered")
+# Replies that mean the server is changing hands (a failover, a restart, a replica
+# rejoining), not that the command was wrong: CLUSTERDOWN and MASTERDOWN, TRYAGAIN while
+# slots move, READONLY from a primary demoted under our feet, UNBLOCKED for a blocked
+# read whose node changed role, NOREPLICAS while too few replicas are connected.
+_FAILOVER_ERRORS = (ClusterDownError, TryAgainError, ReadOnlyError)
+_FAILOVER_REPLIES = ("CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN", "READONLY", "UNBLOCKED",
+                     "NOREPLICAS", "LOADING")
 
 
 def text_of(value: object) -> str:
@@ -106,6 +118,9 @@ def _open(url: str, *, blocking: bool, max_connections: int) -> aioredis.Redis |
     }
     if url.startswith("unix://"):  # the embedded server's socket: keepalive is a TCP option
         del options["socket_keepalive"]
+    if sentinel.is_sentinel_url(url):  # a primary found through Sentinel (`store.sentinel`)
+        return sentinel.open_client(url, options, pool_wait_s=POOL_WAIT_S,
+                                    client_class=ServerClient)
     if cluster_enabled(url):
         return ClusterClient.from_url(url, **options)
     # Commands and blocking reads wait for a free connection rather than fail at
@@ -114,13 +129,16 @@ def _open(url: str, *, blocking: bool, max_connections: int) -> aioredis.Redis |
     # the cap waits its turn (a BLOCK read frees its connection within
     # `block_ms`) instead of answering "Too many connections".
     pool = aioredis.BlockingConnectionPool.from_url(url, timeout=POOL_WAIT_S, **options)
-    client = aioredis.Redis(connection_pool=pool)
+    client = ServerClient(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
 
 
 def connect_sync(url: str) -> redis.Redis | redis.RedisCluster:
     """A blocking client for `url` (a server or a cluster node), for tests and tools."""
+    if sentinel.is_sentinel_url(url):
+        return sentinel.open_sync_client(url, protocol=2, decode_responses=False,
+                                         socket_timeout=COMMAND_TIMEOUT_S)
     if cluster_enabled(url):
         return redis.RedisCluster.from_url(url, protocol=2, decode_responses=False,
                                            socket_timeout=COMMAND_TIMEOUT_S)
@@ -130,6 +148,8 @@ def connect_sync(url: str) -> redis.Redis | redis.RedisCluster:
 
 def cluster_enabled(url: str) -> bool:
     """Whether the server at `url` is a cluster node; False when it cannot be asked."""
+    if sentinel.is_sentinel_url(url):  # Sentinel watches a primary, never a cluster
+        return False
     probe = redis.Redis.from_url(
         url, protocol=2, socket_timeout=PROBE_TIMEOUT_S,
         socket_connect_timeout=PROBE_TIMEOUT_S, retry=SyncRetry(NoBackoff(), retries=0),
@@ -183,13 +203,87 @@ def _safe(url: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
-def _outage(exc: RedisClusterException) -> Exception:
-    """A cluster that cannot be reached reads as a RedisError like a server outage."""
-    if isinstance(exc, SlotNotCoveredError) or str(exc).startswith(_OUTAGE_MESSAGES):
-        error = RedisConnectionError(str(exc))
-        error.__cause__ = exc
-        return error
-    return exc
+class Failover(RedisConnectionError):
+    """A reply or error that means Redis is changing hands: an outage, retried as one."""
+
+
+def is_failover(exc: BaseException) -> bool:
+    """Whether `exc` says the server or cluster is failing over rather than refusing."""
+    if isinstance(exc, SlotNotCoveredError | Failover):
+        return True
+    if isinstance(exc, RedisClusterException):
+        return str(exc).startswith(_OUTAGE_MESSAGES)
+    return isinstance(exc, ResponseError) and (
+        isinstance(exc, _FAILOVER_ERRORS) or str(exc).startswith(_FAILOVER_REPLIES))
+
+
+def _outage(exc: Exception) -> Exception:
+    """A failover, or a cluster that cannot be reached, reads as an outage: a
+    ConnectionError, which every loop here retries after a pause and every request
+    answers with 503 and Retry-After."""
+    if isinstance(exc, Failover) or not is_failover(exc):
+        return exc
+    error = Failover(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _raise_replies(replies: list[Any]) -> None:
+    """Raise the first error among a pipeline's replies, a failover as an outage."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise _outage(reply)
+
+
+class ServerClient(aioredis.Redis):
+    """redis-py's asyncio client of one server, reporting a failover as an outage.
+
+    It also keeps the scripts registered with it: a script whose first call
+    met a demoted primary was loaded there, and its retry on the new primary
+    meets NOSCRIPT; the script is then loaded there and run again, once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scripts: dict[str, AsyncScript] = {}
+
+    def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
+        """Register a script, remembered by its hash."""
+        registered = super().register_script(script)
+        self.scripts[registered.sha] = registered
+        return registered
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Run one command; a failover reply raises Failover (a ConnectionError)."""
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            script = self.scripts.get(text_of(args[1])) if len(args) > 1 else None
+            if str(args[0]).upper() != "EVALSHA" or script is None:
+                raise
+            await self.script_load(script.script)
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            raise _outage(exc) from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        """A pipeline whose failover replies raise Failover."""
+        return ServerPipeline(self.connection_pool, self.response_callbacks, transaction,
+                              shard_hint)
+
+
+class ServerPipeline(aioredis.client.Pipeline):
+    """redis-py's pipeline, reporting a failover reply as an outage."""
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Run the pipeline; a failover reply raises Failover (a ConnectionError)."""
+        try:
+            replies = list(await super().execute(raise_on_error=False))
+        except ResponseError as exc:  # MULTI/EXEC answers some errors for the whole
+            raise _outage(exc) from exc
+        if raise_on_error:
+            _raise_replies(replies)
+        return replies
 
 
 def stream_keys(args: Sequence[Any]) -> list[Any]:
@@ -251,7 +345,7 @@ class ClusterClient(RedisCluster):
         """Run one command, reporting an unreachable cluster as ConnectionError."""
         try:
             return await super().execute_command(*args, **kwargs)
-        except RedisClusterException as exc:
+        except (RedisClusterException, ResponseError) as exc:
             raise _outage(exc) from exc
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
@@ -309,12 +403,10 @@ class ScriptLoadingPipeline(ClusterPipeline):
                                                  allow_redirections=allow_redirections))
             if not self._transaction:
                 await self._rerun_noscript(queued, replies)
-        except RedisClusterException as exc:
+        except (RedisClusterException, ResponseError) as exc:
             raise _outage(exc) from exc
         if raise_on_error:
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+            _raise_replies(replies)
         return replies
 
     async def _rerun_noscript(self, queued: list[tuple[tuple[Any, ...], dict[str, Any]]],
