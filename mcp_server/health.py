@@ -52,6 +52,7 @@ from mcp_server.responses import json_response
 from pipeline import Keys, Unavailable
 from pipeline.store import (
     Histogram,
+    Partitions,
     RedisClient,
     lanes,
     live_workers,
@@ -117,10 +118,10 @@ class PrometheusRegistry:
             self.subscribers.labels(stream)
         self._last_rate: tuple[float, float] | None = None
 
-    async def refresh(self, redis: RedisClient, keys: Keys) -> None:
+    async def refresh(self, redis: RedisClient, keys: Keys, partitions: Partitions) -> None:
         """Read the pipeline-wide figures from Redis into the snapshot."""
         families: list[Metric] = []
-        families += await _queue_families(redis, keys)
+        families += await _queue_families(redis, keys, partitions)
         workers = await live_workers(redis, keys)
         families.append(GaugeMetricFamily("embedstream_workers", "Live workers",
                                           value=len(workers)))
@@ -157,7 +158,8 @@ def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetr
     return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=histogram.sum)
 
 
-async def _queue_families(redis: RedisClient, keys: Keys) -> list[Metric]:
+async def _queue_families(redis: RedisClient, keys: Keys,
+                          partitions: Partitions) -> list[Metric]:
     waiting = GaugeMetricFamily("embedstream_queue_waiting_chunks",
                                 "Chunks not yet delivered to any worker",
                                 labels=["model", "lane"])
@@ -167,7 +169,7 @@ async def _queue_families(redis: RedisClient, keys: Keys) -> list[Metric]:
     lag = GaugeMetricFamily("embedstream_queue_lag_seconds",
                             "Age of the oldest chunk not yet delivered (0 when none waits)",
                             labels=["model", "lane"])
-    found = await lanes(redis, keys)
+    found = await lanes(redis, keys, partitions)
     for lane in found:
         waiting.add_metric([lane.model, lane.lane], lane.waiting)
         running.add_metric([lane.model, lane.lane], lane.running)
@@ -187,7 +189,7 @@ async def metrics(request: Request) -> Response:
     state: PrometheusRegistry = request.app.state.metrics
     pipeline = pipeline_of(request)
     with redis_outage():
-        await state.refresh(pipeline.redis, pipeline.keys)
+        await state.refresh(pipeline.redis, pipeline.keys, pipeline.partitions)
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -12,7 +12,9 @@ reads both.
     <p>:{<job>}:attempt:<chunk>  string  the input of a redelivered chunk being embedded
                                          alone, so a crash names it (expires)
     <p>:{q:<model>}:fast   stream  chunks of small jobs (the fast lane)
-    <p>:{q:<model>}:bulk   stream  chunks of large jobs
+    <p>:{q:<model>}:bulk   stream  chunks of large jobs (partition 0 of the bulk lane)
+    <p>:{q:<model>:<k>:<salt>}:bulk  stream  bulk partition k > 0, on its own slot
+                                   (EMBEDSTREAM_QUEUE_PARTITIONS; see QueueLayout)
     <p>:feed               stream  lifecycle events for dashboards (capped)
     <p>:workers            hash    worker id -> worker description
     <p>:worker:<id>        string  heartbeat, expires when the worker dies
@@ -25,6 +27,7 @@ reads both.
                                    finished: what the job janitor walks
     <p>:stats:texts        string  texts embedded, all time (for texts/s)
     <p>:metrics            hash    worker-side counters and histograms for /metrics
+    <p>:{<tag>}:sync       string  written by a replica barrier before its WAIT (expires)
     <p>:{r:<id>}:reply     list    a worker's reply to an older server's request (expires)
     <p>:inbox:<server>     stream  workers' replies to one server process's requests
                                    (capped, expires)
@@ -53,10 +56,60 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from redis.crc import key_slot
+
 GROUP = "workers"
 LANES = ("fast", "bulk")
+SLOTS = 16384
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def partition_tag(slug: str, partition: int, partitions: int) -> str:
+    """The hash tag of bulk partition `partition` (> 0) of `partitions`.
+
+    Partition 0 keeps the model's own tag `q:<slug>`. Split the 16384 slots
+    into `partitions` equal ranges, as a cluster of that many primaries is
+    usually laid out: partition k gets a tag whose slot falls k ranges after
+    partition 0's, the first of `q:<slug>:<k>:<salt>` for salt 0, 1, ... that
+    does, so every process names the same streams and each range has one.
+    """
+    def range_of(tag: str) -> int:
+        return key_slot(tag.encode()) * partitions // SLOTS
+
+    target = (range_of(f"q:{slug}") + partition) % partitions
+    salt = 0
+    while range_of(f"q:{slug}:{partition}:{salt}") != target:
+        salt += 1
+    return f"q:{slug}:{partition}:{salt}"
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """One model's queue: a fast lane, and its bulk lane split into partitions on
+    different hash slots, so a cluster's primaries share a large job's queue traffic.
+
+    The fast lane and bulk partition 0 share a slot (one blocking XREADGROUP
+    waits on both); a job's chunk c goes to partition c mod n, so every bulk
+    job puts its first chunk where idle workers wait.
+    """
+
+    fast: str
+    bulks: tuple[str, ...]
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Every stream: the fast lane, then the bulk partitions."""
+        return (self.fast, *self.bulks)
+
+    @property
+    def slot_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The streams grouped by hash slot (what one script may touch at once)."""
+        return ((self.fast, self.bulks[0]), *((bulk,) for bulk in self.bulks[1:]))
+
+    def bulk_of(self, chunk: int) -> str:
+        """The bulk partition chunk `chunk` of a job is queued on."""
+        return self.bulks[chunk % len(self.bulks)]
 
 
 def model_slug(model: str) -> str:
@@ -95,11 +148,25 @@ class Keys:
     def attempt(self, job_id: str, chunk: int) -> str:
         return f"{self.prefix}:{{{job_id}}}:attempt:{chunk}"
 
+    def sync(self, tag: str) -> str:
+        """A key of hash tag `tag`'s slot that a barrier writes before it WAITs."""
+        return f"{self.prefix}:{{{tag}}}:sync"
+
     def queue(self, model: str, lane: str) -> str:
         return f"{self.prefix}:{{q:{model_slug(model)}}}:{lane}"
 
     def queues(self, model: str) -> tuple[str, ...]:
         return tuple(self.queue(model, lane) for lane in LANES)
+
+    def layout(self, model: str, partitions: int = 1) -> QueueLayout:
+        """The model's queue split into `partitions` bulk streams (see `QueueLayout`)."""
+        return QueueLayout(self.queue(model, "fast"),
+                           tuple(self._bulk(model, k, partitions) for k in range(partitions)))
+
+    def _bulk(self, model: str, partition: int, partitions: int) -> str:
+        if partition == 0:
+            return self.queue(model, "bulk")
+        return f"{self.prefix}:{{{partition_tag(model_slug(model), partition, partitions)}}}:bulk"
 
     @property
     def feed(self) -> str:

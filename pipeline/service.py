@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
+from pipeline import tracing
 from pipeline.errors import Unavailable
 from pipeline.inputs import Item, JobOptions
 from pipeline.jobs import events, index, janitor, search
@@ -47,6 +48,7 @@ from pipeline.keys import Keys
 from pipeline.model.info import ModelInfo
 from pipeline.store.connections import connect, outage_is_unavailable
 from pipeline.store.fanout import Hubs
+from pipeline.store.partitions import Partitions
 from pipeline.store.stats import StatsSampler
 
 if TYPE_CHECKING:
@@ -81,8 +83,9 @@ class Pipeline:
         self.hubs = Hubs(self.redis, self.blocking, block_ms=settings.block_ms,
                          buffer=settings.sse_buffer)
         self.chunk_rows = events.ChunkRows(self.redis, self.keys)
-        self.stats = StatsSampler(self.redis, self.keys)
-        self.backlog = Backlog(self.redis, self.keys, settings)
+        self.partitions = Partitions(self.redis, self.keys, settings)
+        self.stats = StatsSampler(self.redis, self.keys, self.partitions)
+        self.backlog = Backlog(self.redis, self.keys, settings, self.partitions)
         self.catalog = ModelCatalog(self.redis, self.keys, settings.model)
         self.submitter = Submitter(self.scripts, self.idempotency, self.backlog, settings)
         self.requests = Requests(self.redis, self.inbox, self.server_id, self.keys, self.views,
@@ -111,7 +114,7 @@ class Pipeline:
         """A JobWriter for a streamed submission (validate options first)."""
         info = await self.model(options)
         return JobWriter(self.redis, self.keys, self.settings, options, info, caller.owner,
-                         scripts=self.scripts)
+                         scripts=self.scripts, layout=await self.partitions.layout(info.name))
 
     @outage_is_unavailable
     async def submit(
@@ -127,8 +130,12 @@ class Pipeline:
                      idempotency_key: str | None = None, *, interactive: bool = False
                      ) -> JobRecord:
         """Feed `items` to `writer` (if given) and commit (see `pipeline.jobs.submitter`)."""
-        return await self.submitter.commit(writer, items, idempotency_key,
-                                           interactive=interactive)
+        with tracing.submitting({"embedstream.job.id": writer.job_id}):
+            record = await self.submitter.commit(writer, items, idempotency_key,
+                                                 interactive=interactive)
+            # A replayed Idempotency-Key answers with the job it made first.
+            tracing.annotate({"embedstream.job.id": record.id, "embedstream.texts": record.total})
+            return record
 
     @outage_is_unavailable
     async def job(self, job_id: str, caller: Caller = TRUSTED) -> JobRecord:
@@ -187,8 +194,10 @@ class Pipeline:
         record = await self.job(job_id, caller)
         view = (encoding if isinstance(encoding, VectorView)
                 else await self.views.for_job(encoding, record))
-        stream = events.follow_job_live(self.redis, self.hubs, self.keys, self.chunk_rows,
-                                        job_id, after=after, view=view)
+        stream = tracing.delivering(
+            events.follow_job_live(self.redis, self.hubs, self.keys, self.chunk_rows, job_id,
+                                   after=after, view=view),
+            record.traceparent, {"embedstream.job.id": job_id})
         async with aclosing(stream):
             async for event in stream:
                 yield event
@@ -225,8 +234,9 @@ class Pipeline:
         async with self.quota.held(caller.owner, timeout_s):
             if is_light_request(items, options, self.settings.fast_lane_max_texts):
                 info = await self.model(options, recent=True)
-                return await self.requests.embed(items, options, info, encoding, on_progress,
-                                                 timeout_s, caller.owner)
+                with tracing.submitting({"embedstream.texts": len(items)}):
+                    return await self.requests.embed(items, options, info, encoding,
+                                                     on_progress, timeout_s, caller.owner)
             return await self._embed_job(items, options, caller, on_progress, timeout_s,
                                          encoding)
 

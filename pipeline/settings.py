@@ -67,6 +67,16 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
 
     key_prefix: str = "es"
+    # Streams per lane of a model, each on its own hash slot; 0: one per cluster primary
+    # (1 on a single server).
+    queue_partitions: int = 0
+    # Replicas a commit, a submission and a binding must reach before they count (Redis
+    # WAIT); -1: one whenever the primary has a replica, 0: never wait.
+    wait_replicas: int = -1
+    wait_timeout_ms: int = 2_000
+    # OpenTelemetry traces: "off", "otlp" (the OTEL_EXPORTER_OTLP_* variables say where;
+    # needs the `otlp` extra) or "console".
+    tracing: str = "off"
     chunk_size: int = 32
     fast_lane_max_texts: int = 32
     batch_max_texts: int = 128

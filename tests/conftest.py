@@ -91,6 +91,15 @@ def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyC
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def ha_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """Three primaries with a replica each, failing over within about two seconds (for
+    the failover and nemesis tests, which kill primaries and bring them back)."""
+    with ValkeyCluster(tmp_path_factory.mktemp("ha-cluster"), find_server_binary("valkey"),
+                       replicas=1, node_timeout_ms=1500) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def cluster_url(valkey_cluster: ValkeyCluster) -> str:
     """URL of one node of the session's cluster, every primary emptied for this test."""

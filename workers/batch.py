@@ -17,7 +17,9 @@ such death names one more input, so a chunk with several of them still ends.
 After the last text the record says no attempt is open, so a death later on
 (in the commit, say) blames no input. A kill in the instant between one
 text's success and the next record would blame that text: the price of one
-write per text rather than two.
+write per text rather than two. The record names its worker, and a worker
+whose heartbeat still lives did not die: it lost Redis (a failover) between
+two writes, and its record blames nothing.
 """
 
 from __future__ import annotations
@@ -148,10 +150,13 @@ async def _activated(redis: RedisClient, keys: Keys, entries: list[Entry]) -> li
 
 
 async def embed_attempted(redis: RedisClient, keys: Keys, model: ModelThread, item: Work,
-                          ttl_s: int) -> None:
+                          ttl_s: int, worker_id: str = "") -> None:
     """Embed a redelivered chunk text by text, recording each attempt before it is made."""
     key = keys.attempt(item.entry.job_id, item.entry.chunk)
     last = Attempt.parse(await redis.get(key))
+    if last is not None and last.worker and (
+            last.worker == worker_id or await redis.exists(keys.heartbeat(last.worker))):
+        last = last.survived()  # its worker lives: it lost Redis mid-chunk, and died on nothing
     given_up = last.suspects if last else frozenset()
     if given_up:
         logger.warning("chunk %s/%d: giving up inputs %s, on which a worker died",
@@ -163,9 +168,9 @@ async def embed_attempted(redis: RedisClient, keys: Keys, model: ModelThread, it
             item.errors[i] = DIED_ON_IT
             rows.append(None)
             continue
-        await redis.set(key, Attempt(i, given_up).dump(), ex=ttl_s)
+        await redis.set(key, Attempt(i, given_up, worker_id).dump(), ex=ttl_s)
         rows.append(await _embed_one(model, item, plan, i))
-    await redis.set(key, Attempt(None, given_up).dump(), ex=ttl_s)
+    await redis.set(key, Attempt(None, given_up, worker_id).dump(), ex=ttl_s)
     _stack(model.embedder, item, rows)
 
 

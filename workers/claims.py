@@ -5,9 +5,12 @@ bulk batch read ahead while the model embeds the last call of this one.
   of texts, by one script (`workers.lanes`): an entry may carry up to
   `fast_lane_max_texts` texts, and reading a whole batch's count of entries
   at once is how one worker came to hoard the lane while its peers idled.
-- With the fast lane empty, a blocking read takes at most one entry of each
-  lane (COUNT is per stream), and the bulk lane is then read on, without
-  blocking, up to `batch_max_texts`.
+- With the fast lane empty, the bulk lane's partitions (`QueueLayout`) are
+  read without blocking, each read starting one partition further on, up to
+  `batch_max_texts`; with nothing there either, a blocking read takes at
+  most one entry of the fast lane and bulk partition 0 (one slot, so one
+  XREADGROUP), and the partitions are then read on. Every bulk job puts its
+  first chunk on partition 0, so an idle worker wakes for any of them.
 - Read-ahead: while the model embeds a bulk batch's last call, the next
   batch is read (`ReadAhead`). Its entries are leased from the moment they
   are read (`Upkeep.hold`), so they are not taken for stale while they wait
@@ -31,7 +34,9 @@ from workers.model_calls import BUSY_S
 from workers.work import Entry, parse_reply
 
 if TYPE_CHECKING:
-    from pipeline import Settings
+    from collections.abc import Awaitable, Callable
+
+    from pipeline import QueueLayout, Settings
     from pipeline.store import RedisClient
     from workers.upkeep import Upkeep
 
@@ -41,13 +46,12 @@ ReadBatch = tuple[list[Entry], contextlib.ExitStack]
 class ReadAhead:
     """The next bulk batch, claimed while the model embeds this batch's last call."""
 
-    def __init__(self, redis: RedisClient, upkeep: Upkeep, settings: Settings,
-                 worker_id: str, bulk: str) -> None:
-        self.redis = redis
+    def __init__(self, upkeep: Upkeep, settings: Settings, worker_id: str,
+                 read_bulk: Callable[[int], Awaitable[list[Entry]]]) -> None:
         self.upkeep = upkeep
         self.settings = settings
         self.worker_id = worker_id
-        self.bulk = bulk
+        self.read_bulk = read_bulk
         self._reading: asyncio.Task[ReadBatch] | None = None
         self._held: contextlib.ExitStack | None = None
 
@@ -59,9 +63,7 @@ class ReadAhead:
     async def read(self) -> ReadBatch:
         """Up to a batch of bulk entries, without blocking; leased from the moment they
         are read, so they are not taken for stale while they wait for the model."""
-        room = self.settings.batch_max_texts // self.settings.chunk_size
-        reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.bulk: ">"}, count=room)
-        entries = parse_reply(reply)
+        entries = await self.read_bulk(self.settings.batch_max_texts // self.settings.chunk_size)
         return entries, self.upkeep.hold(entries)
 
     async def take(self) -> list[Entry]:
@@ -97,37 +99,59 @@ class Claims:
     """Where a worker's next entries come from: the fast lane, read-ahead, the bulk lane."""
 
     def __init__(self, redis: RedisClient, blocking: RedisClient, upkeep: Upkeep,
-                 settings: Settings, worker_id: str, streams: tuple[str, ...]) -> None:
+                 settings: Settings, worker_id: str, layout: QueueLayout) -> None:
         self.redis = redis
         self.blocking = blocking
         self.upkeep = upkeep
         self.settings = settings
         self.worker_id = worker_id
-        self.fast, self.bulk = streams
-        self.ahead = ReadAhead(redis, upkeep, settings, worker_id, self.bulk)
+        self.fast, self.bulks = layout.fast, layout.bulks
+        self.ahead = ReadAhead(upkeep, settings, worker_id, self.read_bulk)
         self._fast_served_at = -BUSY_S
+        self._turn = 0
 
     async def claim(self) -> list[Entry]:
-        """The fast lane, then the batch read ahead, then a blocking read of both lanes."""
+        """The fast lane, then the batch read ahead, then the bulk partitions, then a
+        blocking read of the fast lane and bulk partition 0 (which share a slot)."""
         entries = await self.claim_fast()
         if entries:
             return entries  # alone: the bulk lane can wait one short batch
         entries = await self.ahead.take()
         if entries:
             return entries
+        entries = await self.read_bulk(self._room([]))
+        if entries:
+            return entries
         # COUNT is per stream: one entry of each lane at most, then bulk up to the budget.
         reply = await self.blocking.xreadgroup(GROUP, self.worker_id,
-                                               {self.fast: ">", self.bulk: ">"},
+                                               {self.fast: ">", self.bulks[0]: ">"},
                                                count=1, block=self.settings.block_ms)
         entries = parse_reply(reply)
         if any(e.stream == self.fast for e in entries):
             self._fast_served_at = time.monotonic()
-        room = (self.settings.batch_max_texts - sum(e.size for e in entries)) \
+        if entries:
+            entries += await self.read_bulk(self._room(entries))
+        return entries
+
+    def _room(self, entries: list[Entry]) -> int:
+        """Bulk chunks a batch holding `entries` still has room for."""
+        return (self.settings.batch_max_texts - sum(e.size for e in entries)) \
             // self.settings.chunk_size
-        if entries and room > 0:
-            reply = await self.redis.xreadgroup(GROUP, self.worker_id, {self.bulk: ">"},
-                                                count=room)
-            entries += parse_reply(reply)
+
+    async def read_bulk(self, room: int) -> list[Entry]:
+        """Up to `room` bulk chunks without blocking, from the partitions in turn: each
+        read starts one partition further on, so none waits behind the others."""
+        entries: list[Entry] = []
+        count = len(self.bulks)
+        start, self._turn = self._turn, (self._turn + 1) % count
+        for step in range(count):
+            if room <= 0:
+                break
+            stream = self.bulks[(start + step) % count]
+            got = parse_reply(await self.redis.xreadgroup(GROUP, self.worker_id,
+                                                          {stream: ">"}, count=room))
+            entries += got
+            room -= len(got)
         return entries
 
     async def claim_fast(self) -> list[Entry]:

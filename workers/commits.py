@@ -1,7 +1,9 @@
 """Committing embedded chunks: the commit scripts, then the acks, then the feed.
 
-- Each chunk's commit script is sent in one pipeline; once all have
-  answered, a second pipeline acks every entry. Two round trips, not one: on
+- Each chunk's commit script is sent in one pipeline, followed, where the
+  job's node has a replica, by a WAIT for it (`pipeline.store.replicas`);
+  once all have answered, a second pipeline acks every entry whose commit
+  a replica has (the others are delivered again). Two round trips, not one: on
   a cluster a pipeline's commands for different nodes run in parallel, so an
   XACK could land before the commit of its chunk on another node, and a
   crash then would lose it. A crash between the two leaves chunks committed
@@ -28,9 +30,9 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from pipeline import GROUP, cancel_and_wait
+from pipeline import GROUP, cancel_and_wait, tracing
 from pipeline.jobs import Committed, JobScripts, announce, announce_created
-from pipeline.store import feed, metrics
+from pipeline.store import Replicas, feed, metrics
 from workers import replies
 from workers.batch import chunk_result, load_work
 
@@ -55,6 +57,7 @@ class Commits:
         self.worker_id = worker_id
         self.upkeep = upkeep
         self.scripts = JobScripts(redis, keys)
+        self.replicas = Replicas(redis, keys, settings)
         self.max_seq_length = max_seq_length
         self.backend = backend
         self._behind: asyncio.Task[None] | None = None
@@ -69,6 +72,7 @@ class Commits:
             await self.ack(loaded.skip)
         return loaded.work
 
+    @tracing.traced("commit")
     async def finish(self, group: list[Work], embed_s: float) -> None:
         """Commit an embedded group's chunks, then count the batch."""
         await self.commit([chunk_result(w, self.max_seq_length, self.backend) for w in group],
@@ -114,9 +118,19 @@ class Commits:
         async with self.redis.pipeline(transaction=False) as pipe:
             for result in results:
                 await self.scripts.queue_commit(pipe, result, self.settings.result_ttl_s)
+            job_keys = [self.keys.job(result.job_id) for result in results]
+            waits = await self.replicas.queue_waits(pipe, job_keys)
             answers = await pipe.execute()
+        if waits:  # only the entries whose commit a replica has
+            kept = self.replicas.confirmed(waits, answers)
+            unsure = [key for key in job_keys if self.replicas.node_of(key) not in kept]
+            if unsure:
+                kept |= await self.replicas.settle(
+                    unsure, give_up_s=self.settings.wait_timeout_ms / 1000)
+            entries = [entry for entry in entries
+                       if self.replicas.node_of(self.keys.job(entry.job_id)) in kept]
         await self.ack(entries)
-        committed = [JobScripts.parse_committed(a) for a in answers]
+        committed = [JobScripts.parse_committed(a) for a in answers[:len(results)]]
         written = sum(len(r.vectors) for r, c in zip(results, committed, strict=True)
                       if c.written)
         if written:
@@ -156,6 +170,8 @@ class Commits:
 
     async def ack(self, entries: list[Entry]) -> None:
         """XACK every entry, each lane's in one command."""
+        if not entries:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in _by_stream(entries).items():
                 pipe.xack(stream, GROUP, *ids)

@@ -1,8 +1,9 @@
 """The atomic operations on one model's queue lanes: trim, forget, release, claim.
 
-Each is one Lua script over both lanes of the model (`{q:<model>}:fast` and
-`:bulk` share a hash slot, so this also holds on Redis Cluster), registered
-once and returning a typed outcome. They are scripts because each decides
+Each is one Lua script over the lanes of one hash slot (`{q:<model>}:fast`
+and bulk partition 0 share one, each further bulk partition has its own;
+see `pipeline.keys.QueueLayout`), so this also holds on Redis Cluster,
+registered once and returning a typed outcome. They are scripts because each decides
 from the pending-entry list and then acts on it: done in two round trips, a
 peer's XREADGROUP in between changes what the decision was based on.
 
@@ -145,11 +146,16 @@ class Trimmed:
 
 
 class Lanes:
-    """One model's queue lanes and the scripts that keep them, registered once."""
+    """One model's queue lanes and the scripts that keep them, registered once.
 
-    def __init__(self, redis: RedisClient, lanes: tuple[str, ...]) -> None:
+    A script touches one hash slot: the lanes come in `groups` of one slot each
+    (the fast lane with bulk partition 0, then each further bulk partition),
+    and each script runs once per group.
+    """
+
+    def __init__(self, redis: RedisClient, groups: tuple[tuple[str, ...], ...]) -> None:
         self.redis = redis
-        self.lanes = lanes
+        self.groups = groups
         self._trim = redis.register_script(_TRIM)
         self._forget = redis.register_script(_FORGET)
         self._release = redis.register_script(_RELEASE)
@@ -157,25 +163,35 @@ class Lanes:
 
     async def trim(self) -> list[Trimmed]:
         """Drop acked entries: everything below the oldest pending or undelivered one."""
-        replies = await self._trim(keys=list(self.lanes), args=[GROUP])
-        return [Trimmed(lane, max(int(n), 0), int(n) == NO_GROUP)
-                for lane, n in zip(self.lanes, replies, strict=True)]
+        trimmed = []
+        for lanes in self.groups:
+            replies = await self._trim(keys=list(lanes), args=[GROUP])
+            trimmed += [Trimmed(lane, max(int(n), 0), int(n) == NO_GROUP)
+                        for lane, n in zip(lanes, replies, strict=True)]
+        return trimmed
 
     async def forget(self, consumer: str) -> dict[str, Forgotten]:
         """Delete `consumer` from each lane's group where it holds nothing pending."""
-        replies = await self._forget(keys=list(self.lanes), args=[GROUP, consumer])
-        return {lane: Forgotten(int(n)) for lane, n in zip(self.lanes, replies, strict=True)}
+        outcome: dict[str, Forgotten] = {}
+        for lanes in self.groups:
+            replies = await self._forget(keys=list(lanes), args=[GROUP, consumer])
+            outcome |= {lane: Forgotten(int(n)) for lane, n in zip(lanes, replies, strict=True)}
+        return outcome
 
     async def release(self, consumer: str, entries: Iterable[tuple[str, bytes]],
                       idle_ms: int) -> int:
         """Make entries `consumer` holds reclaimable by peers now; returns how many."""
-        number = {lane: i + 1 for i, lane in enumerate(self.lanes)}
-        args: list[Any] = [GROUP, consumer, idle_ms]
-        for lane, entry_id in entries:
-            args += [number[lane], entry_id]
-        if len(args) == 3:
-            return 0
-        return int(await self._release(keys=list(self.lanes), args=args))
+        held = list(entries)
+        released = 0
+        for lanes in self.groups:
+            number = {lane: i + 1 for i, lane in enumerate(lanes)}
+            args: list[Any] = [GROUP, consumer, idle_ms]
+            for lane, entry_id in held:
+                if lane in number:
+                    args += [number[lane], entry_id]
+            if len(args) > 3:
+                released += int(await self._release(keys=list(lanes), args=args))
+        return released
 
     async def claim(self, lane: str, consumer: str,
                     budget: int) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -48,7 +48,7 @@ from workers.lanes import Forgotten, Lanes
 from workers.work import Entry, parse_entry
 
 if TYPE_CHECKING:
-    from pipeline import Keys, Settings
+    from pipeline import Keys, QueueLayout, Settings
     from pipeline.model import ModelInfo
     from pipeline.store import AutoClaim, ConsumerInfo, RedisClient
 
@@ -63,15 +63,15 @@ class Upkeep:
     """Heartbeat, lease renewal, reclaiming and cleanup for one worker."""
 
     def __init__(self, redis: RedisClient, keys: Keys, settings: Settings, worker_id: str,
-                 model: ModelInfo, streams: tuple[str, ...]) -> None:
+                 model: ModelInfo, layout: QueueLayout) -> None:
         self.redis = redis
         self.scripts = JobScripts(redis, keys)
         self.keys = keys
         self.settings = settings
         self.worker_id = worker_id
         self.model = model
-        self.streams = streams
-        self.lanes = Lanes(redis, streams)
+        self.streams = layout.streams
+        self.lanes = Lanes(redis, layout.slot_groups)
         self.info = {"id": worker_id, "model": model.name, "backend": model.backend,
                      "host": socket.gethostname(),
                      "pid": os.getpid(), "started_at": time.time()}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from pipeline import tracing
 from pipeline.model import Plan, plan_texts
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class Attempt:
 
     trying: int | None
     given_up: frozenset[int] = frozenset()
+    worker: str = ""  # who wrote it: a death is blamed only if that worker is gone
 
     @classmethod
     def parse(cls, raw: bytes | None) -> Attempt | None:
@@ -36,13 +38,18 @@ class Attempt:
             data = orjson.loads(raw)
             trying = data["trying"]
             return cls(None if trying is None else int(trying),
-                       frozenset(int(i) for i in data["given_up"]))
+                       frozenset(int(i) for i in data["given_up"]), str(data.get("worker", "")))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
     def dump(self) -> bytes:
-        """The record as stored: JSON of the input in hand and the inputs given up."""
-        return orjson.dumps({"trying": self.trying, "given_up": sorted(self.given_up)})
+        """The record as stored: JSON of the input in hand, the inputs given up, the writer."""
+        return orjson.dumps({"trying": self.trying, "given_up": sorted(self.given_up),
+                             "worker": self.worker})
+
+    def survived(self) -> Attempt:
+        """The record of an attempt whose worker did not die (it lost Redis, say)."""
+        return Attempt(None, self.given_up, self.worker)
 
     @property
     def suspects(self) -> frozenset[int]:
@@ -64,6 +71,8 @@ class Entry:
     request: tuple[bytes, bytes] | None = None
     # The inbox (server id) its reply goes to; "" for an older server's request.
     reply_to: str = ""
+    # The W3C traceparent of its submit span; "" unless tracing was on (`pipeline.tracing`).
+    traceparent: str = ""
 
 
 @dataclass
@@ -120,7 +129,8 @@ def parse_entry(stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None)
         return None
     try:
         size = int(fields.get(b"n", b"1"))
-        return Entry(stream, entry_id, fields[b"job"].decode(), int(fields[b"chunk"]), size)
+        return Entry(stream, entry_id, fields[b"job"].decode(), int(fields[b"chunk"]), size,
+                     traceparent=tracing.entry_traceparent(fields))
     except ValueError:
         return None
 
@@ -131,7 +141,8 @@ def parse_request(stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> E
         size = int(fields.get(b"n", b"1"))
         return Entry(stream, entry_id, fields[b"req"].decode(), 0, size,
                      request=(fields[b"inputs"], fields[b"options"]),
-                     reply_to=fields.get(b"inbox", b"").decode())
+                     reply_to=fields.get(b"inbox", b"").decode(),
+                     traceparent=tracing.entry_traceparent(fields))
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
 

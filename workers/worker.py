@@ -57,9 +57,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline import GROUP, Keys, cancel_and_wait, honour_cancel
+from pipeline import GROUP, Backoff, Keys, cancel_and_wait, honour_cancel, tracing
 from pipeline.model import backend_of
-from pipeline.store import connect, metrics
+from pipeline.store import Partitions, connect, metrics
 from workers.batch import batches, embed_attempted, failed_result, open_attempts
 from workers.cache import EmbeddingCache, cache_scope, fingerprint
 from workers.claims import Claims
@@ -69,7 +69,7 @@ from workers.upkeep import Upkeep
 from workers.work import Entry, Work, parse_reply
 
 if TYPE_CHECKING:
-    from pipeline import Settings
+    from pipeline import QueueLayout, Settings
     from pipeline.model import Embedder
     from pipeline.store import RedisClient
 
@@ -102,18 +102,20 @@ class Worker:
     """
 
     def __init__(self, settings: Settings, embedder: Embedder, worker_id: str,
-                 redis: RedisClient, blocking: RedisClient) -> None:
+                 redis: RedisClient, blocking: RedisClient,
+                 layout: QueueLayout | None = None) -> None:
         self.settings = settings
         self.embedder = embedder
         self.worker_id = worker_id
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
-        self.streams = self.keys.queues(embedder.info.name)
+        self.layout = layout or self.keys.layout(embedder.info.name)
+        self.streams = self.layout.streams
         # A custom embedder (a test's fake) says nothing: it is what the settings named.
         self.backend = backend_of(embedder) or settings.backend
         info = dataclasses.replace(embedder.info, backend=self.backend)
-        self.upkeep = Upkeep(redis, self.keys, settings, worker_id, info, self.streams)
-        self.claims = Claims(redis, blocking, self.upkeep, settings, worker_id, self.streams)
+        self.upkeep = Upkeep(redis, self.keys, settings, worker_id, info, self.layout)
+        self.claims = Claims(redis, blocking, self.upkeep, settings, worker_id, self.layout)
         scale = TORCH_CALL_SCALE if self.backend == "torch" else 1
         self.calls = ModelCalls(embedder, self._cache(), max_texts=settings.call_max_texts * scale,
                                 max_tokens=settings.call_max_tokens * scale,
@@ -132,7 +134,9 @@ class Worker:
         redis = connect(settings.redis_url)
         blocking = connect(settings.redis_url, blocking=True, max_connections=4)
         try:
-            yield cls(settings, embedder, worker_id or new_worker_id(), redis, blocking)
+            layout = await Partitions(redis, Keys(settings.key_prefix), settings).layout(
+                embedder.info.name)
+            yield cls(settings, embedder, worker_id or new_worker_id(), redis, blocking, layout)
         finally:
             await redis.aclose()
             await blocking.aclose()
@@ -151,7 +155,8 @@ class Worker:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; finish the batch in hand, then deregister."""
         self.stopping = stop
-        await self.upkeep.register()
+        if not await self._register(stop):
+            return
         # Upkeep has its own stop: it must outlive the drain of the last batch.
         upkeep_stop = asyncio.Event()
         upkeep_task = asyncio.create_task(self.upkeep.run(upkeep_stop))
@@ -169,38 +174,71 @@ class Worker:
             await cancel_and_wait(upkeep_task)
             await self.upkeep.deregister()
 
+    async def _register(self, stop: asyncio.Event) -> bool:
+        """Register, retrying while Redis is away; False if stopped first."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                await self.upkeep.register()
+                return True
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                pause = backoff.next_s()
+                logger.warning("cannot reach Redis to register (%s); retrying in %.1fs",
+                               exc, pause)
+                await _wait(stop, pause)
+        return False
+
     async def _loop(self, stop: asyncio.Event) -> None:
-        await self._drain_own_pending()
+        """Work round after round; a lost Redis (or one failing over) is waited out.
+
+        Every error that means Redis is away or changing hands reaches here as a
+        ConnectionError (`pipeline.store.connections`): the round's entries stay
+        pending, to be finished by whoever claims them, and the worker goes on.
+        """
+        backoff = Backoff()
+        step = self._drain_own_pending
         while not stop.is_set():
             honour_cancel()
             try:
-                entries = await self._claim()
-                if entries:
-                    try:
-                        await self.process(entries)
-                    finally:
-                        self.claims.ahead.drop_hold()
-            except (RedisConnectionError, RedisTimeoutError):
-                logger.warning("lost Redis; retrying in 1s", exc_info=True)
-                await _wait(stop, 1.0)
+                await step()
+                step = self._work_once
+                backoff.reset()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                pause = backoff.next_s()
+                logger.warning("lost Redis (%s); retrying in %.1fs", exc, pause)
+                await _wait(stop, pause)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # Redis lost its data (restarted without persistence, or flushed):
-                # make the groups again and carry on.
-                logger.warning("consumer groups are gone; creating them again")
-                await self.upkeep.create_groups()
+                if "NOGROUP" in str(exc):
+                    # Redis lost its data (restarted without persistence, or flushed):
+                    # make the groups again and carry on.
+                    logger.warning("consumer groups are gone; creating them again")
+                    step = self.upkeep.create_groups
+                    continue
+                logger.exception("Redis refused a command; retrying")
+                await _wait(stop, backoff.next_s())
             except Exception:
                 # A bug in one batch must not take the worker down: its entries
                 # stay pending and are retried, then given up on as poison.
                 logger.exception("batch failed")
                 await _wait(stop, 1.0)
 
+    async def _work_once(self) -> None:
+        """Claim entries and embed and commit them."""
+        entries = await self._claim()
+        if entries:
+            try:
+                await self.process(entries)
+            finally:
+                self.claims.ahead.drop_hold()
+
     async def _drain_own_pending(self) -> None:
         """On start, finish what this consumer name claimed before a restart."""
-        reply = await self.redis.xreadgroup(GROUP, self.worker_id,
-                                            dict.fromkeys(self.streams, "0"), count=1000)
-        entries = await self.upkeep.with_deliveries(parse_reply(reply))
+        claimed: list[Entry] = []
+        for streams in self.layout.slot_groups:  # one XREADGROUP reads one slot
+            reply = await self.redis.xreadgroup(GROUP, self.worker_id,
+                                                dict.fromkeys(streams, "0"), count=1000)
+            claimed += parse_reply(reply)
+        entries = await self.upkeep.with_deliveries(claimed)
         if entries:
             logger.info("resuming %d entries left pending by a previous run", len(entries))
             await self.process(entries)
@@ -247,7 +285,7 @@ class Worker:
         steps += batches([w for w in work if w.entry.deliveries == 1],
                          self.settings.batch_max_texts)
         between = self._serve_fast_lane if interruptible else None
-        behind = self.overlap and work[0].entry.stream == self.streams[1]
+        behind = self.overlap and work[0].entry.stream != self.layout.fast
         with self.upkeep.leasing(w.entry for w in work):
             for number, group in enumerate(steps):
                 if number and self.stopping.is_set():
@@ -255,18 +293,19 @@ class Worker:
                     return
                 if behind and number == len(steps) - 1 and not self.stopping.is_set():
                     self.claims.ahead.start()
-                embed_s = await self._embed(group, between)
-                if behind:
-                    await self.commits.finish_behind(group, embed_s)
-                else:
-                    await self.commits.finish(group, embed_s)
+                with tracing.batch(w.entry for w in group):  # nothing when tracing is off
+                    embed_s = await self._embed(group, between)
+                    if behind:
+                        await self.commits.finish_behind(group, embed_s)
+                    else:
+                        await self.commits.finish(group, embed_s)
 
     async def _embed(self, group: list[Work], between: BetweenCalls | None) -> float:
         """Fill the group's vectors; the seconds it took."""
         started = time.perf_counter()
         if group[0].entry.deliveries > 1:
             await embed_attempted(self.redis, self.keys, self.calls.model, group[0],
-                                  self.settings.result_ttl_s)
+                                  self.settings.result_ttl_s, self.worker_id)
         else:
             await self.calls.embed(group, between_calls=between)
         return time.perf_counter() - started

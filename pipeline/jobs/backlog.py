@@ -28,12 +28,13 @@ import time
 from typing import TYPE_CHECKING, NoReturn
 
 from pipeline.errors import Overloaded
-from pipeline.store.stats import lane_state
+from pipeline.store.stats import model_lanes
 
 if TYPE_CHECKING:
     from pipeline.keys import Keys
     from pipeline.settings import Settings
     from pipeline.store.connections import RedisClient
+    from pipeline.store.partitions import Partitions
 
 MIN_WINDOW_S = 1.0
 FALLBACK_RETRY_S = 10
@@ -43,20 +44,20 @@ MAX_RETRY_S = 3600
 class Backlog:
     """Checks a submission against the backlog limits of its model."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, settings: Settings,
+                 partitions: Partitions) -> None:
         self.redis = redis
         self.keys = keys
         self.settings = settings
+        self.partitions = partitions
         self._samples: tuple[float, int] | None = None
         self._rate: float | None = None
 
     async def waiting_texts(self, model: str, lanes: tuple[str, ...]) -> int:
         """Texts waiting (not yet delivered to a worker) in some lanes of a model, at most."""
-        waiting = 0
-        for lane in lanes:
-            state = await lane_state(self.redis, model, lane, self.keys.queue(model, lane))
-            waiting += state.waiting * self.settings.chunk_size
-        return waiting
+        found = await model_lanes(self.redis, model, await self.partitions.layout(model))
+        return sum(state.waiting for state in found if state.lane in lanes) \
+            * self.settings.chunk_size
 
     def limit(self, interactive: bool) -> int:
         """Texts that may wait, for jobs or for interactive requests (0: no limit)."""

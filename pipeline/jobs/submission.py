@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from pipeline import tracing
 from pipeline.errors import InvalidInput, PayloadTooLarge, Unavailable
 from pipeline.jobs import index as job_index
 from pipeline.jobs.idempotency import RequestDigest
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from pipeline.inputs import Item, JobOptions
-    from pipeline.keys import Keys
+    from pipeline.keys import Keys, QueueLayout
     from pipeline.model.info import ModelInfo
     from pipeline.settings import Settings
     from pipeline.store.connections import RedisClient
@@ -95,6 +96,8 @@ class JobWriter:
     _sizes: list[int] = field(default_factory=list)
     digest: RequestDigest = field(init=False)
     scripts: JobScripts | None = None
+    # Where its chunks are queued; None: the model's one bulk stream.
+    layout: QueueLayout | None = None
     _listed: bool = False
 
     def __post_init__(self) -> None:
@@ -211,7 +214,7 @@ class JobWriter:
         return True
 
     def _record(self) -> JobRecord:
-        lane = "fast" if self.total <= self.settings.fast_lane_max_texts else "bulk"
+        lane = self._lane()
         return JobRecord(
             id=self.job_id, status=JobStatus.STAGED, total=self.total,
             model=self.model.name,
@@ -223,14 +226,32 @@ class JobWriter:
             chunks=self._chunks, lane=lane, owner=self.owner, created_at=now_iso(),
             created_ts=time.time(),
             timeout_s=self.options.timeout_s or self.settings.job_timeout_s,
+            traceparent=tracing.traceparent(),
         )
 
+    def written_keys(self) -> list[str]:
+        """A key of each slot a committed job was written to (its own, its queue's)."""
+        layout = self._layout
+        queues = [layout.fast] if self._lane() == "fast" else \
+            [layout.bulk_of(chunk) for chunk in range(min(self._chunks, len(layout.bulks)))]
+        return [self.keys.job(self.job_id), *queues]
+
+    @property
+    def _layout(self) -> QueueLayout:
+        return self.layout or self.keys.layout(self.model.name)
+
+    def _lane(self) -> str:
+        return "fast" if self.total <= self.settings.fast_lane_max_texts else "bulk"
+
     async def _enqueue(self, lane: str) -> None:
-        stream = self.keys.queue(self.model.name, lane)
+        layout = self._layout
+        trace = tracing.entry_fields()  # {} when tracing is off: no extra bytes per entry
         for start in range(0, self._chunks, QUEUE_WRITE_BATCH):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for chunk in range(start, min(start + QUEUE_WRITE_BATCH, self._chunks)):
-                    pipe.xadd(stream, {"job": self.job_id, "chunk": chunk, "n": self._sizes[chunk]})
+                    stream = layout.fast if lane == "fast" else layout.bulk_of(chunk)
+                    pipe.xadd(stream, {"job": self.job_id, "chunk": chunk, "n": self._sizes[chunk],
+                                      **trace})
                 await pipe.execute()
             await self._scripts.keep_staged(self.job_id, self.settings.staging_ttl_s)
             await self._scripts.step(f"enqueued:{start}")

@@ -38,6 +38,7 @@ from pipeline.errors import Conflict
 from pipeline.jobs.idempotency import LEASE_LOST
 from pipeline.jobs.quotas import KeyQuotas
 from pipeline.jobs.scripts import announce, cancel_job
+from pipeline.store.replicas import Replicas
 from pipeline.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ class Submitter:
         self.backlog = backlog
         self.settings = settings
         self.quotas = KeyQuotas(scripts.redis, scripts.keys, settings, backlog)
+        self.replicas = Replicas(scripts.redis, scripts.keys, settings)
 
     async def commit(self, writer: JobWriter, items: Items = None, key: str | None = None,
                      *, interactive: bool = False) -> JobRecord:
@@ -117,6 +119,9 @@ class Submitter:
                 record = await writer.commit(guard=lease.confirm)
             if key:
                 await self._bind(writer, key)
+            # Answered only once a replica has it all (where there are replicas).
+            bound = [self.scripts.keys.idempotency(scope, key)] if key else []
+            await self.replicas.barrier([*writer.written_keys(), *bound])
         except BaseException:
             await shielded(self.abandon(writer, key))
             raise

@@ -7,13 +7,17 @@ from pipeline.store.connections import RedisClient, connect, redis_outage, text_
 from pipeline.store.embedded import find_running, redis_for
 from pipeline.store.fanout import SubscriberDropped
 from pipeline.store.metrics import Histogram, read_metrics
+from pipeline.store.partitions import Partitions
+from pipeline.store.replicas import Replicas
 from pipeline.store.stats import lanes, live_workers
 
 __all__ = [
     "AutoClaim",
     "ConsumerInfo",
     "Histogram",
+    "Partitions",
     "RedisClient",
+    "Replicas",
     "SubscriberDropped",
     "connect",
     "feed",

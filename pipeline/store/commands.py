@@ -187,6 +187,10 @@ class RedisClient(Protocol):
         """PING: True when answered."""
         ...
 
+    async def info(self, section: str | None = None) -> dict[str, Any]:
+        """INFO, parsed (values of `key=value,...` lists are dicts)."""
+        ...
+
     async def get(self, name: Key) -> bytes | None:
         """GET."""
         ...

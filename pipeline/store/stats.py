@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, TypedDict
 import orjson
 from redis.exceptions import ResponseError
 
-from pipeline.keys import GROUP, LANES
+from pipeline.keys import GROUP
 from pipeline.model.info import ModelInfo
 
 if TYPE_CHECKING:
-    from pipeline.keys import Keys
+    from pipeline.keys import Keys, QueueLayout
     from pipeline.store.connections import RedisClient
+    from pipeline.store.partitions import Partitions
 
 
 async def live_workers(redis: RedisClient, keys: Keys) -> list[str]:
@@ -97,11 +98,20 @@ async def lane_state(redis: RedisClient, model: str, lane: str, stream: str) -> 
     return Lane(model, lane, waiting, running, round(age, 3))
 
 
-async def lanes(redis: RedisClient, keys: Keys) -> list[Lane]:
+async def model_lanes(redis: RedisClient, model: str, layout: QueueLayout) -> list[Lane]:
+    """A model's fast lane and its bulk lane (its partitions added up)."""
+    fast = await lane_state(redis, model, "fast", layout.fast)
+    parts = [await lane_state(redis, model, "bulk", stream) for stream in layout.bulks]
+    bulk = Lane(model, "bulk", sum(p.waiting for p in parts), sum(p.running for p in parts),
+                max(p.lag_s for p in parts))
+    return [fast, bulk]
+
+
+async def lanes(redis: RedisClient, keys: Keys, partitions: Partitions) -> list[Lane]:
     """Every lane of every registered model."""
     models = sorted(m.decode() for m in await redis.hkeys(keys.models))
-    return [await lane_state(redis, model, lane, keys.queue(model, lane))
-            for model in models for lane in LANES]
+    return [lane for model in models
+            for lane in await model_lanes(redis, model, await partitions.layout(model))]
 
 
 class WorkerDetail(TypedDict):
@@ -158,9 +168,10 @@ class StatsSnapshot(TypedDict):
 class StatsSampler:
     """Computes a stats snapshot, with texts/s since the previous sample."""
 
-    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, partitions: Partitions) -> None:
         self.redis = redis
         self.keys = keys
+        self.partitions = partitions
         self._last: tuple[float, int] | None = None
 
     async def sample(self) -> StatsSnapshot:
@@ -171,7 +182,7 @@ class StatsSampler:
         if self._last is not None and now > self._last[0]:
             rate = round(max(0.0, (texts - self._last[1]) / (now - self._last[0])), 1)
         self._last = (now, texts)
-        found = await lanes(self.redis, self.keys)
+        found = await lanes(self.redis, self.keys, self.partitions)
         workers = await worker_details(self.redis, self.keys)
         return {
             "queued_chunks": sum(x.waiting for x in found),

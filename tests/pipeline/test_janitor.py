@@ -65,7 +65,7 @@ async def test_a_job_that_stalls_under_a_live_worker_ends_failed_saying_so(
 ) -> None:
     pipeline = Pipeline(settings)
     upkeep = Upkeep(pipeline.redis, KEYS, settings, "stalled-worker",
-                    fake_model_info(DEFAULT_MODEL), KEYS.queues(DEFAULT_MODEL))
+                    fake_model_info(DEFAULT_MODEL), KEYS.layout(DEFAULT_MODEL))
     try:
         await upkeep.beat()  # a live worker serving the model, which never takes the job
         job = await pipeline.submit([Item("a")], JobOptions(timeout_s=0.3))

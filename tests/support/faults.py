@@ -21,7 +21,7 @@ def die(pipeline: Pipeline) -> None:
     """From now on this pipeline's Redis refuses everything, as for a dead process."""
     async def refuse(*args: Any, **kwargs: Any) -> Any:
         raise RedisConnectionError("this process is dead")
-    pipeline.redis.connection_pool.get_connection = refuse  # type: ignore[method-assign]
+    pipeline.redis.connection_pool.get_connection = refuse  # type: ignore[attr-defined]
     raise Died("killed")
 
 

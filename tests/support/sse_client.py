@@ -1,8 +1,11 @@
-"""A minimal SSE reader for tests: (id, event, data) tuples from an httpx stream."""
+"""A minimal SSE reader for tests: (id, event, data) tuples from an httpx stream, and a
+thread that reads one job's stream to its end through drops and failovers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,3 +41,59 @@ def read_events(response: httpx.Response) -> Iterator[SSE]:
             event = value
         elif name == "data":
             data.append(value)
+
+
+class Reader(threading.Thread):
+    """Reads a job's SSE stream to its end, resuming with Last-Event-ID after any drop
+    (from the server `base` names then, if it is a function), and counts every index
+    it is given; `stop()` ends it early."""
+
+    def __init__(self, base: str | Callable[[], str], job_id: str) -> None:
+        super().__init__(daemon=True)
+        self.base = base
+        self.path = f"/v1/jobs/{job_id}/events"
+        self.seen: dict[int, int] = {}
+        self.end: dict[str, Any] | None = None
+        self.resumes = 0
+        self.last_id: str | None = None
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def run(self) -> None:
+        while self.end is None and not self.stopped.is_set():
+            headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+            base = self.base() if callable(self.base) else self.base
+            with (contextlib.suppress(httpx.HTTPError),
+                  httpx.stream("GET", base + self.path, headers=headers,
+                               timeout=httpx.Timeout(10, read=60)) as response):
+                if response.status_code == 200:
+                    self._read(response)
+            if self.end is None:
+                self.resumes += 1
+                self.stopped.wait(0.2)
+
+    def _read(self, response: httpx.Response) -> None:
+        for event in read_events(response):
+            self.last_id = event.id or self.last_id
+            if event.event == "result":
+                for row in event.data:
+                    self.seen[row["index"]] = self.seen.get(row["index"], 0) + 1
+            elif event.event == "end":
+                self.end = event.data
+                return
+
+
+def results_pages(base: str, job_id: str) -> dict[int, int]:
+    """How many times each index appears in the job's results pages."""
+    counts: dict[int, int] = {}
+    cursor = None
+    while True:
+        params = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+        page = httpx.get(f"{base}/v1/jobs/{job_id}/results", params=params, timeout=30).json()
+        for row in page["results"]:
+            counts[row["index"]] = counts.get(row["index"], 0) + 1
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return counts

@@ -29,6 +29,7 @@ from workers.worker import Worker
 
 KEYS = Keys("es")
 FAST, BULK = KEYS.queues(DEFAULT_MODEL)
+LAYOUT = KEYS.layout(DEFAULT_MODEL)
 DIMS = 384
 
 

@@ -59,8 +59,23 @@ async def test_the_input_a_worker_died_on_fails_alone_on_the_next_delivery(
     # Chunk 0 came again, so it went alone, text by text; chunk 1 in one call.
     assert [c for c in embedder.calls if len(c) == 1] == [[t] for t in texts[:4] if t != texts[2]]
     record = orjson.loads(await pipeline.redis.get(KEYS.attempt(job_id, 0)))
-    assert record == {"trying": None, "given_up": [2]}
+    assert (record["trying"], record["given_up"], bool(record["worker"])) == (None, [2], True)
     assert await pipeline.redis.ttl(KEYS.attempt(job_id, 0)) > 0
+
+
+async def test_a_worker_that_lost_redis_mid_chunk_blames_no_input(
+    fast_settings: Settings, pipeline: Pipeline
+) -> None:
+    """The record names a worker whose heartbeat lives: it did not die, it lost Redis
+    between two writes (a failover), so the text it had in hand is tried again."""
+    texts = texts_of(3, 8)
+    job_id = await submit(pipeline, texts)
+    await pipeline.redis.set(KEYS.heartbeat("alive-worker"), b"1", px=60_000)
+    await die_holding(pipeline, job_id, {"trying": 2, "given_up": [], "worker": "alive-worker"},
+                      deliveries=1)
+    async with running(fast_settings, HashEmbedder(fast_settings)):
+        end = await wait_end(pipeline, job_id)
+    assert (end["status"], end["done"], end["failed"]) == ("completed", 8, 0)
 
 
 async def test_a_chunk_past_the_delivery_limit_goes_on_while_each_death_names_an_input(

@@ -19,8 +19,8 @@ from pipeline.settings import Settings
 from tests.support.fakes import HashEmbedder
 from tests.support.workers import (
     BULK,
-    FAST,
     KEYS,
+    LAYOUT,
     assert_every_index_once,
     create_groups,
     feed_events,
@@ -105,11 +105,11 @@ async def test_a_janitor_killed_between_the_steps_of_sweep_and_trim_loses_nothin
     texts = texts_of(2, 16)
     job_id = await submit(pipeline, texts)
     info = HashEmbedder(fast_settings).info
-    dead = Upkeep(client, KEYS, fast_settings, "dead", info, (FAST, BULK))
+    dead = Upkeep(client, KEYS, fast_settings, "dead", info, LAYOUT)
     await dead.register()
     await client.xreadgroup(GROUP, "dead", {BULK: ">"}, count=2)  # then it died
     await client.delete(KEYS.heartbeat("dead"))
-    janitor = Upkeep(client, KEYS, fast_settings, "janitor", info, (FAST, BULK))
+    janitor = Upkeep(client, KEYS, fast_settings, "janitor", info, LAYOUT)
     _die_at(monkeypatch, janitor, step)
     with pytest.raises(Died):
         await janitor.sweep_dead_workers()

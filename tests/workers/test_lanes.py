@@ -26,6 +26,7 @@ pytestmark = pytest.mark.anyio
 
 KEYS = Keys("es")
 FAST, BULK = KEYS.queues(DEFAULT_MODEL)
+LAYOUT = KEYS.layout(DEFAULT_MODEL)
 JOB = "0" * 32
 
 
@@ -42,7 +43,7 @@ async def client(any_redis_url: str) -> AsyncIterator[Any]:
 
 def upkeep_for(client: Any, name: str, **changes: Any) -> Upkeep:
     settings = Settings(**{"visibility_timeout_s": 1.0, **changes})
-    return Upkeep(client, KEYS, settings, name, HashEmbedder(settings).info, (FAST, BULK))
+    return Upkeep(client, KEYS, settings, name, HashEmbedder(settings).info, LAYOUT)
 
 
 async def add_entries(client: Any, stream: str, n: int) -> list[bytes]:
@@ -68,7 +69,7 @@ async def test_trimming_under_concurrent_reads_never_deletes_an_unacked_entry(
     # Each batch is read while nothing is pending, the moment the old two-call
     # floor (XPENDING, then XINFO's last-delivered id) could be moved past it.
     await add_entries(client, BULK, 400)
-    lanes = Lanes(client, (FAST, BULK))
+    lanes = Lanes(client, ((FAST, BULK),))
     lost: list[bytes] = []
     stop = anyio.Event()
 
@@ -98,10 +99,10 @@ async def test_trimming_keeps_undelivered_entries_and_says_when_a_lane_has_no_gr
 ) -> None:
     ids = await add_entries(client, FAST, 5)
     await client.xack(FAST, GROUP, *await read(client, "c1", 3, FAST))
-    trimmed = await Lanes(client, (FAST, BULK)).trim()
+    trimmed = await Lanes(client, ((FAST, BULK),)).trim()
     assert [(t.deleted, t.no_group) for t in trimmed] == [(2, False), (0, False)]
     # Another model's lane is another hash slot: one script may not touch both on a cluster.
-    other = await Lanes(client, (KEYS.queue("other", "bulk"),)).trim()
+    other = await Lanes(client, ((KEYS.queue("other", "bulk"),),)).trim()
     assert [(t.deleted, t.no_group) for t in other] == [(0, True)]
     assert [entry_id for entry_id, _ in await client.xrange(FAST)] == ids[2:]
 
@@ -111,10 +112,10 @@ async def test_a_consumer_is_forgotten_only_where_it_holds_nothing(client: Any) 
     await add_entries(client, FAST, 1)
     await client.xack(FAST, GROUP, *await read(client, "w1", 1, FAST))
     await read(client, "w1", 1)
-    lanes = Lanes(client, (FAST, BULK))
+    lanes = Lanes(client, ((FAST, BULK),))
     assert await lanes.forget("w1") == {FAST: Forgotten.FORGOTTEN, BULK: Forgotten.KEPT}
     assert len(await pending_of(client, "w1")) == 1
-    assert (await Lanes(client, ("no-such-lane",)).forget("w1")) == {
+    assert (await Lanes(client, (("no-such-lane",),)).forget("w1")) == {
         "no-such-lane": Forgotten.NO_GROUP}
 
 
@@ -222,7 +223,7 @@ async def test_concurrent_sweeps_and_trims_leave_every_pending_entry_claimable(
 async def test_claim_reads_entries_one_by_one_until_their_texts_fill_the_budget(
     client: Any,
 ) -> None:
-    lanes = Lanes(client, (FAST, BULK))
+    lanes = Lanes(client, ((FAST, BULK),))
     async with client.pipeline(transaction=False) as pipe:
         for size in (3, 3, 3, 1):
             pipe.xadd(FAST, {"req": f"r{size}", "n": size})
@@ -237,4 +238,4 @@ async def test_claim_reads_entries_one_by_one_until_their_texts_fill_the_budget(
 async def test_claim_on_a_lane_without_its_group_raises_nogroup(client: Any) -> None:
     await client.delete(FAST)
     with pytest.raises(ResponseError, match="NOGROUP"):
-        await Lanes(client, (FAST, BULK)).claim(FAST, "worker", 4)
+        await Lanes(client, ((FAST, BULK),)).claim(FAST, "worker", 4)

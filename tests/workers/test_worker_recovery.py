@@ -36,6 +36,7 @@ from tests.support.workers import (
     DIMS,
     FAST,
     KEYS,
+    LAYOUT,
     all_rows,
     assert_every_index_once,
     create_groups,
@@ -54,7 +55,9 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def any_settings(any_redis_url: str, tmp_path: Any) -> Settings:
-    return quick(Settings(redis_url=any_redis_url, data_dir=tmp_path / "data"))
+    # One bulk stream, on the cluster too: these tests read the lanes by name.
+    return quick(Settings(redis_url=any_redis_url, data_dir=tmp_path / "data",
+                          queue_partitions=1))
 
 
 @pytest.fixture
@@ -391,7 +394,7 @@ async def test_trimming_drops_acked_entries_but_never_pending_or_undelivered_one
     stuck = await read("ghost", 1)
     await client.xack(BULK, GROUP, *await read("c1", 2))  # the sixth stays undelivered
     upkeep = Upkeep(client, KEYS, any_settings, "janitor", HashEmbedder(any_settings).info,
-                    (FAST, BULK))
+                    LAYOUT)
 
     await upkeep.trim_queues()
     assert [e for e, _ in await client.xrange(BULK)] == ids[2:]
@@ -448,7 +451,7 @@ async def test_two_survivors_sweeping_at_once_announce_a_dead_worker_once(
 ) -> None:
     client = pipeline.redis
     info = HashEmbedder(any_settings).info
-    upkeeps = [Upkeep(client, KEYS, any_settings, name, info, (FAST, BULK))
+    upkeeps = [Upkeep(client, KEYS, any_settings, name, info, LAYOUT)
                for name in ("dead", "alive-1", "alive-2")]
     for upkeep in upkeeps:
         await upkeep.register()
