@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 from mcp_server import (
+    batch_routes,
     dashboard,
     embeddings,
     event_routes,
@@ -64,7 +65,7 @@ def create_app(settings: Settings, *, with_mcp: bool = True) -> Starlette:
     """Build the app for `settings` (which must name a Redis URL)."""
     routes: list[BaseRoute] = [
         *health.routes, *job_routes.routes, *event_routes.routes, *embeddings.routes,
-        *models.routes, *session_routes.routes, *dashboard.routes,
+        *models.routes, *session_routes.routes, *dashboard.routes, *batch_routes.routes,
     ]
     # Built before the app, so the MCP tools hold it; opened and closed in the lifespan
     # (its Redis clients connect on first use).

@@ -10,7 +10,9 @@ alone: a chunked upload (no Content-Length) that passes the limit fails
 with `413` at the byte that crosses it, and nothing it sent is queued (the
 route's own abort path runs, as for any rejected upload). JSON bodies are
 limited to `settings.max_json_bytes` (64 MiB), an NDJSON upload (one job)
-to `settings.max_upload_bytes` (1 GiB).
+to `settings.max_upload_bytes` (1 GiB). The one exception to JSON: `POST /v1/files`
+takes `multipart/form-data` (OpenAI's file upload), limited like an NDJSON upload;
+a cross-site form cannot use it, as `HostGuard` refuses a foreign Origin first.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipeline import PayloadTooLarge, Settings
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/ndjson",
                           "application/json-lines"})
+MULTIPART_PATHS = frozenset({"/v1/files"})
 
 
 def body_kind(content_type: str | None) -> str | None:
@@ -49,6 +52,9 @@ class BodyGuard:
             return
         headers = Headers(scope=scope)
         kind = body_kind(headers.get("content-type"))
+        if kind is None and scope["path"] in MULTIPART_PATHS and headers.get(
+                "content-type", "").lower().startswith("multipart/form-data"):
+            kind = "ndjson"  # an upload: the upload byte limit
         if kind is None:
             shown = headers.get("content-type")
             reply = error_response(
@@ -70,7 +76,7 @@ def _too_large(kind: str, limit: int) -> str:
     if kind == "json":
         return (f"JSON bodies are limited to {limit} bytes; upload large jobs as "
                 "application/x-ndjson")
-    return f"an NDJSON upload is limited to {limit} bytes (EMBEDSTREAM_MAX_UPLOAD_BYTES)"
+    return f"an NDJSON or file upload is limited to {limit} bytes (EMBEDSTREAM_MAX_UPLOAD_BYTES)"
 
 
 def _counting(receive: Receive, kind: str, limit: int) -> Receive:

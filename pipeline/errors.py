@@ -8,6 +8,7 @@
     │   └── UnknownModel             no worker or local files serve this model (422)
     ├── Unauthorized                 missing or wrong API key (401)
     ├── JobNotFound                  no such job, or it expired (404)
+    ├── NotFound                     no such file or batch, or it expired (404)
     ├── JobNotFinished               the operation needs a finished job (409)
     ├── Conflict                     the same Idempotency-Key is being submitted now (409)
     ├── IdempotencyKeyReused         an Idempotency-Key sent again with another request (422)
@@ -69,6 +70,11 @@ class Unauthorized(PipelineError):
 
 class JobNotFound(PipelineError):
     code = "job_not_found"
+    status = 404
+
+
+class NotFound(PipelineError):
+    code = "not_found"
     status = 404
 
 

@@ -41,6 +41,12 @@ reads both.
                                    and what makes a session valid (expires with the last)
     <p>:active:<owner>     zset    job id -> time listed, of one API key's unfinished jobs
                                    (its per-key quotas; expires when the key goes idle)
+    <p>:{<file>}:file      hash    an uploaded file's description (owner, name, size, parts)
+    <p>:{<file>}:parts     hash    part number -> up to 1 MiB of the file's bytes
+    <p>:files:<owner>      hash    file id -> "<created ms> <bytes>": one key's files, its quota
+    <p>:{<batch>}:batch    hash    an OpenAI-style batch: its input file, job, state, errors
+    <p>:{<batch>}:requests hash    part number -> packed (custom_id, first input, inputs) rows
+    <p>:batches:<owner>    zset    one key's batch ids by creation time (batch list)
 
 Cache entries carry no hash tag on purpose: they spread over every slot of a
 cluster, and are only ever read and written one key a command.
@@ -238,3 +244,23 @@ class Keys:
     def sessions(self, owner: str) -> str:
         """The index of one owner's dashboard sessions."""
         return f"{self.prefix}:sessions:{owner or '-'}"
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}:{{{file_id}}}:file"
+
+    def file_parts(self, file_id: str) -> str:
+        return f"{self.prefix}:{{{file_id}}}:parts"
+
+    def files(self, owner: str) -> str:
+        """One owner's uploaded files: the file list and its quota."""
+        return f"{self.prefix}:files:{owner or '-'}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{{batch_id}}}:batch"
+
+    def batch_requests(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{{batch_id}}}:requests"
+
+    def batches(self, owner: str) -> str:
+        """One owner's batch ids by creation time."""
+        return f"{self.prefix}:batches:{owner or '-'}"

@@ -134,8 +134,7 @@ class Worker:
         redis = connect(settings.redis_url)
         blocking = connect(settings.redis_url, blocking=True, max_connections=4)
         try:
-            layout = await Partitions(redis, Keys(settings.key_prefix), settings).layout(
-                embedder.info.name)
+            layout = await _queue_layout(redis, settings, embedder.info.name)
             yield cls(settings, embedder, worker_id or new_worker_id(), redis, blocking, layout)
         finally:
             await redis.aclose()
@@ -328,6 +327,19 @@ class Worker:
         results = [failed_result(w, reason, w.dimensions or dims) for w in work]
         await self.commits.commit(results, [w.entry for w in work])
         await metrics.record_given_up(self.redis, self.keys, sum(len(w.texts) for w in work))
+
+
+async def _queue_layout(redis: RedisClient, settings: Settings, model: str) -> QueueLayout:
+    """The model's queue layout, asked of Redis until it answers (it may be failing over)."""
+    backoff = Backoff()
+    while True:
+        try:
+            return await Partitions(redis, Keys(settings.key_prefix), settings).layout(model)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            pause = backoff.next_s()
+            logger.warning("cannot reach Redis to read the queue layout (%s); retrying in "
+                           "%.1fs", exc, pause)
+            await asyncio.sleep(pause)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -1,8 +1,18 @@
 """A job's life in Redis: record, scripts, submission, results, events, interactive requests."""
 
 
+from pipeline.jobs.batch_lines import check_create, check_metadata, option_error
+from pipeline.jobs.batches import (
+    OUTPUT_FILE_ID,
+    WINDOW_S,
+    Batches,
+    BatchState,
+    RequestOutcome,
+    check_cancellable,
+)
 from pipeline.jobs.catalog import Readiness
 from pipeline.jobs.events import Event, check_event_id
+from pipeline.jobs.files import PART_BYTES, StoredFile, check_purpose
 from pipeline.jobs.idempotency import MAX_IDEMPOTENCY_KEY, check_idempotency_key
 from pipeline.jobs.index import MAX_LIMIT, JobPage
 from pipeline.jobs.interactive import Embeddings, Reply, queue_reply
@@ -33,8 +43,13 @@ __all__ = [
     "MAX_IDEMPOTENCY_KEY",
     "MAX_LIMIT",
     "MAX_PAGE",
+    "OUTPUT_FILE_ID",
+    "PART_BYTES",
     "PUBLIC_STATUSES",
     "TRUSTED",
+    "WINDOW_S",
+    "BatchState",
+    "Batches",
     "Caller",
     "ChunkResult",
     "Committed",
@@ -50,17 +65,24 @@ __all__ = [
     "PublicJob",
     "Readiness",
     "Reply",
+    "RequestOutcome",
     "ResultRow",
     "ResultsPage",
     "SearchHit",
+    "StoredFile",
     "announce",
     "announce_created",
     "calibration_texts",
+    "check_cancellable",
+    "check_create",
     "check_encoding",
     "check_event_id",
     "check_idempotency_key",
     "check_job_id",
+    "check_metadata",
+    "check_purpose",
     "has_calibration",
+    "option_error",
     "owner_id",
     "queue_reply",
     "store_calibration",
