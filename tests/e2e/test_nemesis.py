@@ -8,6 +8,11 @@ workers and servers with SIGKILL and starts them again, pauses them with
 SIGSTOP/SIGCONT, and kills cluster primaries, which come back as replicas.
 Then the faults stop, and every acknowledged job must end.
 
+It runs on the session's cluster of three primaries with a replica each;
+with `EMBEDSTREAM_NEMESIS_ON=sentinel`, on a primary, a replica and three
+sentinels instead (a killed primary is replaced by the sentinels and comes
+back as a replica), which is not part of `make test`.
+
 The checker counts submitted (jobs a client tried), acknowledged (202),
 delivered (every index came over SSE), lost (an acknowledged job, or an
 index of one, that never came, or is missing from its results), duplicated
@@ -23,21 +28,24 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
 
+from pipeline.store.server_files import find_server_binary
 from tests.support.cluster import ValkeyCluster
 from tests.support.processes import Process, start_server, start_worker, wait_for_workers
+from tests.support.sentinel import ValkeySentinel
 from tests.support.sse_client import Reader, results_pages
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 NEMESIS_S = float(os.environ.get("EMBEDSTREAM_NEMESIS_S", "180"))
+ON = os.environ.get("EMBEDSTREAM_NEMESIS_ON", "cluster")
 SEED = 20261205
 CLIENTS = 3
 WORKER_ENV = {"EMBEDSTREAM_BACKEND": "tests.support.fakes:SlowEmbedder",
@@ -47,11 +55,62 @@ WORKER_ENV = {"EMBEDSTREAM_BACKEND": "tests.support.fakes:SlowEmbedder",
 SERVER_ENV = {"EMBEDSTREAM_IDEMPOTENCY_LEASE_S": "3"}
 
 
+class Target(Protocol):
+    """The Redis deployment under test: where processes connect, how a primary dies."""
+
+    def urls(self) -> list[str]: ...
+
+    def kill_primary(self, rng: random.Random) -> None: ...
+
+
+@dataclass
+class ClusterTarget:
+    cluster: ValkeyCluster
+
+    def urls(self) -> list[str]:
+        return self.cluster.urls_alive()
+
+    def kill_primary(self, rng: random.Random) -> None:
+        cluster = self.cluster
+        victim = rng.choice([i for i in cluster.alive() if cluster.role(i) == "master"])
+        key = cluster.a_key_of(victim)
+        cluster.kill(victim)
+        cluster.wait_failover(key, victim)
+        cluster.restart(victim)
+        cluster.wait_in_sync()
+
+
+@dataclass
+class SentinelTarget:
+    deployment: ValkeySentinel
+
+    def urls(self) -> list[str]:
+        return [self.deployment.url]
+
+    def kill_primary(self, rng: random.Random) -> None:
+        old = self.deployment.kill_primary()
+        self.deployment.wait_failover(old)
+        self.deployment.restart(old)
+
+
+@pytest.fixture
+def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Target]:
+    if ON != "sentinel":
+        cluster: ValkeyCluster = request.getfixturevalue("ha_cluster")
+        cluster.wait_in_sync()
+        yield ClusterTarget(cluster)
+        return
+    with ValkeySentinel(tmp_path_factory.mktemp("sentinel"),
+                        find_server_binary("valkey")) as deployment:
+        yield SentinelTarget(deployment)
+
+
 @dataclass
 class Fleet:
     """The server and worker processes, replaced as the nemesis kills them."""
 
-    cluster: ValkeyCluster
+    target: Target
     root: Path
     servers: list[tuple[Process, str]] = field(default_factory=list)
     workers: list[Process] = field(default_factory=list)
@@ -62,13 +121,13 @@ class Fleet:
             return [url for _, url in self.servers]
 
     def start_server(self) -> None:
-        url = random.choice(self.cluster.urls_alive())
+        url = random.choice(self.target.urls())
         process, base = start_server(url, self.root, **SERVER_ENV)
         with self.lock:
             self.servers.append((process, base))
 
     def start_worker(self) -> None:
-        url = random.choice(self.cluster.urls_alive())
+        url = random.choice(self.target.urls())
         process = start_worker(url, self.root, uuid.uuid4().hex[:6], **WORKER_ENV)
         with self.lock:
             self.workers.append(process)
@@ -129,7 +188,7 @@ def nemesis(fleet: Fleet, rng: random.Random, until: float, log: list[str]) -> N
             fleet, [p for p, _ in fleet.servers], fleet.start_server, rng)),
         ("pause a worker 6 s", lambda: pause(rng.choice(fleet.workers), 6.0)),
         ("pause a server 3 s", lambda: pause(rng.choice(fleet.servers)[0], 3.0)),
-        ("kill -9 a primary, bring it back", lambda: kill_primary(fleet.cluster, rng)),
+        ("kill -9 a primary, bring it back", lambda: fleet.target.kill_primary(rng)),
     ]
     while time.monotonic() < until:
         time.sleep(rng.uniform(4.0, 8.0))
@@ -155,20 +214,9 @@ def pause(process: Process, seconds: float) -> None:
     process.popen.send_signal(signal.SIGCONT)
 
 
-def kill_primary(cluster: ValkeyCluster, rng: random.Random) -> None:
-    victim = rng.choice([i for i in cluster.alive() if cluster.role(i) == "master"])
-    key = cluster.a_key_of(victim)
-    cluster.kill(victim)
-    cluster.wait_failover(key, victim)
-    cluster.restart(victim)
-    cluster.wait_in_sync()
-
-
-def test_what_goes_in_comes_out_under_a_nemesis(ha_cluster: ValkeyCluster,
-                                                tmp_path: Path) -> None:
-    ha_cluster.wait_in_sync()
+def test_what_goes_in_comes_out_under_a_nemesis(target: Target, tmp_path: Path) -> None:
     random.seed(SEED)
-    fleet = Fleet(ha_cluster, tmp_path)
+    fleet = Fleet(target, tmp_path)
     ledger = Ledger()
     log: list[str] = []
     try:
@@ -192,7 +240,7 @@ def test_what_goes_in_comes_out_under_a_nemesis(ha_cluster: ValkeyCluster,
     finally:
         for process in fleet.all():
             process.stop()
-    table = "\n".join([f"faults ({len(log)}, seed {SEED}, {NEMESIS_S:.0f} s):",
+    table = "\n".join([f"on {ON}: faults ({len(log)}, seed {SEED}, {NEMESIS_S:.0f} s):",
                        *(f"  {line}" for line in log),
                        *(f"{name:>13}: {value}" for name, value in outcome.items())])
     print("\n" + table)
