@@ -3,9 +3,10 @@
 Embeds the STS-B dev pairs and the calibration corpus with the bundled model
 (sentence-transformers directly, as a worker does), quantizes the vectors
 with embedstream's own code (`pipeline.jobs.quantize`, the ranges from the shipped
-calibration corpus) and scores each pair: cosine for float, int8 and uint8
-(on the integers as delivered), Hamming similarity (minus the number of
-differing bits) for ubinary. Prints a Markdown table for the README.
+calibration corpus) and scores each pair: cosine for float, float16 (on the
+half floats as delivered), int8 and uint8 (on the integers as delivered),
+Hamming similarity (minus the number of differing bits) for ubinary. Prints
+a Markdown table for the README.
 
     .venv/bin/python bench/quantization.py
 """
@@ -25,11 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.jobs.quantize import calibration_texts, quantize, ranges_from  # noqa: E402
+from pipeline.jobs.quantize import (  # noqa: E402
+    calibration_texts,
+    half_floats,
+    quantize,
+    ranges_from,
+)
 from pipeline.model.info import bundled_model_dir  # noqa: E402
 
 DEV = ROOT / "tests" / "data" / "stsbenchmark" / "sts-dev.csv"
-BYTES = {"float": 4 * 384, "int8": 384, "uint8": 384, "ubinary": 384 // 8}
+BYTES = {"float": 4 * 384, "float16": 2 * 384, "int8": 384, "uint8": 384, "ubinary": 384 // 8}
 
 
 def dev_pairs() -> tuple[list[str], list[str], list[float]]:
@@ -63,6 +69,7 @@ def main() -> None:
     ranges = ranges_from(model.encode(list(calibration_texts()), batch_size=64), None, True)
     scores = {
         "float": cosine(a, b),
+        "float16": cosine(half_floats(a), half_floats(b)),
         "int8": cosine(quantize(a, "int8", ranges), quantize(b, "int8", ranges)),
         "uint8": cosine(quantize(a, "uint8", ranges), quantize(b, "uint8", ranges)),
         "ubinary": hamming_similarity(quantize(a, "ubinary"), quantize(b, "ubinary")),

@@ -5,7 +5,8 @@ otherwise, so base64 (little-endian float32) is first-class. Token arrays as
 `input` are not supported: send text. Beyond OpenAI's fields, embedstream's
 job options (`chunk`, `chunk_overlap`, `prompt`, `prompt_name`, `normalize`,
 `truncate`) are accepted as extra fields (the client's `extra_body`), and
-`encoding_format` also takes `int8`, `uint8`, `binary` and `ubinary`.
+`encoding_format` also takes `float16` (base64 of little-endian half floats), `int8`,
+`uint8`, `binary` and `ubinary`.
 
 A client that hangs up stops its request at once (`mcp_server.disconnects`):
 its reply is waited for no more, and a job made for it is cancelled.

@@ -31,7 +31,8 @@ use similarity instead: it returns scores, not vectors.
 Returns {{model, dimensions, embeddings (one per input, in input order), truncated (indexes \
 of inputs cut at the model's token limit), chunks (with chunk=true: windows per input)}}. A \
 float vector is several KB of JSON; encoding "base64" (little-endian float32) is about half \
-that, "int8" a quarter, "ubinary" (sign bits) a thirty-second.""",
+that, "float16" (little-endian half floats) or "int8" a quarter, "ubinary" (sign bits) a \
+thirty-second.""",
     "similarity": """\
 Rank candidate texts by cosine similarity to a query, best first.
 Use it to find which of up to {max_texts} texts (query included) are closest in meaning to a \

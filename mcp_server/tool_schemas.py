@@ -36,13 +36,15 @@ Truncate = Annotated[bool, Field(
     description="Cut texts longer than the model's token limit and mark them truncated; "
                 "false rejects such texts instead.")]
 Model = Annotated[str | None, Field(description="Model name; null for the server's default model.")]
-Encoding = Annotated[Literal["float", "base64", "int8", "uint8", "binary", "ubinary"], Field(
+Encoding = Annotated[Literal["float", "base64", "float16", "int8", "uint8", "binary",
+                             "ubinary"], Field(
     description="'float': vectors as JSON number arrays. 'base64': each vector as base64 of "
                 "little-endian float32, about half the size; use it when you only pass vectors "
-                "on, to keep your context small. 'int8'/'uint8': one integer per dimension, "
-                "scaled with the model's fixed per-dimension ranges. 'binary'/'ubinary': sign "
-                "bits packed 8 to an integer (signed/unsigned byte), 32 times smaller than "
-                "float.")]
+                "on, to keep your context small. 'float16': base64 of little-endian half "
+                "floats, half of base64 again (within 0.001 of float for normalized vectors). "
+                "'int8'/'uint8': one integer per dimension, scaled with the model's fixed "
+                "per-dimension ranges. 'binary'/'ubinary': sign bits packed 8 to an integer "
+                "(signed/unsigned byte), 32 times smaller than float.")]
 Chunk = Annotated[bool, Field(
     description="Split a text longer than the model's token limit into overlapping windows and "
                 "average their vectors (weighted by tokens) instead of truncating it.")]
@@ -90,8 +92,8 @@ class Embeddings(BaseModel):
     model: str
     dimensions: int
     embeddings: list[list[int] | list[float] | str] = Field(
-        description="One vector per input, in input order (base64 strings with encoding=base64, "
-                    "integers with int8/uint8/binary/ubinary).")
+        description="One vector per input, in input order (base64 strings with encoding=base64 "
+                    "or float16, integers with int8/uint8/binary/ubinary).")
     truncated: list[int] = Field(
         description="Indexes of inputs cut at the model's token limit (empty if none).")
     chunks: list[int] | None = Field(
@@ -146,8 +148,8 @@ class ResultRow(BaseModel):
     index: int
     id: str | None
     embedding: list[int] | list[float] | str | None = Field(
-        description="The vector (base64 string with encoding=base64, integers with the integer "
-                    "encodings); null if the input failed.")
+        description="The vector (base64 string with encoding=base64 or float16, integers with "
+                    "the integer encodings); null if the input failed.")
     truncated: bool
     chunks: int | None = Field(
         default=None, description="With chunk=true: windows embedded for this input.")

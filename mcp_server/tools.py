@@ -150,7 +150,8 @@ class AgentTools:
         embedded = await pipeline.embed(items, options, caller=context_caller(ctx),
                                         on_progress=progress, encoding=encoding)
         values = _embeddings(embedded)
-        embeddings: list[Any] = values if encoding == "base64" else json_floats(np.vstack(values))
+        text = encoding in ("base64", "float16")  # base64 strings, not numbers
+        embeddings: list[Any] = values if text else json_floats(np.vstack(values))
         rows = embedded.rows
         reply: dict[str, object] = {
             "model": embedded.model, "dimensions": embedded.dimensions, "embeddings": embeddings,

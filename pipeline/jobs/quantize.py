@@ -1,4 +1,4 @@
-"""Delivery precision: float32 as stored, base64, or quantized integers, chosen per read.
+"""Delivery precision: float32 as stored, base64, float16, or quantized integers, per read.
 
 Vectors are stored as float32 once; every read picks its `encoding`, so one
 job can be read at any precision. The integer encodings compute exactly what
@@ -14,6 +14,13 @@ in numpy because the server never imports torch):
   as the job's are (`dimensions`, `normalize`), so they fit its vectors.
 - `binary`/`ubinary`: the sign bits (`x > 0`) packed 8 to a byte, as signed
   (minus 128) or unsigned bytes.
+- `float16`: base64 of little-endian IEEE half floats, never JSON numbers
+  (printed shortest, a 384-dim half vector is still about 3 KB of JSON, three
+  times its base64, it costs per-float Python work, and it is read back as
+  float64 anyway). Values beyond float16's range are clipped to +-65504, its
+  largest finite value, so a vector never holds inf: normalized vectors never
+  come near it (|x| <= 1), and a clipped value stays finite and of the right
+  sign, as the int8 scaling clips too.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ if TYPE_CHECKING:
     from pipeline.store.connections import RedisClient
 
 FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
-ENCODINGS = ("float", "base64", "int8", "uint8", "binary", "ubinary")
+ENCODINGS = ("float", "base64", "float16", "int8", "uint8", "binary", "ubinary")
 CALIBRATED = ("int8", "uint8")
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 CALIBRATION_FILE = Path(__file__).parents[1] / "data" / "calibration.txt"
 
 
@@ -64,6 +72,16 @@ def ranges_from(calibration: FloatMatrix, dimensions: int | None, normalize: boo
     return np.vstack([shaped.min(axis=0), shaped.max(axis=0)]).astype(np.float32)
 
 
+def half_floats(vectors: FloatMatrix) -> np.ndarray[Any, np.dtype[np.float16]]:
+    """Rows as little-endian float16, clipped to its finite range (no inf, no overflow warning)."""
+    return np.clip(vectors, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2")
+
+
+def base64_rows(rows: np.ndarray[Any, Any]) -> list[Any]:
+    """Each row's bytes as a base64 string."""
+    return [base64.b64encode(row.tobytes()).decode() for row in rows]
+
+
 def quantize(vectors: FloatMatrix, encoding: str, ranges: FloatMatrix | None = None) -> Any:
     """The integer form of float32 rows, as `quantize_embeddings` makes it."""
     if encoding in CALIBRATED:
@@ -89,8 +107,9 @@ class VectorView:
         if self.encoding == "float":
             return list(vectors)
         if self.encoding == "base64":
-            little = vectors.astype("<f4", copy=False)
-            return [base64.b64encode(row.tobytes()).decode() for row in little]
+            return base64_rows(vectors.astype("<f4", copy=False))
+        if self.encoding == "float16":
+            return base64_rows(half_floats(vectors))
         return list(quantize(vectors, self.encoding, self.ranges))
 
 
