@@ -21,6 +21,8 @@ Deliberate choices, so nobody "fixes" them:
 - Tenants: tools and the job resource check the caller through the
   `Pipeline` (another tenant's job is "not found"); listen requests are
   filtered by `OwnedSubscriptions`.
+- Tasks (`mcp_server.tasks`): `submit_job` and `embed` called as tasks are
+  jobs; the middleware answers the task call, the extension the tasks/* methods.
 - Legacy SSE sessions, and Streamable HTTP sessions of handshake-era clients
   (Mcp-Session-Id), live in the process that opened them: several server
   replicas need sticky routing for them. Requests at the 2026-07-28 revision
@@ -43,6 +45,7 @@ from starlette.types import Receive, Scope, Send
 
 from mcp_server.job_updates import JOB_URI_TEMPLATE, JobUpdates, OwnedSubscriptions
 from mcp_server.payloads import job_json
+from mcp_server.tasks import build_tasks
 from mcp_server.tool_descriptions import INSTRUCTIONS
 from mcp_server.tools import AgentTools, context_caller
 from pipeline import InvalidJobId, JobNotFound, Pipeline, PipelineError, Settings
@@ -59,6 +62,7 @@ SDK_HOST_CHECK_OFF = TransportSecuritySettings(enable_dns_rebinding_protection=F
 def build_mcp(settings: Settings, pipeline: Pipeline) -> MCPServer[Any]:
     """The MCP server: tools, the job resource template, and job-update subscriptions."""
     updates = JobUpdates(pipeline)
+    tasks, task_calls = build_tasks(pipeline)
     mcp: MCPServer[Any] = MCPServer(
         name="embedstream",
         title="embedstream",
@@ -66,9 +70,11 @@ def build_mcp(settings: Settings, pipeline: Pipeline) -> MCPServer[Any]:
         version=_version(),
         lifespan=updates.running,
         subscriptions=updates,
+        extensions=[tasks],
     )
     AgentTools(settings, pipeline).register(mcp)
     mcp.middleware.append(OwnedSubscriptions(pipeline))
+    mcp.middleware.append(task_calls)
 
     @mcp.resource(JOB_URI_TEMPLATE, name="job", title="Embedding job",
                   description="A job's status and progress as JSON (what job_status returns).",

@@ -149,16 +149,7 @@ class AgentTools:
         await progress(0, len(items))
         embedded = await pipeline.embed(items, options, caller=context_caller(ctx),
                                         on_progress=progress, encoding=encoding)
-        values = _embeddings(embedded)
-        text = encoding in ("base64", "float16")  # base64 strings, not numbers
-        embeddings: list[Any] = values if text else json_floats(np.vstack(values))
-        rows = embedded.rows
-        reply: dict[str, object] = {
-            "model": embedded.model, "dimensions": embedded.dimensions, "embeddings": embeddings,
-            "truncated": [row["index"] for row in rows if row["truncated"]]}
-        if chunk:
-            reply["chunks"] = [row.get("chunks", 1) for row in rows]
-        return structured(reply)
+        return embed_reply(embedded, encoding, chunk)
 
     @tool_errors
     async def similarity(
@@ -273,6 +264,20 @@ class AgentTools:
             raise Unavailable("no worker is running, so nothing would embed these texts: start "
                               "`embedstream up` (or `embedstream worker`) against this Redis, "
                               "then retry")
+
+
+def embed_reply(embedded: Embeddings, encoding: str, chunk: bool) -> CallToolResult:
+    """What `embed` answers for texts embedded (also an `embed` task's result)."""
+    values = _embeddings(embedded)
+    text = encoding in ("base64", "float16")  # base64 strings, not numbers
+    embeddings: list[Any] = values if text else json_floats(np.vstack(values))
+    rows = embedded.rows
+    reply: dict[str, object] = {
+        "model": embedded.model, "dimensions": embedded.dimensions, "embeddings": embeddings,
+        "truncated": [row["index"] for row in rows if row["truncated"]]}
+    if chunk:
+        reply["chunks"] = [row.get("chunks", 1) for row in rows]
+    return structured(reply)
 
 
 def context_caller(ctx: Context[Any, Any]) -> Caller:

@@ -1,0 +1,224 @@
+"""MCP tasks over Streamable HTTP, as the specs write the requests (raw JSON-RPC with httpx).
+
+The SDK's client speaks no tasks, so each wire is driven by hand: the
+2025-11-25 handshake and its tasks utility, and the 2026-07-28 tasks
+extension. The server is real (uvicorn on loopback); a worker with a fake
+embedder runs in the test's loop, or not at all where a task must stay
+unfinished (a restart, a cancel).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+import pytest
+
+from pipeline.settings import Settings
+from tests.support.fakes import HashEmbedder
+from tests.support.live_server import live_server
+from tests.support.workers import running
+
+pytestmark = pytest.mark.anyio
+
+ALICE, BOB = "alice-key", "bob-key"
+LEGACY, MODERN = "2025-11-25", "2026-07-28"
+EXTENSION = "io.modelcontextprotocol/tasks"
+TEXTS = ["a cat sat", "on the mat", "a dog ran", "in the park", "and slept"]
+
+
+class Wire:
+    """One JSON-RPC client of /mcp at a protocol revision (2025-11-25 opens a session)."""
+
+    def __init__(self, http: httpx.AsyncClient, version: str, key: str) -> None:
+        self.http = http
+        self.version = version
+        self.headers = {"Authorization": f"Bearer {key}", "MCP-Protocol-Version": version,
+                        "Accept": "application/json, text/event-stream"}
+        self.ids = itertools.count(1)
+
+    async def open(self) -> Wire:
+        """The 2025-11-25 handshake; nothing to do on the stateless 2026-07-28 wire."""
+        if self.version == LEGACY:
+            reply = await self.post("initialize", {
+                "protocolVersion": LEGACY, "capabilities": {},
+                "clientInfo": {"name": "tasks-test", "version": "1"}})
+            self.capabilities = reply["result"]["capabilities"]
+            await self.http.post("/mcp", headers=self.headers, json={
+                "jsonrpc": "2.0", "method": "notifications/initialized"})
+        return self
+
+    async def post(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send a request; its JSON-RPC response (read from JSON or from the SSE stream)."""
+        request_id = next(self.ids)
+        headers = dict(self.headers)
+        if self.version == MODERN:
+            params = {**params, "_meta": {
+                "io.modelcontextprotocol/clientCapabilities": {"extensions": {EXTENSION: {}}},
+                "io.modelcontextprotocol/clientInfo": {"name": "tasks-test", "version": "1"},
+                "io.modelcontextprotocol/protocolVersion": MODERN,
+                **params.get("_meta", {})}}
+            headers["Mcp-Method"] = method
+            name = params.get("name", params.get("taskId"))
+            if isinstance(name, str):
+                headers["Mcp-Name"] = name
+        reply = await self.http.post("/mcp", headers=headers, json={
+            "jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        # The 2026-07-28 wire answers a JSON-RPC error with an HTTP error status too.
+        assert reply.status_code == 200 or "error" in reply.json(), reply.text
+        if "mcp-session-id" in reply.headers:
+            self.headers["Mcp-Session-Id"] = reply.headers["mcp-session-id"]
+        return _response(reply, request_id)
+
+    async def result(self, method: str, **params: Any) -> dict[str, Any]:
+        """A request that must succeed; its result."""
+        reply = await self.post(method, params)
+        assert "result" in reply, reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+
+def _response(reply: httpx.Response, request_id: int) -> dict[str, Any]:
+    if reply.headers["content-type"].startswith("application/json"):
+        body: dict[str, Any] = reply.json()
+        return body
+    for line in reply.text.splitlines():
+        if line.startswith("data:") and line[5:].strip():
+            message: dict[str, Any] = orjson.loads(line[5:])
+            if message.get("id") == request_id:
+                return message
+    raise AssertionError(f"no response to request {request_id}: {reply.text}")
+
+
+@pytest.fixture
+def task_settings(settings: Settings) -> Settings:
+    return settings.replace(api_keys=(ALICE, BOB), block_ms=100, chunk_size=2,
+                            fast_lane_max_texts=2, heartbeat_interval_s=0.2, heartbeat_ttl_s=2.0)
+
+
+@asynccontextmanager
+async def client(base_url: str, version: str, key: str = ALICE) -> AsyncIterator[Wire]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        yield await Wire(http, version, key).open()
+
+
+async def test_the_2025_11_25_wire_declares_tasks_and_runs_both_tools_as_tasks(
+        task_settings: Settings) -> None:
+    with live_server(task_settings) as url:
+        async with client(url, LEGACY) as wire, running(task_settings,
+                                                         HashEmbedder(task_settings)):
+            assert wire.capabilities["tasks"] == {
+                "list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
+            tools = {t["name"]: t for t in (await wire.result("tools/list"))["tools"]}
+            assert tools["submit_job"]["execution"] == {"taskSupport": "optional"}
+            assert tools["embed"]["execution"] == {"taskSupport": "optional"}
+            assert "execution" not in tools["job_status"]
+
+            created = await wire.result("tools/call", name="submit_job",
+                                        arguments={"inputs": TEXTS}, task={"ttl": 60000})
+            task = created["task"]
+            assert task["status"] == "working" and task["pollInterval"] > 0
+            assert {"createdAt", "lastUpdatedAt", "ttl"} <= set(task)
+            got = await wire.result("tasks/get", taskId=task["taskId"])
+            assert got["taskId"] == task["taskId"]
+            done = await wire.result("tasks/result", taskId=task["taskId"])
+            assert done["structuredContent"]["job_id"] == task["taskId"]
+            assert done["structuredContent"]["status"] == "completed"
+            assert done["_meta"]["io.modelcontextprotocol/related-task"] == {
+                "taskId": task["taskId"]}
+            assert (await wire.result("tasks/get", taskId=task["taskId"]))["status"] == (
+                "completed")
+
+            embed_task = (await wire.result("tools/call", name="embed", task={},
+                                            arguments={"inputs": TEXTS[:3],
+                                                       "encoding": "base64"}))["task"]
+            as_task = await wire.result("tasks/result", taskId=embed_task["taskId"])
+            direct = await wire.result("tools/call", name="embed",
+                                       arguments={"inputs": TEXTS[:3], "encoding": "base64"})
+            assert as_task["structuredContent"] == direct["structuredContent"]
+            assert as_task["content"] == direct["content"]
+
+            listed = await wire.result("tasks/list")
+            ids = {t["taskId"] for t in listed["tasks"]}
+            assert task["taskId"] in ids and embed_task["taskId"].split(".")[0] in ids
+
+
+async def test_a_task_tool_error_is_a_tool_error_and_makes_no_task(
+        task_settings: Settings) -> None:
+    with live_server(task_settings) as url:
+        async with client(url, LEGACY) as wire:
+            reply = await wire.result("tools/call", name="embed", task={},
+                                      arguments={"inputs": ["ok", " "]})
+            assert reply["isError"] and "invalid_input" in reply["content"][0]["text"]
+            assert (await wire.result("tasks/list"))["tasks"] == []
+
+
+async def test_a_task_survives_a_server_restart_and_completes(task_settings: Settings) -> None:
+    with live_server(task_settings) as url:
+        async with client(url, LEGACY) as wire:
+            created = await wire.result("tools/call", name="submit_job",
+                                        arguments={"inputs": TEXTS}, task={"ttl": 1000})
+    task_id = created["task"]["taskId"]
+    with live_server(task_settings) as url:  # a new server over the same Redis
+        async with client(url, LEGACY) as wire:
+            assert (await wire.result("tasks/get", taskId=task_id))["status"] == "working"
+            async with running(task_settings, HashEmbedder(task_settings)):
+                done = await wire.result("tasks/result", taskId=task_id)
+            assert done["structuredContent"]["status"] == "completed"
+
+
+async def test_cancel_ends_a_task_and_another_tenant_finds_no_task(
+        task_settings: Settings) -> None:
+    with live_server(task_settings) as url:
+        async with client(url, LEGACY) as alice, client(url, LEGACY, BOB) as bob:
+            task_id = (await alice.result("tools/call", name="submit_job",
+                                          arguments={"inputs": TEXTS}, task={}))["task"]["taskId"]
+            for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+                error = (await bob.post(method, {"taskId": task_id}))["error"]
+                assert error["code"] == -32602 and "not found" in error["message"]
+            assert (await bob.result("tasks/list"))["tasks"] == []
+
+            cancelled = await alice.result("tasks/cancel", taskId=task_id)
+            assert cancelled["status"] == "cancelled"
+            again = (await alice.post("tasks/cancel", {"taskId": task_id}))["error"]
+            assert again["code"] == -32602 and "already cancelled" in again["message"]
+            ended = await alice.result("tasks/result", taskId=task_id)
+            assert ended["structuredContent"]["status"] == "cancelled"
+
+
+async def test_the_2026_07_28_extension_answers_tasks_with_results_inline(
+        task_settings: Settings) -> None:
+    with live_server(task_settings) as url:
+        async with client(url, MODERN) as wire, client(url, MODERN, BOB) as bob:
+            created = await wire.result("tools/call", name="embed",
+                                        arguments={"inputs": TEXTS[:2]})
+            assert created["resultType"] == "task" and created["status"] == "working"
+            assert {"ttlMs", "pollIntervalMs", "createdAt"} <= set(created)
+            task_id = created["taskId"]
+            missing = (await bob.post("tasks/get", {"taskId": task_id}))["error"]
+            assert "not found" in missing["message"]
+            async with running(task_settings, HashEmbedder(task_settings)):
+                got = await _until_done(wire, task_id)
+            assert got["resultType"] == "complete" and got["status"] == "completed"
+            assert len(got["result"]["structuredContent"]["embeddings"]) == 2
+
+            later = await wire.result("tools/call", name="submit_job",
+                                      arguments={"inputs": TEXTS})
+            assert await wire.result("tasks/cancel", taskId=later["taskId"]) == {
+                "resultType": "complete", "_meta": got["_meta"]}
+            assert (await wire.result("tasks/get", taskId=later["taskId"]))["status"] == (
+                "cancelled")
+
+
+async def _until_done(wire: Wire, task_id: str) -> dict[str, Any]:
+    with anyio.fail_after(20):
+        while True:
+            got = await wire.result("tasks/get", taskId=task_id)
+            if got["status"] != "working":
+                return got
+            await anyio.sleep(0.05)
