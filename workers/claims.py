@@ -29,6 +29,8 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from pipeline import GROUP, cancel_and_wait
 from workers.model_calls import BUSY_S
 from workers.work import Entry, parse_reply
@@ -109,6 +111,10 @@ class Claims:
         self.ahead = ReadAhead(upkeep, settings, worker_id, self.read_bulk)
         self._fast_served_at = -BUSY_S
         self._turn = 0
+        # Blocking reads left running between calls: the fast lane's listener, and,
+        # while it runs, the wait on bulk partition 0 of an idle worker.
+        self._listening: asyncio.Task[list[Entry]] | None = None
+        self._watching: asyncio.Task[list[Entry]] | None = None
 
     async def claim(self) -> list[Entry]:
         """The fast lane, then the batch read ahead, then the bulk partitions, then a
@@ -116,22 +122,83 @@ class Claims:
         entries = await self.claim_fast()
         if entries:
             return entries  # alone: the bulk lane can wait one short batch
-        entries = await self.ahead.take()
+        entries = _harvest(self._take_watched()) or await self.ahead.take()
         if entries:
             return entries
         entries = await self.read_bulk(self._room([]))
         if entries:
             return entries
-        # COUNT is per stream: one entry of each lane at most, then bulk up to the budget.
-        reply = await self.blocking.xreadgroup(GROUP, self.worker_id,
-                                               {self.fast: ">", self.bulks[0]: ">"},
-                                               count=1, block=self.settings.block_ms)
-        entries = parse_reply(reply)
+        entries = await self._wait_idle()
         if any(e.stream == self.fast for e in entries):
             self._fast_served_at = time.monotonic()
         if entries:
             entries += await self.read_bulk(self._room(entries))
         return entries
+
+    async def _wait_idle(self) -> list[Entry]:
+        """Nothing to do: wait up to `block_ms` for a fast or a bulk entry."""
+        if self._listening is None:
+            # COUNT is per stream: one entry of each lane at most.
+            return parse_reply(await self.blocking.xreadgroup(
+                GROUP, self.worker_id, {self.fast: ">", self.bulks[0]: ">"}, count=1,
+                block=self.settings.block_ms))
+        # The fast lane's listener still waits: wait on it and on bulk partition 0.
+        if self._watching is None:
+            self._watching = asyncio.create_task(self._block_on(self.bulks[0]))
+        await asyncio.wait({self._listening, self._watching},
+                           return_when=asyncio.FIRST_COMPLETED)
+        return self._take_listened() + _harvest(self._take_watched())
+
+    def _take_watched(self) -> asyncio.Task[list[Entry]] | None:
+        """The wait on bulk partition 0, once it has answered (and is forgotten)."""
+        if self._watching is None or not self._watching.done():
+            return None
+        watched, self._watching = self._watching, None
+        return watched
+
+    async def _block_on(self, stream: str) -> list[Entry]:
+        return parse_reply(await self.blocking.xreadgroup(
+            GROUP, self.worker_id, {stream: ">"}, count=1, block=self.settings.block_ms))
+
+    def _take_listened(self) -> list[Entry]:
+        """What the fast lane's listener read, once it has answered (it is then done)."""
+        if self._listening is None or not self._listening.done():
+            return []
+        listened, self._listening = self._listening, None
+        return _harvest(listened)
+
+    async def claim_between_calls(self) -> list[Entry]:
+        """Fast-lane work between two model calls of a bulk batch, at no command's cost
+        while there is none: a blocking read of the fast lane (the listener) is left
+        running across calls, and the lane is claimed once it has answered with an entry.
+        Checking with a command before every call made the fast lane's primary answer
+        most of the queue's commands."""
+        if self._listening is None:
+            entries = await self.claim_fast()  # what waits now, then listen for more
+            self._listening = asyncio.create_task(self._block_on(self.fast))
+            return entries
+        return await self.claim_fast()
+
+    async def hand_back(self) -> None:
+        """Stopping: the listener's and the watch's reads end within `block_ms`; what
+        they read goes back to the peers at once."""
+        entries: list[Entry] = []
+        tasks = [t for t in (self._listening, self._watching) if t is not None]
+        self._listening = self._watching = None
+        for task in tasks:
+            await asyncio.wait({task})
+            with contextlib.suppress(RedisError):  # it read nothing, then
+                entries += _harvest(task)
+        if entries:
+            await self.upkeep.release(entries)
+
+    async def cancel(self) -> None:
+        """Stop the reads left running (the worker is leaving on an error or a cancel);
+        an entry one of them had just read is reclaimed after the visibility timeout."""
+        for task in (self._listening, self._watching):
+            if task is not None:
+                await cancel_and_wait(task)
+        self._listening = self._watching = None
 
     def _room(self, entries: list[Entry]) -> int:
         """Bulk chunks a batch holding `entries` still has room for."""
@@ -155,13 +222,29 @@ class Claims:
         return entries
 
     async def claim_fast(self) -> list[Entry]:
-        """Fast-lane entries, one at a time, up to one model call's worth of texts."""
-        claimed = await self.upkeep.lanes.claim(self.fast, self.worker_id,
-                                                self.settings.call_max_texts)
-        if claimed:
+        """Fast-lane entries, one at a time, up to one model call's worth of texts: what
+        the listener read first, if it runs (nothing, and no command, until it answers)."""
+        listened: list[Entry] = []
+        if self._listening is not None:
+            listened = self._take_listened()
+            if not listened:
+                return []
+        budget = self.settings.call_max_texts - sum(e.size for e in listened)
+        claimed = await self.upkeep.lanes.claim(self.fast, self.worker_id, budget) \
+            if budget > 0 else []
+        entries = listened + parse_reply([(self.fast, claimed)])
+        if entries:
             self._fast_served_at = time.monotonic()
-        return parse_reply([(self.fast, claimed)])
+        return entries
 
     def busy(self) -> bool:
         """Whether interactive work came in the last `BUSY_S` (bulk calls are cut finer)."""
         return time.monotonic() - self._fast_served_at < BUSY_S
+
+
+def _harvest(task: asyncio.Task[list[Entry]] | None) -> list[Entry]:
+    """The entries a finished read got ([] if it is still running, or absent); the
+    error it met is raised, as the read's own would be."""
+    if task is None or not task.done():
+        return []
+    return task.result()

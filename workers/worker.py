@@ -164,10 +164,12 @@ class Worker:
         try:
             await self._loop(stop)
             await self.claims.ahead.hand_back()
+            await self.claims.hand_back()
             await self.commits.settle()  # the last commit lands before the goodbye
         finally:
             # Cancelled, or failed: neither the read ahead nor a commit is left running.
             await self.claims.ahead.cancel()
+            await self.claims.cancel()
             await self.commits.cancel()
             upkeep_stop.set()
             await cancel_and_wait(upkeep_task)
@@ -255,7 +257,7 @@ class Worker:
         """Between two model calls of a bulk batch: embed and commit waiting fast-lane work."""
         if self.stopping.is_set():
             return  # draining: claim nothing new
-        entries = await self.claims.claim_fast()
+        entries = await self.claims.claim_between_calls()
         if entries:
             await self.process(entries, interruptible=False)
 

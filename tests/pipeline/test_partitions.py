@@ -76,15 +76,13 @@ async def test_the_fast_lane_goes_before_every_bulk_partition(settings: Settings
 async def test_a_large_jobs_queue_traffic_is_shared_by_three_primaries(
     valkey_cluster: ValkeyCluster, cluster_url: str, tmp_path: object
 ) -> None:
-    base = quick(Settings(redis_url=cluster_url, data_dir=Path(str(tmp_path)) / "data"))
-    one = await queue_commands(valkey_cluster, base.replace(queue_partitions=1), 3000)
+    base = Settings(redis_url=cluster_url, data_dir=Path(str(tmp_path)) / "data",
+                    calibrate=False)  # the batch sizes and block time a deployment has
+    one = await queue_commands(valkey_cluster, base.replace(queue_partitions=1), 6000)
     valkey_cluster.flush()
-    spread_out = await queue_commands(valkey_cluster, base, 3000)  # auto: one per primary
+    spread_out = await queue_commands(valkey_cluster, base, 6000)  # auto: one per primary
     print(f"consumer-group commands per primary: one stream {one} "
           f"(max/mean {spread(one):.2f}), partitioned {spread_out} "
           f"(max/mean {spread(spread_out):.2f})")
     assert spread(one) == 3.0  # everything on one primary
-    # The bulk partitions share evenly; the fast lane's primary also answers the
-    # fast-lane check a worker makes between model calls (one command each), which
-    # partitions do not spread: about 1.6 here, where an even share is 1.0.
-    assert spread(spread_out) < 2.0
+    assert spread(spread_out) <= 1.5
