@@ -90,7 +90,8 @@ class SentinelTarget:
     def kill_primary(self, rng: random.Random) -> None:
         old = self.deployment.kill_primary()
         self.deployment.wait_failover(old)
-        self.deployment.restart(old)
+        # The sentinels turn a returning primary into a replica in 15-30 s, at times more.
+        self.deployment.restart(old, timeout_s=180)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -91,9 +92,21 @@ def results_pages(base: str, job_id: str) -> dict[int, int]:
     cursor = None
     while True:
         params = {"limit": 500, **({"cursor": cursor} if cursor else {})}
-        page = httpx.get(f"{base}/v1/jobs/{job_id}/results", params=params, timeout=30).json()
+        page = _page(f"{base}/v1/jobs/{job_id}/results", params)
         for row in page["results"]:
             counts[row["index"]] = counts.get(row["index"], 0) + 1
         cursor = page.get("next_cursor")
         if not cursor:
             return counts
+
+
+def _page(url: str, params: dict[str, Any], attempts: int = 30) -> dict[str, Any]:
+    """One results page; a 503 (Redis failing over) is asked again a little later."""
+    for _ in range(attempts):
+        reply = httpx.get(url, params=params, timeout=30)
+        if reply.status_code != 503:
+            assert reply.status_code == 200, reply.text
+            page: dict[str, Any] = reply.json()
+            return page
+        time.sleep(1)
+    raise AssertionError(f"{url} answered 503 {attempts} times")
