@@ -105,7 +105,9 @@ async def test_a_batch_runs_through_the_openai_client_and_matches_v1_embeddings(
     file_id = await upload(client, [request_line(k, v) for k, v in texts.items()])
     async with running(batch_settings, HashEmbedder(batch_settings)):
         batch = await create(client, file_id, metadata={"purpose": "nightly"})
-        assert batch.status == "in_progress" and batch.metadata == {"purpose": "nightly"}
+        # A worker is running: the batch may already be done by the time create answers.
+        assert batch.status in ("in_progress", "completed")
+        assert batch.metadata == {"purpose": "nightly"}
         done = await finished(client, batch.id)
         assert done.status == "completed", done
         assert done.request_counts is not None

@@ -122,7 +122,8 @@ async def test_the_2025_11_25_wire_declares_tasks_and_runs_both_tools_as_tasks(
             created = await wire.result("tools/call", name="submit_job",
                                         arguments={"inputs": TEXTS}, task={"ttl": 60000})
             task = created["task"]
-            assert task["status"] == "working" and task["pollInterval"] > 0
+            # A worker is running: the job may end before the call answers.
+            assert task["status"] in ("working", "completed") and task["pollInterval"] > 0
             assert {"createdAt", "lastUpdatedAt", "ttl"} <= set(task)
             got = await wire.result("tasks/get", taskId=task["taskId"])
             assert got["taskId"] == task["taskId"]
