@@ -62,6 +62,10 @@ class SubmitOptions(TypedDict, total=False):
     truncate: bool
     normalize: bool
     chunk: bool | None
+    chunk_output: str | None
+    chunking: str | None
+    chunk_tokens: int | None
+    chunk_boundary: str | None
     prompt: str | None
     prompt_name: str | None
 

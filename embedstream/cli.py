@@ -296,6 +296,17 @@ def submit(
         "--chunk/--no-chunk", metavar=FLAG, help="Split texts over the model's limit into "
         "overlapping windows and pool them (default: the server's, off)", show_default=False)]
         = None,
+    chunk_output: Annotated[str | None, typer.Option(
+        help="With --chunk: pooled (one vector an input) or chunks (also each chunk's "
+        "offsets and vector)", show_default=False)] = None,
+    chunking: Annotated[str | None, typer.Option(
+        help="With --chunk-output chunks: separate (each chunk alone) or late (chunks pooled "
+        "from their window's token embeddings)", show_default=False)] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(
+        help="Tokens a chunk holds at most; default: the model's window", show_default=False)]
+        = None,
+    chunk_boundary: Annotated[str | None, typer.Option(
+        help="tokens (default) or sentence", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(
         help="A literal prefix for every text", show_default=False)] = None,
     prompt_name: Annotated[str | None, typer.Option(
@@ -318,7 +329,10 @@ def submit(
     from embedstream.sources import Source, detect_format
 
     options = bulk.SubmitOptions(dimensions=dimensions, model=model, truncate=truncate,
-                                 normalize=normalize, chunk=chunk, prompt=prompt,
+                                 normalize=normalize, chunk=chunk,
+                                 chunk_output=chunk_output, chunking=chunking,
+                                 chunk_tokens=chunk_tokens, chunk_boundary=chunk_boundary,
+                                 prompt=prompt,
                                  prompt_name=prompt_name)
 
     def run(client: Any) -> int:

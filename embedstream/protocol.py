@@ -175,17 +175,22 @@ def raise_for_error(response: httpx.Response) -> None:
 
 def decode_result(row: Mapping[str, Any]) -> Result:
     """A result object from the server (base64 or float embedding) as a Result."""
-    raw = row.get("embedding")
-    vector: Vector | None
-    if raw is None:
-        vector = None
-    elif isinstance(raw, str):
-        vector = np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
-    else:
-        vector = np.asarray(raw, dtype=np.float32)
     known = {"index", "id", "embedding", "truncated", "error"}
-    return Result(int(row["index"]), row.get("id"), vector, bool(row.get("truncated")),
-                  row.get("error"), {k: v for k, v in row.items() if k not in known})
+    extra = {k: v for k, v in row.items() if k not in known}
+    if isinstance(extra.get("chunks"), list):  # chunk_output="chunks": each chunk's vector too
+        extra["chunks"] = [{**c, "embedding": decode_vector(c.get("embedding"))}
+                           for c in extra["chunks"]]
+    return Result(int(row["index"]), row.get("id"), decode_vector(row.get("embedding")),
+                  bool(row.get("truncated")), row.get("error"), extra)
+
+
+def decode_vector(raw: Any) -> Vector | None:
+    """A base64 (little-endian float32) or float list embedding as a float32 row."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+    return np.asarray(raw, dtype=np.float32)
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class Spool:
             vector = row if row is not None else np.zeros(dims, np.float32)
             self._vectors.write(vector.astype("<f4", copy=False).tobytes())
             meta += orjson.dumps([result.index, result.id, result.truncated, result.error,
-                                  result.extra or None]) + b"\n"
+                                  result.extra or None],
+                                 option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
         self._meta.write(meta)
         for handle in (self._vectors, self._meta):
             handle.flush()

@@ -3,7 +3,8 @@
 The official OpenAI client asks for `encoding_format="base64"` unless told
 otherwise, so base64 (little-endian float32) is first-class. Token arrays as
 `input` are not supported: send text. Beyond OpenAI's fields, embedstream's
-job options (`chunk`, `chunk_overlap`, `prompt`, `prompt_name`, `normalize`,
+job options (`chunk`, `chunk_overlap`, `chunk_output`, `chunking`,
+`chunk_tokens`, `chunk_boundary`, `prompt`, `prompt_name`, `normalize`,
 `truncate`) are accepted as extra fields (the client's `extra_body`), and
 `encoding_format` also takes `float16` (base64 of little-endian half floats), `int8`,
 `uint8`, `binary` and `ubinary`.
@@ -14,6 +15,8 @@ its reply is waited for no more, and a job made for it is cancelled.
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -23,10 +26,11 @@ from mcp_server.json_lists import JsonObject, TooMany
 from mcp_server.payloads import json_object, pipeline_of, request_caller, settings_of
 from mcp_server.responses import json_response
 from pipeline import InvalidInput, Item, PayloadTooLarge, parse_item, parse_options, tracing
-from pipeline.jobs import check_encoding
+from pipeline.jobs import ResultRow, check_encoding
 
 OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
-EXTRA_FIELDS = ("normalize", "truncate", "chunk", "chunk_overlap", "prompt", "prompt_name")
+EXTRA_FIELDS = ("normalize", "truncate", "chunk", "chunk_overlap", "chunk_output", "chunking",
+                "chunk_tokens", "chunk_boundary", "prompt", "prompt_name")
 
 
 def _inputs(body: JsonObject, max_chars: int) -> list[Item]:
@@ -71,11 +75,19 @@ async def create_embeddings(request: Request) -> Response:
     if failed:
         raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "
                            f"{failed[0].get('error')}")
-    data = [{"object": "embedding", "index": row["index"], "embedding": row["embedding"]}
-            for row in rows]
+    data = [_data_item(row) for row in rows]
     tokens = embedded.tokens
     return json_response({"object": "list", "data": data, "model": embedded.model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _data_item(row: ResultRow) -> dict[str, Any]:
+    """One `data` item; with `chunk_output: "chunks"` also its `chunks` and `chunking`."""
+    item: dict[str, Any] = {"object": "embedding", "index": row["index"],
+                            "embedding": row["embedding"]}
+    if isinstance(row.get("chunks"), list):
+        item["chunks"], item["chunking"] = row["chunks"], row.get("chunking")
+    return item
 
 
 routes = [Route("/v1/embeddings", create_embeddings, methods=["POST"])]

@@ -242,11 +242,9 @@ def hits_json(hits: list[SearchHit]) -> dict[str, object]:
 
 
 def plain_row(row: ResultRow) -> ResultRow:
-    """A result row with its numpy vector as a list of numbers."""
-    embedding = row["embedding"]
-    if isinstance(embedding, np.ndarray):
-        return {**row, "embedding": json_floats(embedding)}
-    return row
+    """A result row with its numpy vectors (its chunks' too) as lists of numbers."""
+    plain: ResultRow = orjson.loads(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY))
+    return plain
 
 
 def json_floats(vectors: np.ndarray[Any, np.dtype[np.float32]]) -> Any:

@@ -51,6 +51,19 @@ Chunk = Annotated[bool, Field(
 ChunkOverlap = Annotated[int, Field(
     description="Tokens shared by consecutive windows when chunk is true.",
     json_schema_extra={"minimum": 0})]
+ChunkOutput = Annotated[Literal["pooled", "chunks"] | None, Field(
+    description="With chunk=true: 'pooled' (default) gives one vector per text; 'chunks' "
+                "also gives each text's chunks with their character offsets and vectors.")]
+Chunking = Annotated[Literal["separate", "late"] | None, Field(
+    description="With chunk_output='chunks': 'separate' (default) embeds each chunk alone; "
+                "'late' embeds each window once and averages its token embeddings over each "
+                "chunk, so a chunk's vector sees its neighbours.")]
+ChunkTokens = Annotated[int | None, Field(
+    description="With chunk_output='chunks': tokens a chunk holds at most (8 up to the "
+                "model's window); null for the model's window.")]
+ChunkBoundary = Annotated[Literal["tokens", "sentence"] | None, Field(
+    description="With chunk_output='chunks': cut chunks every chunk_tokens tokens "
+                "('tokens', default) or at sentence ends, packed up to chunk_tokens.")]
 Prompt = Annotated[str | None, Field(
     description="A literal prefix put before every text (e.g. 'query: '); null for none.")]
 PromptName = Annotated[str | None, Field(
@@ -86,6 +99,15 @@ TopK = Annotated[int, Field(description=f"How many inputs to return, 1 to {TOP_K
 QueryText = Annotated[str, Field(description="The text to compare against.")]
 
 
+class ChunkPiece(BaseModel):
+    """One chunk of an input: `text[start:end]`, its tokens and its vector."""
+
+    start: int
+    end: int
+    tokens: int
+    embedding: list[int] | list[float] | str
+
+
 class Embeddings(BaseModel):
     """Vectors for the given texts."""
 
@@ -96,8 +118,11 @@ class Embeddings(BaseModel):
                     "or float16, integers with int8/uint8/binary/ubinary).")
     truncated: list[int] = Field(
         description="Indexes of inputs cut at the model's token limit (empty if none).")
-    chunks: list[int] | None = Field(
-        default=None, description="With chunk=true: windows embedded per input (1 if it fit).")
+    chunks: list[int] | list[list[ChunkPiece]] | None = Field(
+        default=None, description="With chunk=true: windows embedded per input (1 if it fit); "
+                                  "with chunk_output='chunks', each input's chunks.")
+    chunking: str | None = Field(
+        default=None, description="With chunk_output='chunks': 'separate' or 'late'.")
 
 
 class Match(BaseModel):
@@ -151,8 +176,11 @@ class ResultRow(BaseModel):
         description="The vector (base64 string with encoding=base64 or float16, integers with "
                     "the integer encodings); null if the input failed.")
     truncated: bool
-    chunks: int | None = Field(
-        default=None, description="With chunk=true: windows embedded for this input.")
+    chunks: int | list[ChunkPiece] | None = Field(
+        default=None, description="With chunk=true: windows embedded for this input; with "
+                                  "chunk_output='chunks', its chunks.")
+    chunking: str | None = Field(
+        default=None, description="With chunk_output='chunks': 'separate' or 'late'.")
     error: str | None = None
 
 

@@ -38,7 +38,14 @@ from mcp_server import tool_schemas as schema
 from mcp_server.auth import caller_of
 from mcp_server.job_updates import job_uri
 from mcp_server.model_routes import model_object
-from mcp_server.payloads import hits_json, job_json, json_floats, matches_json, results_json
+from mcp_server.payloads import (
+    hits_json,
+    job_json,
+    json_floats,
+    matches_json,
+    plain_row,
+    results_json,
+)
 from mcp_server.tool_descriptions import DESCRIPTIONS
 from pipeline import (
     DEFAULT_CHUNK_OVERLAP,
@@ -130,6 +137,8 @@ class AgentTools:
         encoding: schema.Encoding = "float", chunk: schema.Chunk = False,
         chunk_overlap: schema.ChunkOverlap = DEFAULT_CHUNK_OVERLAP,
         prompt: schema.Prompt = None, prompt_name: schema.PromptName = None,
+        chunk_output: schema.ChunkOutput = None, chunking: schema.Chunking = None,
+        chunk_tokens: schema.ChunkTokens = None, chunk_boundary: schema.ChunkBoundary = None,
     ) -> Annotated[CallToolResult, schema.Embeddings]:
         """Embed a few texts through the queue and return their vectors."""
         limit = self.settings.embed_max_texts
@@ -143,7 +152,9 @@ class AgentTools:
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
                                  "truncate": truncate, "model": model, "chunk": chunk,
                                  "chunk_overlap": chunk_overlap, "prompt": prompt,
-                                 "prompt_name": prompt_name})
+                                 "prompt_name": prompt_name, "chunk_output": chunk_output,
+                                 "chunking": chunking, "chunk_tokens": chunk_tokens,
+                                 "chunk_boundary": chunk_boundary})
         pipeline = await self._pipeline_with_worker(options)
         progress = _progress_reporter(ctx)
         await progress(0, len(items))
@@ -189,6 +200,8 @@ class AgentTools:
         chunk_overlap: schema.ChunkOverlap = DEFAULT_CHUNK_OVERLAP,
         prompt: schema.Prompt = None, prompt_name: schema.PromptName = None,
         timeout_s: schema.TimeoutS = None,
+        chunk_output: schema.ChunkOutput = None, chunking: schema.Chunking = None,
+        chunk_tokens: schema.ChunkTokens = None, chunk_boundary: schema.ChunkBoundary = None,
     ) -> Annotated[CallToolResult, schema.JobHandle]:
         """Queue a bulk job and return its id at once."""
         check_idempotency_key(idempotency_key, "idempotency_key")
@@ -197,7 +210,9 @@ class AgentTools:
         options = parse_options({"normalize": normalize, "dimensions": dimensions,
                                  "truncate": truncate, "model": model, "chunk": chunk,
                                  "chunk_overlap": chunk_overlap, "prompt": prompt,
-                                 "prompt_name": prompt_name, "timeout_s": timeout_s})
+                                 "prompt_name": prompt_name, "timeout_s": timeout_s,
+                                 "chunk_output": chunk_output, "chunking": chunking,
+                                 "chunk_tokens": chunk_tokens, "chunk_boundary": chunk_boundary})
         job = await self.pipeline.submit(items, options, caller=context_caller(ctx),
                                          idempotency_key=idempotency_key)
         return structured({"job_id": job.id, "total": job.total, "status": job.status.value,
@@ -276,7 +291,9 @@ def embed_reply(embedded: Embeddings, encoding: str, chunk: bool) -> CallToolRes
         "model": embedded.model, "dimensions": embedded.dimensions, "embeddings": embeddings,
         "truncated": [row["index"] for row in rows if row["truncated"]]}
     if chunk:
-        reply["chunks"] = [row.get("chunks", 1) for row in rows]
+        reply["chunks"] = [plain_row(row).get("chunks", 1) for row in rows]
+    if rows and "chunking" in rows[0]:
+        reply["chunking"] = rows[0]["chunking"]
     return structured(reply)
 
 

@@ -20,7 +20,12 @@ from typing import Any
 from pipeline.errors import InvalidInput
 
 OPTION_FIELDS = ("normalize", "dimensions", "truncate", "model", "chunk", "chunk_overlap",
+                 "chunk_output", "chunking", "chunk_tokens", "chunk_boundary",
                  "prompt", "prompt_name", "timeout_s")
+CHUNK_OUTPUTS = ("pooled", "chunks")
+CHUNKINGS = ("separate", "late")
+CHUNK_BOUNDARIES = ("tokens", "sentence")
+MIN_CHUNK_TOKENS = 8
 ITEM_FIELDS = ("id", "text", "metadata")
 MAX_ID_CHARS = 256
 MAX_PROMPT_CHARS = 1000
@@ -38,6 +43,11 @@ class JobOptions:
     model: str | None = None
     chunk: bool = False
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    # Per-chunk vectors (`pipeline.model.spans`): what a chunked input returns, and how.
+    chunk_output: str = "pooled"
+    chunking: str = "separate"
+    chunk_tokens: int | None = None  # None: the model's window
+    chunk_boundary: str = "tokens"
     prompt: str | None = None
     prompt_name: str | None = None
     # Seconds without progress after which the job ends failed; None: the server's bound.
@@ -66,13 +76,15 @@ def parse_options(raw: dict[str, Any], *, allowed_extra: tuple[str, ...] = ()) -
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise InvalidInput("'model' must be a non-empty string or null")
     prompt, prompt_name = _prompt(raw)
+    chunk = _bool(raw, "chunk", False)
     return JobOptions(
         normalize=_bool(raw, "normalize", True),
         dimensions=dimensions,
         truncate=_bool(raw, "truncate", True),
         model=model,
-        chunk=_bool(raw, "chunk", False),
+        chunk=chunk,
         chunk_overlap=_overlap(raw),
+        **_chunk_output(raw, chunk),
         prompt=prompt,
         prompt_name=prompt_name,
         timeout_s=_timeout(raw),
@@ -98,6 +110,37 @@ def _overlap(raw: dict[str, Any]) -> int:
     return overlap
 
 
+def _chunk_output(raw: dict[str, Any], chunk: bool) -> dict[str, Any]:
+    """`chunk_output`, `chunking`, `chunk_tokens`, `chunk_boundary`: each needs `chunk: true`."""
+    given = [name for name in ("chunk_output", "chunking", "chunk_tokens", "chunk_boundary")
+             if raw.get(name) is not None]
+    if given and not chunk:
+        raise InvalidInput(f"{', '.join(repr(g) for g in given)} need(s) 'chunk': true")
+    tokens = raw.get("chunk_tokens")
+    if tokens is not None and (type(tokens) is not int or tokens < MIN_CHUNK_TOKENS):
+        raise InvalidInput(f"'chunk_tokens' must be an integer of at least {MIN_CHUNK_TOKENS} "
+                           "(tokens) or null (the model's window)")
+    output = _choice(raw, "chunk_output", CHUNK_OUTPUTS)
+    shaping = [name for name in given if name != "chunk_output"]
+    if shaping and output != "chunks":
+        raise InvalidInput(f"{', '.join(repr(g) for g in shaping)} need(s) "
+                           "'chunk_output': 'chunks'")
+    return {"chunk_output": output,
+            "chunking": _choice(raw, "chunking", CHUNKINGS),
+            "chunk_tokens": tokens,
+            "chunk_boundary": _choice(raw, "chunk_boundary", CHUNK_BOUNDARIES)}
+
+
+def _choice(raw: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str:
+    """One of `allowed` (the first when absent), or a 422 naming the field and its values."""
+    value = raw.get(name)
+    if value is None:
+        return allowed[0]
+    if value not in allowed:
+        raise InvalidInput(f"'{name}' must be one of {', '.join(allowed)}, not {value!r}")
+    return str(value)
+
+
 def _prompt(raw: dict[str, Any]) -> tuple[str | None, str | None]:
     prompt, name = raw.get("prompt"), raw.get("prompt_name")
     if prompt is not None and (not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS):
@@ -116,7 +159,7 @@ def parse_query_options(query: dict[str, str]) -> JobOptions:
     for name, value in query.items():
         if name in ("normalize", "truncate", "chunk"):
             raw[name] = _query_bool(name, value)
-        elif name in ("dimensions", "chunk_overlap"):
+        elif name in ("dimensions", "chunk_overlap", "chunk_tokens"):
             raw[name] = _query_int(name, value) if value not in ("", "null") else None
         elif name == "prompt_name":
             raw[name] = value or None

@@ -28,14 +28,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
-from pipeline.jobs import ChunkResult, JobRecord, JobStatus
+from pipeline.jobs import ChunkResult, JobRecord, JobStatus, PieceVectors
 from pipeline.model import Embedded, Plan, shape_vectors
-from workers.work import Attempt, Entry, Work, request_work
+from workers.work import Attempt, Entry, Work, chunk_spec, request_work
 
 if TYPE_CHECKING:
     from pipeline import Keys
@@ -49,6 +49,7 @@ DIED_ON_IT = ("the worker process died while embedding this input (it was being 
               "alone, after an earlier delivery of its chunk ended the same way)")
 
 
+FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
 STAGED_WAIT_S = 2.0
 STAGED_POLL_S = 0.02
 
@@ -100,7 +101,10 @@ async def load_work(redis: RedisClient, keys: Keys, entries: list[Entry]) -> Loa
             loaded.work.append(Work(
                 entry, data["texts"], data["ids"], normalize=record.normalize,
                 dimensions=record.output_dimensions, prompt=record.prompt, chunk=record.chunk,
-                chunk_overlap=record.chunk_overlap, owner=record.owner))
+                chunk_overlap=record.chunk_overlap, owner=record.owner,
+                spec=chunk_spec(record.chunk_output, record.chunking, record.chunk_tokens,
+                                record.chunk_boundary),
+                chunking=record.chunking))
     if staged:
         later = await load_work(redis, keys, await _activated(redis, keys, staged))
         loaded.work += later.work
@@ -162,7 +166,7 @@ async def embed_attempted(redis: RedisClient, keys: Keys, model: ModelThread, it
         logger.warning("chunk %s/%d: giving up inputs %s, on which a worker died",
                        item.entry.job_id, item.entry.chunk, sorted(given_up))
     plan = item.planned(model.embedder.info)
-    rows: list[Embedded | None] = []
+    rows: list[tuple[Embedded, FloatMatrix] | None] = []
     for i in range(len(item.texts)):
         if i in given_up:
             item.errors[i] = DIED_ON_IT
@@ -184,12 +188,14 @@ async def open_attempts(redis: RedisClient, keys: Keys, work: list[Work]) -> lis
     return [w for w, r in zip(work, records, strict=True) if r and r.trying is not None]
 
 
-async def _embed_one(model: ModelThread, item: Work, plan: Plan, i: int) -> Embedded | None:
+async def _embed_one(model: ModelThread, item: Work, plan: Plan,
+                     i: int) -> tuple[Embedded, FloatMatrix] | None:
+    """Input `i` alone: (its pooled vector and token counts, its plan's raw rows)."""
     try:
         alone = plan.part(i)
-        embedded = await model.embed(alone.texts)
+        embedded = await model.embed_plan(alone)
         vectors, counts, longest = alone.pool(embedded.vectors, embedded.token_counts)
-        return Embedded(vectors, np.concatenate([counts, longest]))
+        return Embedded(vectors, np.concatenate([counts, longest])), embedded.vectors
     except Exception as exc:
         logger.exception("input %d of chunk %s/%d failed", i, item.entry.job_id,
                          item.entry.chunk)
@@ -197,13 +203,19 @@ async def _embed_one(model: ModelThread, item: Work, plan: Plan, i: int) -> Embe
         return None
 
 
-def _stack(embedder: Embedder, item: Work, rows: list[Embedded | None]) -> None:
-    dims = next((r.vectors.shape[1] for r in rows if r is not None), embedder.info.dimensions)
-    item.vectors = np.vstack([r.vectors if r is not None else np.zeros((1, dims), np.float32)
+def _stack(embedder: Embedder, item: Work,
+           rows: list[tuple[Embedded, FloatMatrix] | None]) -> None:
+    dims = next((r[0].vectors.shape[1] for r in rows if r is not None),
+                embedder.info.dimensions)
+    item.vectors = np.vstack([r[0].vectors if r is not None else np.zeros((1, dims), np.float32)
                               for r in rows])
     # Each row's token_counts holds (tokens in all, tokens that count for truncation).
-    item.tokens = np.array([int(r.token_counts[0]) if r is not None else 0 for r in rows])
-    item.longest = np.array([int(r.token_counts[1]) if r is not None else 0 for r in rows])
+    item.tokens = np.array([int(r[0].token_counts[0]) if r is not None else 0 for r in rows])
+    item.longest = np.array([int(r[0].token_counts[1]) if r is not None else 0 for r in rows])
+    if item.spec is not None and item.plan is not None:
+        item.rows = np.vstack([
+            r[1] if r is not None else np.zeros((size, dims), np.float32)
+            for r, size in zip(rows, item.plan.sizes, strict=True)])
 
 
 def chunk_result(item: Work, max_seq_length: int, backend: str = "") -> ChunkResult:
@@ -214,13 +226,40 @@ def chunk_result(item: Work, max_seq_length: int, backend: str = "") -> ChunkRes
     bad = ~np.isfinite(vectors).all(axis=1)
     for i in np.flatnonzero(bad):
         errors.setdefault(int(i), "the model produced a non-finite vector")
+    pieces = piece_vectors(item, errors)
     if errors:
         vectors = vectors.copy()
         vectors[list(errors)] = 0.0
     truncated = [int(i) for i in np.flatnonzero(item.longest > max_seq_length)]
     chunks = item.plan.sizes if item.plan is not None and item.plan.chunked else None
+    if pieces is not None:  # the rows' `chunks` are then the chunks themselves
+        chunks = None
     return ChunkResult(item.entry.job_id, item.entry.chunk, vectors, item.ids, truncated,
-                       errors, int(item.tokens.sum()), chunks, backend)
+                       errors, int(item.tokens.sum()), chunks, backend, pieces)
+
+
+def piece_vectors(item: Work, errors: dict[int, str]) -> PieceVectors | None:
+    """Each input's chunk vectors, shaped like its own (None without `chunk_output: "chunks"`).
+
+    A failed input keeps no chunks; an input with a non-finite chunk vector fails.
+    """
+    plan = item.plan
+    if item.spec is None or item.rows is None or plan is None:
+        return None
+    shaped = shape_vectors(item.rows, item.dimensions, item.normalize)
+    finite = np.isfinite(shaped).all(axis=1)
+    keep: list[FloatMatrix] = []
+    spans: list[list[list[int]] | None] = []
+    for i, (start, size) in enumerate(zip(plan.starts, plan.sizes, strict=True)):
+        if i not in errors and not finite[start:start + size].all():
+            errors[i] = "the model produced a non-finite vector for a chunk of this input"
+        if i in errors:
+            spans.append(None)
+            continue
+        keep.append(shaped[start:start + size])
+        spans.append([[s.start, s.end, s.tokens] for s in plan.spans[start:start + size]])
+    matrix = np.vstack(keep) if keep else np.zeros((0, shaped.shape[1]), np.float32)
+    return PieceVectors(matrix, spans, item.chunking)
 
 
 def failed_result(item: Work, reason: str, dims: int) -> ChunkResult:

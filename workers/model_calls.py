@@ -23,8 +23,11 @@ What a claimed batch of chunks costs the model:
   its vector.
 
 The unit is the model text (`Work.planned`): the prompted text, or one window
-of a long text, so windows are batched, deduplicated and cached like any
+(or chunk) of a long text, so windows are batched, deduplicated and cached like any
 other text, and the cache key covers the prompt because the text carries it.
+Late chunking is the exception: a chunk's vector depends on its window, not
+its text alone, so a late-chunked job's inputs are pooled from their windows'
+token embeddings, one queue chunk at a time, and never cached.
 Vectors stay raw (model output) here; `workers.batch.chunk_result` applies
 each job's `dimensions` and `normalize`, so cached vectors serve any options.
 """
@@ -40,11 +43,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import tracing
-from pipeline.model import Embedded
+from pipeline.model import Embedded, pool_late, window_texts
 from workers.cache import Cached
 
 if TYPE_CHECKING:
-    from pipeline.model import Embedder
+    from pipeline.model import Embedder, Plan
     from workers.cache import EmbeddingCache
     from workers.work import Work
 
@@ -76,6 +79,26 @@ class ModelThread:
         with tracing.span("model.call", {"embedstream.texts": len(texts)}):
             return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
 
+    async def embed_plan(self, plan: Plan) -> Embedded:
+        """A plan's raw rows: its texts embedded, or for late chunking its chunks pooled."""
+        if not plan.windows:
+            return await self.embed(plan.texts)
+        embed_tokens = getattr(self.embedder, "embed_tokens", None)
+        if embed_tokens is None:
+            raise LateChunkingUnsupported(
+                f"the {self.embedder.info.backend or 'loaded'} backend gives no token "
+                "embeddings, so it cannot do chunking=late; use chunking=separate or a "
+                "worker on the torch backend")
+        texts = window_texts(plan)
+        loop = asyncio.get_running_loop()
+        with tracing.span("model.call", {"embedstream.texts": len(texts)}):
+            outputs = await loop.run_in_executor(self._thread, embed_tokens, texts)
+        return pool_late(plan, outputs, self.embedder.info.dimensions)
+
+
+class LateChunkingUnsupported(RuntimeError):
+    """The worker's backend cannot give token embeddings (failed inputs, as data)."""
+
 
 class ModelCalls:
     """Embeds the texts of claimed chunks: deduplicated, cached, in token-budget calls."""
@@ -92,6 +115,12 @@ class ModelCalls:
 
     async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None) -> None:
         """Fill each chunk's raw vectors, token counts and per-input errors."""
+        late = [item for item in work if item.planned(self.embedder.info).windows]
+        for item in late:
+            await self._embed_late(item)
+        work = [item for item in work if not item.planned(self.embedder.info).windows]
+        if not work:
+            return
         plans = [item.planned(self.embedder.info) for item in work]
         scoped = self.cache.scoped if self.cache is not None else _unscoped
         wanted = [[scoped(item.owner, text) for text in plan.texts]
@@ -115,6 +144,32 @@ class ModelCalls:
                 failed = [errors[t] for t in plan.texts[start:start + size] if t in errors]
                 if failed:  # one failed window fails its input
                     item.errors[i] = failed[0]
+
+    async def _embed_late(self, item: Work) -> None:
+        """A late-chunked chunk of inputs: all at once, or input by input if that fails."""
+        plan = item.planned(self.embedder.info)
+        try:
+            item.take(plan, await self.model.embed_plan(plan))
+            return
+        except LateChunkingUnsupported as exc:  # every input would fail alike: say so once
+            item.errors.update(dict.fromkeys(range(len(plan.sizes)), str(exc)))
+            item.take(plan, Embedded(
+                np.zeros((len(plan.spans), self.embedder.info.dimensions), np.float32),
+                np.zeros(len(plan.spans), np.int64)))
+            return
+        except Exception:
+            logger.exception("late chunking of %d inputs failed; retrying input by input",
+                             len(plan.sizes))
+        rows = []
+        for i, size in enumerate(plan.sizes):
+            try:
+                rows.append((await self.model.embed_plan(plan.part(i))).vectors)
+            except Exception as exc:
+                logger.exception("late chunking of an input failed")
+                item.errors[i] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
+                rows.append(np.zeros((size, self.embedder.info.dimensions), np.float32))
+        item.take(plan, Embedded(np.vstack(rows),
+                                 np.asarray([s.tokens for s in plan.spans], np.int64)))
 
     def _dimensions(self, *rows: dict[Any, Cached]) -> int:
         for cached in (c for found in rows for c in found.values()):

@@ -29,8 +29,7 @@ async def reply(redis: RedisClient, keys: Keys, texts_counter: str,
     """Push each request's reply, then ack, then count (one round trip for replies)."""
     async with redis.pipeline(transaction=False) as pipe:
         for result, entry in zip(results, entries, strict=True):
-            vectors = result.vectors.astype("<f4", copy=False).tobytes()
-            queue_reply(pipe, keys, result.job_id, Reply(result.meta(), vectors),
+            queue_reply(pipe, keys, result.job_id, Reply(result.meta(), result.stored_vectors()),
                         entry.reply_to)
         await pipe.execute()
     # Acked only once every reply is stored: a crash in between means a second reply.

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from pipeline import tracing
-from pipeline.model import Plan, plan_texts
+from pipeline.model import ChunkSpec, Plan, plan_chunks, plan_texts
 
 if TYPE_CHECKING:
     from pipeline.model import Embedded, ModelInfo
@@ -89,14 +89,23 @@ class Work:
     chunk_overlap: int = 0
     # The job's or request's owner ("": the trusted caller): the tenant cache scope's key.
     owner: str = ""
+    # With `chunk_output: "chunks"`: how chunks are cut and embedded; None: pooled only.
+    spec: ChunkSpec | None = None
+    chunking: str = "separate"
     vectors: np.ndarray[Any, np.dtype[np.float32]] | None = None
     tokens: np.ndarray[Any, np.dtype[np.int64]] | None = None
     longest: np.ndarray[Any, np.dtype[np.int64]] | None = None
     errors: dict[int, str] = field(default_factory=dict)
     plan: Plan | None = None
+    # The plan's raw rows (a chunk's vector each), kept with `spec` for per-chunk output.
+    rows: np.ndarray[Any, np.dtype[np.float32]] | None = None
 
     def planned(self, model: ModelInfo) -> Plan:
         """What the model embeds for this chunk: prompted texts, or their windows."""
+        if self.plan is None and self.spec is not None:
+            self.plan = plan_chunks(self.texts, self.prompt, self.spec,
+                                    overlap=self.chunk_overlap, model=model.name,
+                                    max_seq_length=model.max_seq_length)
         if self.plan is None:
             self.plan = plan_texts(self.texts, self.prompt, chunk=self.chunk,
                                    overlap=self.chunk_overlap, model=model.name,
@@ -105,6 +114,8 @@ class Work:
 
     def take(self, plan: Plan, embedded: Embedded) -> None:
         """Keep the embedded model texts, pooled back to one raw vector per input."""
+        if self.spec is not None:
+            self.rows = embedded.vectors
         self.vectors, self.tokens, self.longest = plan.pool(embedded.vectors,
                                                             embedded.token_counts)
 
@@ -157,4 +168,16 @@ def request_work(entry: Entry) -> Work:
                 dimensions=dims if dims < model_dims else None,
                 prompt=str(options.get("prompt") or ""), chunk=bool(options.get("chunk")),
                 chunk_overlap=int(options.get("chunk_overlap") or 0),
-                owner=str(options.get("owner") or ""))
+                owner=str(options.get("owner") or ""),
+                spec=chunk_spec(str(options.get("chunk_output") or "pooled"),
+                                str(options.get("chunking") or "separate"),
+                                int(options.get("chunk_tokens") or 0),
+                                str(options.get("chunk_boundary") or "tokens")),
+                chunking=str(options.get("chunking") or "separate"))
+
+
+def chunk_spec(output: str, chunking: str, size: int, boundary: str) -> ChunkSpec | None:
+    """How a job's chunks are cut and embedded, or None when it wants pooled vectors only."""
+    if output != "chunks":
+        return None
+    return ChunkSpec(late=chunking == "late", size=size, sentences=boundary == "sentence")

@@ -32,7 +32,7 @@ from pipeline.jobs.record import (
     PublicJob,
     check_job_id,
 )
-from pipeline.jobs.results import MAX_PAGE, ChunkResult, ResultRow, ResultsPage
+from pipeline.jobs.results import MAX_PAGE, ChunkResult, PieceVectors, ResultRow, ResultsPage
 from pipeline.jobs.scripts import Committed, JobScripts, announce, announce_created
 from pipeline.jobs.search import InputRow, InputsPage, Match, SearchHit
 from pipeline.jobs.tenants import TRUSTED, Caller, owner_id, visible
@@ -62,6 +62,7 @@ __all__ = [
     "JobScripts",
     "JobStatus",
     "Match",
+    "PieceVectors",
     "PublicJob",
     "Readiness",
     "Reply",

@@ -77,6 +77,10 @@ class RequestOptions(TypedDict):
     prompt: str
     chunk: bool
     chunk_overlap: int
+    chunk_output: str
+    chunking: str
+    chunk_tokens: int  # 0: the model's window
+    chunk_boundary: str
     owner: str  # the caller's owner id ("": trusted), the scope of the embedding cache
 
 
@@ -142,7 +146,10 @@ def request_options(options: JobOptions, model: ModelInfo, owner: str = "") -> R
     dims = options.dimensions or model.dimensions
     return {"model": model.name, "normalize": options.normalize, "dimensions": dims,
             "model_dimensions": model.dimensions, "prompt": resolve_prompt(options, model),
-            "chunk": options.chunk, "chunk_overlap": options.chunk_overlap, "owner": owner}
+            "chunk": options.chunk, "chunk_overlap": options.chunk_overlap,
+            "chunk_output": options.chunk_output, "chunking": options.chunking,
+            "chunk_tokens": options.chunk_tokens or 0, "chunk_boundary": options.chunk_boundary,
+            "owner": owner}
 
 
 class Sender:

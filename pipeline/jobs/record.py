@@ -123,6 +123,11 @@ class JobRecord:
     owner: str = ""
     chunk: bool = False
     chunk_overlap: int = 0
+    # Per-chunk vectors (`chunk_output: "chunks"`); chunk_tokens 0: the model's window.
+    chunk_output: str = "pooled"
+    chunking: str = "separate"
+    chunk_tokens: int = 0
+    chunk_boundary: str = "tokens"
     prompt: str = ""
     timeout_s: float = 3600.0
     done: int = 0
@@ -147,6 +152,9 @@ class JobRecord:
             created_at=f["created_at"], created_ts=float(f["created_ts"]),
             owner=f.get("owner", ""), chunk=f.get("chunk") == "1",
             chunk_overlap=int(f.get("chunk_overlap") or 0), prompt=f.get("prompt", ""),
+            chunk_output=f.get("chunk_output", "pooled"), chunking=f.get("chunking", "separate"),
+            chunk_tokens=int(f.get("chunk_tokens") or 0),
+            chunk_boundary=f.get("chunk_boundary", "tokens"),
             timeout_s=float(f.get("timeout_s") or 3600.0),
             done=int(f.get("done", 0)),
             failed=int(f.get("failed", 0)), tokens=int(f.get("tokens", 0)),
@@ -164,6 +172,8 @@ class JobRecord:
             "model_dimensions": self.model_dimensions, "normalize": int(self.normalize),
             "truncate": int(self.truncate), "chunk": int(self.chunk),
             "chunk_overlap": self.chunk_overlap, "prompt": self.prompt,
+            "chunk_output": self.chunk_output, "chunking": self.chunking,
+            "chunk_tokens": self.chunk_tokens, "chunk_boundary": self.chunk_boundary,
             "timeout_s": self.timeout_s,
             "chunk_size": self.chunk_size,
             "chunks": self.chunks, "lane": self.lane, "owner": self.owner,

@@ -10,7 +10,12 @@ job share one hash slot, so this also holds on Redis Cluster.
 
 Vectors are stored as raw little-endian float32 (`v:<chunk>`, one row per
 input, zeros for a failed input) beside a small JSON meta (`m:<chunk>`: ids,
-truncated and failed positions, token count). The job's event stream holds
+truncated and failed positions, token count). A job with `chunk_output:
+"chunks"` stores its inputs' chunk vectors in the same field, after the
+input rows (each input's chunks in order, none for a failed input), and each
+chunk's `[start, end, tokens]` in the meta (`spans`, with `chunking`): the
+one commit writes an input with all its chunks or nothing, and a reader that
+wants input rows alone reads the first `n` rows. The job's event stream holds
 only references (`chunk`), never a second copy of the vectors.
 """
 
@@ -41,7 +46,10 @@ class ResultRow(TypedDict):
     id: str | None
     embedding: Any  # a numpy row (float), base64 text or integers; None for a failed input
     truncated: bool
-    chunks: NotRequired[int]  # windows embedded, for a job submitted with `chunk: true`
+    # Windows embedded, for a job submitted with `chunk: true`; with `chunk_output:
+    # "chunks"`, the chunks themselves ({"start", "end", "tokens", "embedding"}).
+    chunks: NotRequired[int | list[dict[str, Any]]]
+    chunking: NotRequired[str]  # "separate" or "late", with `chunk_output: "chunks"`
     error: NotRequired[str]
 
 
@@ -67,6 +75,14 @@ class ChunkResult:
     tokens: int
     chunks: list[int] | None = None  # windows per input, for a job with `chunk: true`
     backend: str = ""  # what embedded it (the job records it); "" for a chunk given up on
+    pieces: PieceVectors | None = None  # with `chunk_output: "chunks"`
+
+    def stored_vectors(self) -> bytes:
+        """The `v:<chunk>` field: the input rows, then any chunk vectors (little-endian)."""
+        rows = self.vectors.astype("<f4", copy=False).tobytes()
+        if self.pieces is None:
+            return rows
+        return rows + self.pieces.vectors.astype("<f4", copy=False).tobytes()
 
     def meta(self) -> bytes:
         ids = self.ids if any(i is not None for i in self.ids) else None
@@ -77,7 +93,20 @@ class ChunkResult:
         }
         if self.chunks is not None:
             meta["chunks"] = self.chunks
+        if self.pieces is not None:
+            meta["spans"] = self.pieces.spans
+            meta["chunking"] = self.pieces.chunking
         return orjson.dumps(meta)
+
+
+@dataclass(frozen=True)
+class PieceVectors:
+    """The chunk vectors of a chunk's inputs: a row a chunk, and per input its spans."""
+
+    vectors: np.ndarray[Any, np.dtype[np.float32]]
+    # Per input, [start, end, tokens] of each of its chunks (None for a failed input).
+    spans: list[list[list[int]] | None]
+    chunking: str
 
 
 def render_rows(
@@ -85,27 +114,49 @@ def render_rows(
 ) -> list[ResultRow]:
     """Turn one stored chunk into result objects (`index`, `id`, `embedding`, `truncated`).
 
-    Rows of a job submitted with `chunk: true` also carry `chunks` (windows embedded).
+    Rows of a job submitted with `chunk: true` also carry `chunks` (windows
+    embedded, or with `chunk_output: "chunks"` the chunks and `chunking`).
     """
     meta = orjson.loads(meta_raw)
     n, dims = int(meta["n"]), int(meta["dims"])
-    vectors = np.frombuffer(vectors_raw, dtype="<f4").reshape(n, dims)
+    everything = np.frombuffer(vectors_raw, dtype="<f4").reshape(-1, dims)
     ids = meta.get("ids") or [None] * n
     truncated = set(meta.get("truncated") or ())
     errors: dict[str, str] = meta.get("errors") or {}
     chunks: list[int] | None = meta.get("chunks")
-    encoded = as_view(encoding).encode(vectors)
+    view = as_view(encoding)
+    encoded = view.encode(everything[:n])
+    pieces = None
+    if "spans" in meta:  # chunk vectors follow the input rows
+        pieces = _pieces(meta, view.encode(everything[n:]) if len(everything) > n else [])
     rows: list[ResultRow] = []
     for i in range(n):
         row: ResultRow = {"index": first_index + i, "id": ids[i],
                                "embedding": encoded[i], "truncated": i in truncated}
         if chunks is not None:
             row["chunks"] = chunks[i]
+        if pieces is not None:
+            row["chunks"] = pieces[i]
+            row["chunking"] = meta["chunking"]
         if str(i) in errors:
             row["embedding"] = None
             row["error"] = errors[str(i)]
         rows.append(row)
     return rows
+
+
+def _pieces(meta: dict[str, Any], encoded: Any) -> list[list[dict[str, Any]]]:
+    """Each input's chunks as rows show them (an empty list for a failed input)."""
+    out: list[list[dict[str, Any]]] = []
+    at = 0
+    for spans in meta["spans"]:
+        mine = []
+        for start, end, tokens in spans or ():
+            mine.append({"start": start, "end": end, "tokens": tokens,
+                         "embedding": encoded[at]})
+            at += 1
+        out.append(mine)
+    return out
 
 
 def as_view(encoding: str | VectorView) -> VectorView:

@@ -280,10 +280,9 @@ class JobScripts:
 
     async def queue_commit(self, pipe: RedisPipeline, result: ChunkResult, ttl_s: int) -> None:
         """Add one chunk's idempotent commit to `pipe`."""
-        vectors = result.vectors.astype("<f4", copy=False).tobytes()
         await self._commit(
             keys=self.keys.job_keys(result.job_id),
-            args=[result.chunk, vectors, result.meta(),
+            args=[result.chunk, result.stored_vectors(), result.meta(),
                   len(result.vectors) - len(result.errors), len(result.errors), now_iso(),
                   ttl_s, result.tokens, result.backend],
             client=pipe)

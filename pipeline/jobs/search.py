@@ -144,7 +144,8 @@ def _page_scores(
         if vec is None or meta_raw is None:
             continue
         meta = orjson.loads(meta_raw)
-        matrix = np.frombuffer(vec, dtype="<f4").reshape(int(meta["n"]), int(meta["dims"]))
+        n, dims = int(meta["n"]), int(meta["dims"])  # chunk vectors may follow the rows
+        matrix = np.frombuffer(vec, dtype="<f4", count=n * dims).reshape(n, dims)
         failed = {int(k) for k in (meta.get("errors") or {})}
         keep = np.array([i for i in range(len(matrix)) if i not in failed], dtype=np.int64)
         if not len(keep):

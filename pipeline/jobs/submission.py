@@ -222,6 +222,9 @@ class JobWriter:
             model_dimensions=self.model.dimensions, normalize=self.options.normalize,
             truncate=self.options.truncate, chunk=self.options.chunk,
             chunk_overlap=self.options.chunk_overlap,
+            chunk_output=self.options.chunk_output, chunking=self.options.chunking,
+            chunk_tokens=self.options.chunk_tokens or 0,
+            chunk_boundary=self.options.chunk_boundary,
             prompt=resolve_prompt(self.options, self.model), chunk_size=self.settings.chunk_size,
             chunks=self._chunks, lane=lane, owner=self.owner, created_at=now_iso(),
             created_ts=time.time(),
@@ -275,5 +278,11 @@ def check_model_options(options: JobOptions, model: ModelInfo) -> None:
         raise InvalidInput(f"'chunk_overlap' is {options.chunk_overlap} tokens; with "
                            f"{model.name}'s {model.max_seq_length}-token windows use 0 to {most}")
     if options.chunk:  # windows need the tokenizer: fail now, not in a worker
+        # Sentence chunks do not overlap: the overlap then bounds nothing but windows.
+        sentences = options.chunk_output == "chunks" and options.chunk_boundary == "sentence"
         check_windows(resolve_prompt(options, model), options.chunk_overlap,
-                      model=model.name, max_seq_length=model.max_seq_length)
+                      model=model.name, max_seq_length=model.max_seq_length,
+                      chunk_tokens=None if sentences else options.chunk_tokens)
+        if sentences and options.chunk_tokens is not None:
+            check_windows(resolve_prompt(options, model), 0, model=model.name,
+                          max_seq_length=model.max_seq_length, chunk_tokens=options.chunk_tokens)

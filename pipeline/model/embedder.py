@@ -4,7 +4,9 @@ A backend returns raw model output plus each text's token count (special
 tokens included, before truncation), so the worker can flag `truncated`
 inputs and report token usage without tokenizing twice in Python. The
 backends are `pipeline.model.torch_backend` and `pipeline.model.onnx_backend`;
-`pipeline.model.loading` picks one.
+`pipeline.model.loading` picks one. Both also offer `embed_tokens` (each
+text's token embeddings and their characters, `pipeline.model.spans`) for
+late chunking; an embedder without it fails late-chunked inputs, saying so.
 """
 
 from __future__ import annotations

@@ -26,15 +26,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ONNX_GRAPH_BACKENDS = ("onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-f32")
+
 
 def load_embedder(settings: Settings) -> Embedder:
     """Build the embedder named by `settings.backend`."""
     backend = settings.backend
     if backend == "torch":
         return SentenceTransformerEmbedder(settings)
-    if backend in ("onnx", "onnx-int8"):
+    if backend in ONNX_GRAPH_BACKENDS:
         try:
-            return OnnxEmbedder(settings, quantized=backend == "onnx-int8")
+            return _graph_embedder(settings, backend)
         except (ExportFailed, OSError, subprocess.SubprocessError) as exc:
             logger.warning("model %s cannot run on the %s backend (%s); falling back to torch",
                            settings.model, backend, exc)
@@ -44,5 +46,18 @@ def load_embedder(settings: Settings) -> Embedder:
         factory = getattr(importlib.import_module(module_name), attr)
         embedder: Embedder = factory(settings)
         return embedder
-    raise UnknownModel(f"unknown backend {backend!r}; use 'onnx', 'onnx-int8', 'torch' "
-                       "or 'module:Factory'")
+    raise UnknownModel(f"unknown backend {backend!r}; use {', '.join(ONNX_GRAPH_BACKENDS)}, "
+                       "'torch' or 'module:Factory'")
+
+
+def _graph_embedder(settings: Settings, backend: str) -> Embedder:
+    """An embedder running our exported ONNX graph: ONNX Runtime or OpenVINO."""
+    if not backend.startswith("openvino"):
+        return OnnxEmbedder(settings, quantized=backend == "onnx-int8")
+    try:
+        from pipeline.model.openvino_backend import OpenVinoEmbedder
+    except ImportError as exc:
+        raise UnknownModel(f"backend {backend!r} needs the openvino package: "
+                           "pip install 'embedstream[openvino]'") from exc
+    _, _, precision = backend.partition("-")
+    return OpenVinoEmbedder(settings, precision or None)

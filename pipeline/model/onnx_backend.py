@@ -8,9 +8,15 @@ Normalize, Dense, ... as modules.json lists them) is traced by
 sentence-transformers' own and run inside the graph. Tokenization uses the
 model's own fast tokenizer (`tokenizer.json`) with the model's length limit.
 
+The graph has two outputs: `sentence_embedding`, and `token_embeddings`
+(the Transformer module's output, before pooling), which late chunking
+pools over each chunk's span (`embed_tokens`); `embed` asks for the first
+only.
+
 Exports are cached under `<export_dir>/` (default `<data_dir>/onnx/`), named
-by model, revision (a hash of the model's files) and onnxruntime version, so
-a changed model or runtime never reuses a stale graph. The export runs in a
+by model, revision (a hash of the model's files), onnxruntime version and
+the graph's outputs (`-tokens`), so a changed model, runtime or export never
+reuses a stale graph. The export runs in a
 child process (torch is never loaded into a worker that finds its graph
 cached), under a file lock, into a temporary file that `os.replace` moves
 into place: two workers starting together never see a half-written file.
@@ -46,6 +52,7 @@ from pipeline.model.embedder import Embedded
 from pipeline.model.files import ExportFailed, model_folder, model_revision
 from pipeline.model.info import canonical_model_name, describe_local_model, read_json
 from pipeline.model.runtime import compute_threads, ort_providers
+from pipeline.model.spans import TokenEmbeddings
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +62,15 @@ OPSET = 17
 RUN_MAX_TEXTS = 64
 RUN_MAX_TOKENS = 8192
 EXPORT_TIMEOUT_S = 900.0
+OUTPUTS = ["sentence_embedding", "token_embeddings"]
 
 
 def export_path(export_dir: Path, name: str, revision: str, quantized: bool) -> Path:
-    """Where the graph of (model, revision, onnxruntime version, precision) is cached."""
+    """Where the graph of (model, revision, onnxruntime version, outputs, precision) is cached."""
     import onnxruntime as ort
 
     kind = "int8" if quantized else "fp32"
-    return export_dir / f"{model_slug(name)}-{revision}-ort{ort.__version__}-{kind}.onnx"
+    return export_dir / f"{model_slug(name)}-{revision}-ort{ort.__version__}-tokens-{kind}.onnx"
 
 
 @contextlib.contextmanager
@@ -129,15 +137,14 @@ def export_model(folder: Path, out: Path) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.model(dict(zip(names, tensors, strict=True)))
-            embedding: torch.Tensor = features["sentence_embedding"]
-            return embedding
+            return features["sentence_embedding"], features["token_embeddings"]
 
-    axes = {name: {0: "batch", 1: "tokens"} for name in names}
+    axes = {name: {0: "batch", 1: "tokens"} for name in (*names, "token_embeddings")}
     with torch.no_grad():
         torch.onnx.export(Traced().eval(), tuple(sample[n] for n in names), str(out),
-                          input_names=names, output_names=["sentence_embedding"],
+                          input_names=names, output_names=OUTPUTS,
                           dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
 
@@ -161,23 +168,34 @@ class OnnxEmbedder:
     """Embeds with an exported graph in ONNX Runtime, full graph optimization."""
 
     def __init__(self, settings: Any, quantized: bool = False) -> None:
-        import onnxruntime as ort
-
         name = canonical_model_name(settings.model)
         folder = model_folder(name)
         info = describe_local_model(str(folder))
         if info is None or not (folder / "tokenizer.json").is_file():
             raise ExportFailed(f"model {name!r} has no fast tokenizer (tokenizer.json)")
-        backend = "onnx-int8" if quantized else "onnx"
-        self.info = dataclasses.replace(info, name=name, backend=backend)
+        self.info = dataclasses.replace(info, name=name, backend=self._backend_name(quantized))
         started = time.perf_counter()
         export_dir = settings.export_dir or Path(settings.data_dir) / "onnx"
         self.revision = model_revision(folder)
         graph = ensure_exported(folder, export_path(Path(export_dir), name, self.revision,
                                                     quantized), quantized)
+        threads = compute_threads()
+        where = self._open(graph, settings, threads)
+        self._tokenizers(folder)
+        logger.info("loaded %s (%s, %d dims, %d tokens max, %d threads, %s) in %.1fs", name,
+                    self.info.backend, self.info.dimensions, self.info.max_seq_length,
+                    threads, where, time.perf_counter() - started)
+
+    def _backend_name(self, quantized: bool) -> str:
+        return "onnx-int8" if quantized else "onnx"
+
+    def _open(self, graph: Path, settings: Any, threads: int) -> str:
+        """Start the runtime on `graph`; sets `self.inputs` and says where it runs."""
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = compute_threads()
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Idle intra-op threads sleep instead of spinning: on a few shared cores a
         # spinning pool starves the worker's own event loop and the server beside it.
@@ -185,11 +203,11 @@ class OnnxEmbedder:
         self.session = ort.InferenceSession(str(graph), options,
                                             providers=ort_providers(settings.device))
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self._tokenizers(folder)
-        logger.info("loaded %s (%s, %d dims, %d tokens max, %d threads, %s) in %.1fs", name,
-                    backend, self.info.dimensions, self.info.max_seq_length,
-                    options.intra_op_num_threads, self.session.get_providers()[0],
-                    time.perf_counter() - started)
+        return str(self.session.get_providers()[0])
+
+    def _infer(self, feed: dict[str, np.ndarray[Any, Any]], output: str) -> Any:
+        """One run of the graph on a padded batch: the named output."""
+        return self.session.run([output], feed)[0]
 
     def _tokenizers(self, folder: Path) -> None:
         from tokenizers import Tokenizer
@@ -207,14 +225,7 @@ class OnnxEmbedder:
 
     def embed(self, texts: Sequence[str]) -> Embedded:
         """Embed texts; rows keep the order of `texts`."""
-        prepared = [t.lower() for t in texts] if self.lower else list(texts)
-        encodings = self.counter.encode_batch(prepared)
-        counts = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
-        # Truncating only the texts over the limit: one tokenizer pass for the rest.
-        long = [int(i) for i in np.flatnonzero(counts > self.info.max_seq_length)]
-        for i, encoding in zip(long, self.truncator.encode_batch([prepared[i] for i in long]),
-                               strict=True):
-            encodings[i] = encoding
+        encodings, counts = self._encode(texts)
         lengths = np.minimum(counts, self.info.max_seq_length)
         out = np.empty((len(texts), self.info.dimensions), dtype=np.float32)
         order = np.argsort(lengths, kind="stable")
@@ -223,7 +234,35 @@ class OnnxEmbedder:
             out[index] = self._run([encodings[i] for i in index])
         return Embedded(out, counts)
 
-    def _run(self, encodings: list[Any]) -> np.ndarray[Any, np.dtype[np.float32]]:
+    def embed_tokens(self, texts: Sequence[str]) -> list[TokenEmbeddings]:
+        """Each text's token embeddings (the graph's second output) and their characters.
+
+        Special and padding tokens (no characters) are left out. Texts go one
+        run each: late chunking hands over a few window-long texts at a time.
+        """
+        encodings, _ = self._encode(texts)
+        found: list[TokenEmbeddings] = []
+        for encoding in encodings:
+            tokens = self._run([encoding], "token_embeddings")[0]
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            real = offsets[:, 1] > offsets[:, 0]
+            found.append(TokenEmbeddings(tokens[real], offsets[real]))
+        return found
+
+    def _encode(self, texts: Sequence[str]) -> tuple[list[Any], np.ndarray[Any, Any]]:
+        """Each text's encoding (cut at the model's limit) and its token count before that."""
+        prepared = [t.lower() for t in texts] if self.lower else list(texts)
+        encodings = self.counter.encode_batch(prepared)
+        counts = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+        # Truncating only the texts over the limit: one tokenizer pass for the rest.
+        long = [int(i) for i in np.flatnonzero(counts > self.info.max_seq_length)]
+        for i, encoding in zip(long, self.truncator.encode_batch([prepared[i] for i in long]),
+                               strict=True):
+            encodings[i] = encoding
+        return encodings, counts
+
+    def _run(self, encodings: list[Any],
+             output: str = "sentence_embedding") -> np.ndarray[Any, np.dtype[np.float32]]:
         width = max(len(e.ids) for e in encodings)
         feed = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in self.inputs}
         ids = feed["input_ids"]
@@ -235,8 +274,7 @@ class OnnxEmbedder:
                 feed["attention_mask"][row, :n] = 1
             if "token_type_ids" in feed:
                 feed["token_type_ids"][row, :n] = encoding.type_ids
-        result = self.session.run(None, feed)[0]
-        return np.asarray(result, dtype=np.float32)
+        return np.asarray(self._infer(feed, output), dtype=np.float32)
 
 
 def token_runs(sorted_lengths: np.ndarray[Any, Any], max_texts: int,

@@ -17,6 +17,7 @@ from pipeline.model.embedder import Embedded
 from pipeline.model.files import ExportFailed, model_folder, model_revision
 from pipeline.model.info import ModelInfo, canonical_model_name, model_source
 from pipeline.model.runtime import check_dtype, compute_threads, torch_device
+from pipeline.model.spans import TokenEmbeddings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -89,6 +90,33 @@ class SentenceTransformerEmbedder:
         if at_limit:
             counts[at_limit] = self._count_tokens([batch[i] for i in at_limit])
         return Embedded(np.concatenate(parts).astype(np.float32, copy=False), counts)
+
+    def embed_tokens(self, texts: Sequence[str]) -> list[TokenEmbeddings]:
+        """Each text's token embeddings and their characters, for late chunking.
+
+        The model's own tokenizer with offsets, then its modules; the Transformer
+        module leaves `token_embeddings` in the features (what `encode(...,
+        output_value="token_embeddings")` returns). Special and padding tokens
+        (no characters) are left out.
+        """
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        batch = list(texts)
+        found: list[TokenEmbeddings] = []
+        with torch.inference_mode():
+            for start in range(0, len(batch), self.batch_size):
+                encoded = self.model.tokenizer(
+                    batch[start:start + self.batch_size], padding=True, truncation=True,
+                    max_length=self.info.max_seq_length, return_tensors="pt",
+                    return_offsets_mapping=True)
+                offsets = encoded.pop("offset_mapping").numpy().astype(np.int64)
+                features = batch_to_device(dict(encoded), self.model.device)
+                out = self.model(features)["token_embeddings"].float().cpu().numpy()
+                for row, spans in zip(out, offsets, strict=True):
+                    real = spans[:, 1] > spans[:, 0]
+                    found.append(TokenEmbeddings(row[real].astype(np.float32), spans[real]))
+        return found
 
     def _count_tokens(self, texts: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
         if self._tokenizer is None:

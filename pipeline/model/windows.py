@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InvalidInput
+from pipeline.inputs import MIN_CHUNK_TOKENS
 from pipeline.model import tokens
 from pipeline.model.prompts import with_prompt
 
@@ -51,6 +52,27 @@ MAX_WINDOWS = 512
 
 FloatMatrix = np.ndarray[Any, np.dtype[np.float32]]
 IntVector = np.ndarray[Any, np.dtype[np.int64]]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One chunk of an input: its characters `[start, end)` and its word-piece tokens."""
+
+    start: int
+    end: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class LateWindow:
+    """A text the model embeds once for late chunking, and the chunks it pools.
+
+    `rows` holds, per chunk, (its row within the input, the start and end of its
+    characters in `text`, the prompt included).
+    """
+
+    text: str
+    rows: list[tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,10 @@ class Plan:
     chunked: bool = False
     # Per input: whether it needed more than MAX_WINDOWS windows and lost its tail.
     cut: list[bool] = field(default_factory=list)
+    # With `chunk_output: "chunks"`: each row's chunk (`texts` then are the chunks'
+    # model texts, or, for late chunking, unused beside `windows`, one list an input).
+    spans: list[Span] = field(default_factory=list)
+    windows: list[list[LateWindow]] = field(default_factory=list)
 
     @property
     def starts(self) -> list[int]:
@@ -73,7 +99,8 @@ class Plan:
         """The plan of one input alone."""
         start, size = self.starts[index], self.sizes[index]
         return Plan(self.texts[start:start + size], [size], self.weights[start:start + size],
-                    self.chunked, self.cut[index:index + 1])
+                    self.chunked, self.cut[index:index + 1], self.spans[start:start + size],
+                    self.windows[index:index + 1])
 
     def pool(
         self, vectors: FloatMatrix, counts: IntVector
@@ -103,7 +130,7 @@ def plan_texts(
     if not chunk:
         return Plan(with_prompt(prompt, texts), [1] * len(texts), np.ones(len(texts)))
     tokenizer = tokens.tokenizer(model)
-    _, budget = _room(tokenizer, prompt, max_seq_length)
+    _, budget = window_room(tokenizer, prompt, max_seq_length)
     budget = max(1, budget)
     model_texts: list[str] = []
     sizes: list[int] = []
@@ -119,11 +146,13 @@ def plan_texts(
     return Plan(model_texts, sizes, np.asarray(weights, dtype=np.float64), chunked=True, cut=cut)
 
 
-def check_windows(prompt: str, overlap: int, *, model: str, max_seq_length: int) -> None:
-    """422 unless the prompt leaves each window at least half its room, and the overlap a
-    stride of a quarter of what is left (see the module docstring)."""
+def check_windows(prompt: str, overlap: int, *, model: str, max_seq_length: int,
+                  chunk_tokens: int | None = None) -> None:
+    """422 unless the prompt leaves each window at least half its room, `chunk_tokens` fits
+    a window, and the overlap leaves a stride of a quarter of a window or chunk (see the
+    module docstring)."""
     tokenizer = tokens.tokenizer(model)
-    room, budget = _room(tokenizer, prompt, max_seq_length)
+    room, budget = window_room(tokenizer, prompt, max_seq_length)
     most_prompt = room // 2
     if room - budget > most_prompt:
         raise InvalidInput(
@@ -131,14 +160,20 @@ def check_windows(prompt: str, overlap: int, *, model: str, max_seq_length: int)
             f"{most_prompt} tokens (half of the {room} that {model}'s {max_seq_length}-token "
             "windows hold besides special tokens), so that every window carries the text; "
             "shorten the prompt, or submit without chunk", limit=most_prompt)
-    most_overlap = budget - max(1, budget // 4)
+    if chunk_tokens is not None and chunk_tokens > budget:
+        raise InvalidInput(
+            f"'chunk_tokens' is {chunk_tokens}; with this prompt a window of {model} holds "
+            f"{budget} tokens of text, so use {MIN_CHUNK_TOKENS} to {budget}", limit=budget)
+    size = chunk_tokens or budget
+    most_overlap = size - max(1, size // 4)
     if overlap > most_overlap:
         raise InvalidInput(
-            f"'chunk_overlap' is {overlap} tokens; with this prompt a window holds {budget} "
+            f"'chunk_overlap' is {overlap} tokens; with this prompt a "
+            f"{'chunk' if chunk_tokens else 'window'} holds {size} "
             f"tokens of text, so use 0 to {most_overlap}", limit=most_overlap)
 
 
-def _room(tokenizer: Any, prompt: str, max_seq_length: int) -> tuple[int, int]:
+def window_room(tokenizer: Any, prompt: str, max_seq_length: int) -> tuple[int, int]:
     """(tokens of text a window holds without the prompt, and with it)."""
     specials = len(tokenizer.encode("", add_special_tokens=True).ids)
     prompt_tokens = len(tokenizer.encode(prompt, add_special_tokens=False).ids) if prompt else 0
