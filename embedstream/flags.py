@@ -47,8 +47,10 @@ Models = Annotated[list[str] | None, typer.Option(
                    "models, each with its own workers; the first is the default"),
     show_default=False)]
 Backend = Annotated[str | None, typer.Option(
-    help=described("backend", "How workers run the model: onnx (ONNX Runtime fp32), "
-                   "onnx-int8 (quantized, opt-in), torch (sentence-transformers as is), "
+    help=described("backend", "How workers run the model: auto (the fastest of openvino, "
+                   "onnx and torch whose vectors match torch's, measured once per machine), "
+                   "onnx (ONNX Runtime fp32), onnx-int8 (quantized, opt-in), openvino, "
+                   "openvino-f32, openvino-bf16, torch (sentence-transformers as is), "
                    "or module:Factory"),
     show_default=False)]
 Device = Annotated[str | None, typer.Option(

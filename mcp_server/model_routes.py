@@ -15,7 +15,8 @@ def model_object(model: ModelInfo) -> dict[str, object]:
     """One model as /v1/models and the MCP `list_models` tool show it."""
     return {"id": model.name, "object": "model", "owned_by": "embedstream",
             "dimensions": model.dimensions, "max_tokens": model.max_seq_length,
-            "backend": model.backend or None, "prompts": model.prompts}
+            "backend": model.backend or None, "backend_reason": model.backend_reason or None,
+            "prompts": model.prompts}
 
 
 async def list_models(request: Request) -> Response:

@@ -73,8 +73,8 @@ Returns {{matches: [{{index, score, text, id, metadata}}]}}; score is the cosine
 and id/metadata are what you submitted.""",
     "list_models": """\
 The models that live workers serve now; any of them can be passed as `model` to the other tools.
-Returns {{object: "list", data: [{{id, dimensions, max_tokens, backend, prompts}}]}}; prompts \
-maps each prompt_name to the prefix it puts before texts.""",
+Returns {{object: "list", data: [{{id, dimensions, max_tokens, backend, backend_reason, \
+prompts}}]}}; prompts maps each prompt_name to the prefix it puts before texts.""",
     "cancel_job": """\
 Cancel a queued or running job: inputs not yet embedded are skipped, results already made \
 stay readable with job_results. A finished job is left as it is.

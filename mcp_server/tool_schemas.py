@@ -163,7 +163,7 @@ class JobStatus(BaseModel):
     finished_at: str | None
     error: str | None
     backend: str | None = Field(
-        default=None, description="What embedded the job (onnx, onnx-int8, torch; "
+        default=None, description="What embedded the job (onnx, onnx-int8, openvino-bf16, torch…; "
                                   "comma-separated if workers of several did); null until then.")
 
 
@@ -220,6 +220,9 @@ class ServedModel(BaseModel):
     dimensions: int
     max_tokens: int = Field(description="Tokens per text (and per window with chunk=true).")
     backend: str | None
+    backend_reason: str | None = Field(
+        default=None, description="With backend auto: why this backend (the figures it was "
+                                  "chosen by); null when the backend was named.")
     prompts: dict[str, str] = Field(description="prompt_name -> the prefix it puts before texts.")
 
 

@@ -23,7 +23,7 @@ class Settings:
     redis_url: str | None = None
     data_dir: Path = Path(".embedstream")
     model: str = "all-MiniLM-L6-v2"
-    backend: str = "onnx"
+    backend: str = "auto"
     device: str = "auto"
     # torch precision on a GPU: "float16" is opt-in.
     dtype: str = "float32"

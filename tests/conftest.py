@@ -36,6 +36,18 @@ from tests.support.cluster import ValkeyCluster
 REDIS7_MISSING = "redis-server not on PATH; apt-get install redis-server"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Before a run with real-model tests: the export and `auto`'s measurement, once per machine.
+
+    Both are cached (in EMBEDSTREAM_EXPORT_DIR); done here, the first test that
+    starts a worker does not pay them inside its own timeout.
+    """
+    if any(item.get_closest_marker("slow") for item in session.items):
+        from pipeline.model.choice import choose_backend
+
+        choose_backend(Settings.from_env().replace(device="cpu"))
+
+
 def all_servers_required() -> bool:
     """Whether a missing server binary fails tests instead of skipping them."""
     return (

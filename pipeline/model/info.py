@@ -33,6 +33,7 @@ class ModelInfo:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     backend: str = ""
+    backend_reason: str = ""  # why `auto` chose `backend` ("" when it was named)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -43,7 +44,8 @@ class ModelInfo:
         prompts = data.get("prompts") or {}
         return cls(str(data["name"]), int(data["dimensions"]), int(data["max_seq_length"]),
                    {str(k): str(v) for k, v in prompts.items()},
-                   data.get("default_prompt_name") or None, str(data.get("backend") or ""))
+                   data.get("default_prompt_name") or None, str(data.get("backend") or ""),
+                   str(data.get("backend_reason") or ""))
 
 
 def canonical_model_name(name: str) -> str:

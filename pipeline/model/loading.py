@@ -1,7 +1,9 @@
 """Loading the embedder `EMBEDSTREAM_BACKEND` names.
 
-`onnx` (the default: ONNX Runtime, see `pipeline.model.onnx_backend`),
-`onnx-int8`, `torch` (sentence-transformers as it is), or
+`auto` (the default: the fastest backend whose vectors are torch's, measured
+once per machine, see `pipeline.model.choice`), `onnx` (ONNX Runtime fp32,
+see `pipeline.model.onnx_backend`), `onnx-int8`, `openvino`,
+`openvino-bf16`, `openvino-f32`, `torch` (sentence-transformers as it is), or
 `package.module:Factory`, a callable taking `Settings` and returning an
 Embedder; tests use that to plug in an embedder they control. A model that
 cannot run on ONNX falls back to torch, and says so in the log;
@@ -10,6 +12,7 @@ cannot run on ONNX falls back to torch, and says so in the log;
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import subprocess
@@ -32,6 +35,8 @@ ONNX_GRAPH_BACKENDS = ("onnx", "onnx-int8", "openvino", "openvino-bf16", "openvi
 def load_embedder(settings: Settings) -> Embedder:
     """Build the embedder named by `settings.backend`."""
     backend = settings.backend
+    if backend == "auto":
+        return _chosen(settings)
     if backend == "torch":
         return SentenceTransformerEmbedder(settings)
     if backend in ONNX_GRAPH_BACKENDS:
@@ -46,8 +51,18 @@ def load_embedder(settings: Settings) -> Embedder:
         factory = getattr(importlib.import_module(module_name), attr)
         embedder: Embedder = factory(settings)
         return embedder
-    raise UnknownModel(f"unknown backend {backend!r}; use {', '.join(ONNX_GRAPH_BACKENDS)}, "
-                       "'torch' or 'module:Factory'")
+    raise UnknownModel(f"unknown backend {backend!r}; use auto, "
+                       f"{', '.join(ONNX_GRAPH_BACKENDS)}, 'torch' or 'module:Factory'")
+
+
+def _chosen(settings: Settings) -> Embedder:
+    """The embedder `auto` picks, its info carrying why (as /v1/models shows it)."""
+    from pipeline.model.choice import choose_backend
+
+    choice = choose_backend(settings)
+    embedder = load_embedder(settings.replace(backend=choice.backend))
+    embedder.info = dataclasses.replace(embedder.info, backend_reason=choice.reason)
+    return embedder
 
 
 def _graph_embedder(settings: Settings, backend: str) -> Embedder:
@@ -58,6 +73,6 @@ def _graph_embedder(settings: Settings, backend: str) -> Embedder:
         from pipeline.model.openvino_backend import OpenVinoEmbedder
     except ImportError as exc:
         raise UnknownModel(f"backend {backend!r} needs the openvino package: "
-                           "pip install 'embedstream[openvino]'") from exc
+                           "pip install openvino") from exc
     _, _, precision = backend.partition("-")
     return OpenVinoEmbedder(settings, precision or None)

@@ -102,20 +102,22 @@ def test_sts_dev_through_the_pipeline_matches_direct_encoding(stack: str) -> Non
 
     assert end is not None and end["status"] == "completed" and end["done"] == len(texts)
     assert names[-1] == "end" and "progress" in names
-    assert end["backend"] == "onnx"  # the CPU default, as the job records it
+    served = httpx.get(f"{stack}/v1/models", timeout=10).json()["data"][0]
+    assert end["backend"] == served["backend"]  # what `auto` chose, as the job records it
+    assert served["backend_reason"].startswith(f"auto: {served['backend']}, the fastest")
     assert sorted(rows) == list(range(len(texts)))
     got = np.array([rows[i] for i in range(len(texts))], dtype=np.float32)
     direct = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(texts)
     cosine = (got * direct).sum(1) / (np.linalg.norm(got, axis=1) *
                                       np.linalg.norm(direct, axis=1))
-    assert cosine.min() >= 0.99999
+    assert cosine.min() >= 0.9999  # the bound `auto` chooses by (onnx alone: 0.99999)
 
     def sts_spearman(vectors: np.ndarray[Any, Any]) -> float:
         a, b = vectors[: len(first)], vectors[len(first):]
         sims = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         return float(spearmanr(sims, gold).statistic)
 
-    assert abs(sts_spearman(got) - sts_spearman(direct)) <= 0.0005
+    assert abs(sts_spearman(got) - sts_spearman(direct)) <= 0.001
 
 
 def test_two_workers_deliver_every_index_of_a_4000_text_job_exactly_once(stack: str) -> None:

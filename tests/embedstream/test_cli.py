@@ -91,7 +91,8 @@ def test_help_names_every_backend_and_what_one_repeated_model_is() -> None:
     flat = help_of("up")
     assert "--model NAME" in flat
     assert "--insecure Allow" in flat, "--insecure takes no value"
-    for backend in ("onnx (ONNX Runtime fp32)", "onnx-int8", "torch", "module:Factory"):
+    for backend in ("auto (the fastest", "onnx (ONNX Runtime fp32)", "onnx-int8",
+                    "openvino-bf16", "torch", "module:Factory"):
         assert backend in flat
     assert "--quiet -q No progress" in help_of("submit")
 

@@ -138,7 +138,7 @@ async def test_embed_returns_the_vectors_sentence_transformers_computes(
     got = np.asarray(floats["embeddings"], dtype=np.float32)
     norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
     cosine = (got * expected).sum(1) / norms
-    assert cosine.min() >= 0.99999
+    assert cosine.min() >= 0.9999  # the default backend's bound (auto; onnx alone: 0.99999)
     assert floats["model"] == "all-MiniLM-L6-v2" and floats["dimensions"] == 384
     assert np.array_equal(np.vstack([vector(v) for v in packed["embeddings"]]), got)
 
