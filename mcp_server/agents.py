@@ -22,7 +22,9 @@ Deliberate choices, so nobody "fixes" them:
   `Pipeline` (another tenant's job is "not found"); listen requests are
   filtered by `OwnedSubscriptions`.
 - Tasks (`mcp_server.tasks`): `submit_job` and `embed` called as tasks are
-  jobs; the middleware answers the task call, the extension the tasks/* methods.
+  jobs; the middleware answers the task call, the extension the tasks/* methods,
+  and the task notices' feed follower runs in the server's lifespan beside the
+  job-update relay.
 - Legacy SSE sessions, and Streamable HTTP sessions of handshake-era clients
   (Mcp-Session-Id), live in the process that opened them: several server
   replicas need sticky routing for them. Requests at the 2026-07-28 revision
@@ -32,7 +34,8 @@ Deliberate choices, so nobody "fixes" them:
 from __future__ import annotations
 
 import importlib.metadata
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -62,19 +65,25 @@ SDK_HOST_CHECK_OFF = TransportSecuritySettings(enable_dns_rebinding_protection=F
 def build_mcp(settings: Settings, pipeline: Pipeline) -> MCPServer[Any]:
     """The MCP server: tools, the job resource template, and job-update subscriptions."""
     updates = JobUpdates(pipeline)
-    tasks, task_calls = build_tasks(pipeline)
+    tasks = build_tasks(pipeline)
+
+    @asynccontextmanager
+    async def lifespan(server: Any) -> AsyncIterator[None]:
+        async with updates.running(server), tasks.notices.running(server):
+            yield
+
     mcp: MCPServer[Any] = MCPServer(
         name="embedstream",
         title="embedstream",
         instructions=INSTRUCTIONS,
         version=_version(),
-        lifespan=updates.running,
+        lifespan=lifespan,
         subscriptions=updates,
-        extensions=[tasks],
+        extensions=[tasks.extension],
     )
     AgentTools(settings, pipeline).register(mcp)
     mcp.middleware.append(OwnedSubscriptions(pipeline))
-    mcp.middleware.append(task_calls)
+    mcp.middleware.extend([tasks.calls, tasks.listens])
 
     @mcp.resource(JOB_URI_TEMPLATE, name="job", title="Embedding job",
                   description="A job's status and progress as JSON (what job_status returns).",

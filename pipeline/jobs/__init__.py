@@ -11,7 +11,7 @@ from pipeline.jobs.batches import (
     check_cancellable,
 )
 from pipeline.jobs.catalog import Readiness
-from pipeline.jobs.events import Event, check_event_id
+from pipeline.jobs.events import Event, check_event_id, feed_replay_start
 from pipeline.jobs.files import PART_BYTES, StoredFile, check_purpose
 from pipeline.jobs.idempotency import MAX_IDEMPOTENCY_KEY, check_idempotency_key
 from pipeline.jobs.index import MAX_LIMIT, JobPage
@@ -82,6 +82,7 @@ __all__ = [
     "check_job_id",
     "check_metadata",
     "check_purpose",
+    "feed_replay_start",
     "has_calibration",
     "option_error",
     "owner_id",
