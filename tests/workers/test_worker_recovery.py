@@ -437,7 +437,8 @@ async def test_a_clean_stop_says_goodbye_and_removes_the_heartbeat(
                                             "max_seq_length": 256,
                                             "prompts": {"query": "", "document": ""},
                                             "default_prompt_name": None,
-                                            "backend": fast_settings.backend}
+                                            "backend": fast_settings.backend,
+                                            "backend_reason": ""}
     assert not await client.exists(KEYS.heartbeat(worker_id))
     assert not await client.hexists(KEYS.workers, worker_id)
     events = [(t, d) for t, d in await feed_events(client) if d.get("id") == worker_id]
