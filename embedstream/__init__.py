@@ -4,7 +4,7 @@
 """
 
 from embedstream.client import AsyncClient, AsyncJob, Client, Job, Update
-from embedstream.protocol import EmbedstreamError, Result, ServerUnreachable
+from embedstream.protocol import Chunk, EmbedstreamError, Result, ServerUnreachable
 
-__all__ = ["AsyncClient", "AsyncJob", "Client", "EmbedstreamError", "Job", "Result",
-           "ServerUnreachable", "Update"]
+__all__ = ["AsyncClient", "AsyncJob", "Chunk", "Client", "EmbedstreamError", "Job",
+           "Result", "ServerUnreachable", "Update"]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from embedstream.client import Client, Job
+from embedstream.outputs import jsonl_line
 from embedstream.protocol import (
     TERMINAL,
     Backoff,
@@ -48,7 +49,7 @@ from embedstream.protocol import (
     retryable,
 )
 from embedstream.sources import Source, SourceError
-from embedstream.spool import OutputBusy, OutputLock, Spool, State, jsonl_line, output_kind
+from embedstream.spool import OutputBusy, OutputLock, Spool, State, output_kind
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_FAILED_INPUTS, EXIT_CANCELLED, EXIT_UNREACHABLE = range(6)
 HASH_PIECE_BYTES = 1024 * 1024
@@ -62,6 +63,7 @@ class SubmitOptions(TypedDict, total=False):
     truncate: bool
     normalize: bool
     chunk: bool | None
+    chunk_overlap: int | None
     chunk_output: str | None
     chunking: str | None
     chunk_tokens: int | None
@@ -194,8 +196,7 @@ def follow(run: Run, job: Job, spool: Spool | None, state: State, *,
 
 def _echo(results: list[Result]) -> None:
     out = sys.stdout.buffer
-    out.write(b"".join(jsonl_line(r.index, r.id, r.embedding, r.truncated, r.error, r.extra)
-                       for r in results))
+    out.write(b"".join(jsonl_line(r) for r in results))
     out.flush()
 
 

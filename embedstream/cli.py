@@ -296,9 +296,14 @@ def submit(
         "--chunk/--no-chunk", metavar=FLAG, help="Split texts over the model's limit into "
         "overlapping windows and pool them (default: the server's, off)", show_default=False)]
         = None,
+    chunk_overlap: Annotated[int | None, typer.Option(
+        help="With --chunk: tokens consecutive windows (or chunks) share; default: 32",
+        show_default=False)] = None,
     chunk_output: Annotated[str | None, typer.Option(
         help="With --chunk: pooled (one vector an input) or chunks (also each chunk's "
-        "offsets and vector)", show_default=False)] = None,
+        "offsets and vector: a .jsonl line's 'chunks'; beside a .npy, NAME.chunks.npy, a "
+        "row a chunk, and NAME.chunks.jsonl, a line a row: index, id, start, end, tokens)",
+        show_default=False)] = None,
     chunking: Annotated[str | None, typer.Option(
         help="With --chunk-output chunks: separate (each chunk alone) or late (chunks pooled "
         "from their window's token embeddings)", show_default=False)] = None,
@@ -329,7 +334,7 @@ def submit(
     from embedstream.sources import Source, detect_format
 
     options = bulk.SubmitOptions(dimensions=dimensions, model=model, truncate=truncate,
-                                 normalize=normalize, chunk=chunk,
+                                 normalize=normalize, chunk=chunk, chunk_overlap=chunk_overlap,
                                  chunk_output=chunk_output, chunking=chunking,
                                  chunk_tokens=chunk_tokens, chunk_boundary=chunk_boundary,
                                  prompt=prompt,

@@ -6,6 +6,9 @@
     job = client.submit(open("lines.txt"))              # an iterable is streamed as NDJSON
     for result in job.results():                        # as they are made, each exactly once
         ...
+    job = client.submit(docs, chunk=True, chunk_output="chunks")
+    for result in job.results():                        # result.chunks: Chunk(start, end,
+        ...                                             # tokens, embedding) each
 
 `Job.stream()` is the primitive under `results()`: it follows the job's SSE
 events and reconnects by itself (with `Last-Event-ID`) after a dropped

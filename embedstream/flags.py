@@ -75,8 +75,8 @@ ApiKey = Annotated[str | None, typer.Option(
     help="API key \\[env: first of EMBEDSTREAM_API_KEYS]", show_default=False)]
 Out = Annotated[Path | None, typer.Option(
     "--out", "-o", help="Write results to a .npy (float32 rows in input order, ids in "
-    ".ids.txt beside it) or a .jsonl file; resumable (state kept beside it); one run at a "
-    "time per file", show_default=False)]
+    ".ids.txt beside it; with chunk output also .chunks.npy and .chunks.jsonl) or a .jsonl "
+    "file; resumable (state kept beside it); one run at a time per file", show_default=False)]
 RetryFor = Annotated[float, typer.Option(
     help="Seconds to keep retrying an unreachable server before exit code 5")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG,

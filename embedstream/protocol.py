@@ -73,8 +73,25 @@ class ServerUnreachable(EmbedstreamError):
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One chunk of an input (`chunk_output="chunks"`): `text[start:end]`, its word pieces
+    and its float32 vector."""
+
+    start: int
+    end: int
+    tokens: int
+    embedding: Vector
+
+
+@dataclass(frozen=True)
 class Result:
-    """One input's result: `embedding` is a float32 row, or None with an `error`."""
+    """One input's result: `embedding` is a float32 row, or None with an `error`.
+
+    With `chunk_output="chunks"`, `chunks` holds the input's chunks in order
+    (none for a failed input) and `chunking` says how they were embedded
+    (`separate` or `late`); otherwise `chunks` is None, and a pooled chunked
+    input's window count is in `extra["chunks"]`, as the server sends it.
+    """
 
     index: int
     id: str | None
@@ -82,6 +99,8 @@ class Result:
     truncated: bool = False
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    chunks: tuple[Chunk, ...] | None = None
+    chunking: str | None = None
 
 
 def default_url() -> str:
@@ -174,20 +193,23 @@ def raise_for_error(response: httpx.Response) -> None:
 
 
 def decode_result(row: Mapping[str, Any]) -> Result:
-    """A result object from the server (base64 or float embedding) as a Result."""
+    """A result object from the server (base64 or float embeddings) as a Result."""
     known = {"index", "id", "embedding", "truncated", "error"}
     extra = {k: v for k, v in row.items() if k not in known}
-    if isinstance(extra.get("chunks"), list):  # chunk_output="chunks": each chunk's vector too
-        extra["chunks"] = [{**c, "embedding": decode_vector(c.get("embedding"))}
-                           for c in extra["chunks"]]
-    return Result(int(row["index"]), row.get("id"), decode_vector(row.get("embedding")),
-                  bool(row.get("truncated")), row.get("error"), extra)
+    raw = row.get("embedding")
+    embedding = None if raw is None else decode_vector(raw)
+    chunks = None
+    chunking = None
+    if isinstance(extra.get("chunks"), list):  # chunk_output="chunks", not a window count
+        chunks = tuple(Chunk(int(c["start"]), int(c["end"]), int(c["tokens"]),
+                             decode_vector(c["embedding"])) for c in extra.pop("chunks"))
+        chunking = extra.pop("chunking", None)
+    return Result(int(row["index"]), row.get("id"), embedding, bool(row.get("truncated")),
+                  row.get("error"), extra, chunks, chunking)
 
 
-def decode_vector(raw: Any) -> Vector | None:
+def decode_vector(raw: Any) -> Vector:
     """A base64 (little-endian float32) or float list embedding as a float32 row."""
-    if raw is None:
-        return None
     if isinstance(raw, str):
         return np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
     return np.asarray(raw, dtype=np.float32)

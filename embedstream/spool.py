@@ -2,19 +2,20 @@
 
 Beside `--out results.npy` live, while the job is followed:
 
-    results.npy.state.json   the job id, the Idempotency-Key, the stream cursor,
-                             and how many rows (and meta bytes) the spool holds
-    results.npy.part.f32     float32 rows in arrival order
-    results.npy.part.jsonl   one line a row: [index, id, truncated, error, extra]
+    results.npy.state.json        the job id, the Idempotency-Key, the stream cursor,
+                                  and how many rows (meta bytes, chunk rows) the spool holds
+    results.npy.part.f32          float32 rows in arrival order
+    results.npy.part.jsonl        one line a row: [index, id, truncated, error, extra, chunks]
+    results.npy.part.chunks.f32   with `chunk_output=chunks`: each row's chunk vectors, in
+                                  arrival order (`chunks` in its line: [chunking, spans])
 
 Rows are appended to the spool first and the state is replaced (write, fsync,
 rename) after them, so the state never counts a row the spool lacks. A run
 killed between the two leaves rows past the state's count: the next run cuts
 the spool back to the count and resumes from the state's cursor, whose events
-bring those rows again. So every row is in the output exactly once. At the
-end the spool is written out in input order (`.npy`: float32, NaN rows for
-inputs that failed or were never made; ids beside it in `.ids.txt`;
-`.jsonl`: `id`, `index`, `embedding`, `truncated`) and removed.
+bring those rows again. So every row, and every chunk, is in the output
+exactly once. At the end the spool is written out in input order
+(`embedstream.outputs`) and removed.
 
 One run at a time writes an output: `OutputLock` holds an flock on
 `results.npy.lock` (which names the holder's pid) for the whole run, so a
@@ -28,7 +29,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,10 +36,8 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from embedstream.protocol import Result, Vector
-
-OUTPUT_KINDS = (".npy", ".jsonl")
-COPY_ROWS = 65536
+from embedstream.outputs import OUTPUT_KINDS, Spooled, write_output
+from embedstream.protocol import Result
 
 
 @dataclass
@@ -53,6 +51,7 @@ class State:
     meta_bytes: int = 0
     dims: int | None = None
     total: int | None = None
+    chunk_rows: int = 0
 
 
 class OutputBusy(Exception):
@@ -103,18 +102,6 @@ def _is_current(handle: IO[str], path: Path) -> bool:
         return False
 
 
-def jsonl_line(index: int, item_id: str | None, embedding: Vector | None, truncated: bool,
-               error: str | None, extra: Mapping[str, object] | None) -> bytes:
-    """One line of a `.jsonl` output: `id`, `index`, `embedding`, `truncated` (and `error`)."""
-    line: dict[str, object] = {"id": item_id, "index": index,
-                               "embedding": None if error else embedding,
-                               "truncated": truncated}
-    if error:
-        line["error"] = error
-    line.update(extra or {})
-    return orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-
-
 def output_kind(out: Path) -> str:
     """`.npy` or `.jsonl`, from the output's name (ValueError for anything else)."""
     suffix = out.suffix.lower()
@@ -123,9 +110,13 @@ def output_kind(out: Path) -> str:
     return suffix
 
 
-def ids_path(out: Path) -> Path:
-    """Where the ids of a .npy output go: results.npy -> results.ids.txt."""
-    return out.with_suffix(".ids.txt")
+def meta_line(result: Result) -> bytes:
+    """A row's line in the spool: [index, id, truncated, error, extra, chunks]."""
+    chunks = None
+    if result.chunks is not None:
+        chunks = [result.chunking, [[c.start, c.end, c.tokens] for c in result.chunks]]
+    return orjson.dumps([result.index, result.id, result.truncated, result.error,
+                         result.extra or None, chunks], option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
 class Spool:
@@ -137,8 +128,10 @@ class Spool:
         self.state_path = out.with_name(out.name + ".state.json")
         self.vectors_path = out.with_name(out.name + ".part.f32")
         self.meta_path = out.with_name(out.name + ".part.jsonl")
+        self.chunks_path = out.with_name(out.name + ".part.chunks.f32")
         self._vectors: IO[bytes] | None = None
         self._meta: IO[bytes] | None = None
+        self._chunks: IO[bytes] | None = None
 
     def load(self, key: str) -> State | None:
         """The saved state for `key`; None when there is none (ValueError: another key's)."""
@@ -154,31 +147,34 @@ class Spool:
     def open(self, state: State) -> None:
         """Open the spool for appending, cut back to what `state` counts."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._vectors = _open_at(self.vectors_path, state.rows * 4 * (state.dims or 0))
+        row_bytes = 4 * (state.dims or 0)
+        self._vectors = _open_at(self.vectors_path, state.rows * row_bytes)
         self._meta = _open_at(self.meta_path, state.meta_bytes)
+        self._chunks = _open_at(self.chunks_path, state.chunk_rows * row_bytes)
         self.save(state)
 
     def append(self, state: State, results: list[Result], cursor: str | None) -> None:
-        """Spool rows, then record them and the cursor after them in the state."""
-        assert self._vectors is not None and self._meta is not None
-        for result in results:
-            if state.dims is None and result.embedding is not None:
-                state.dims = len(result.embedding)
+        """Spool rows (and their chunks), then record them and the cursor in the state."""
+        assert self._vectors is not None and self._meta is not None and self._chunks is not None
+        state.dims = state.dims or _dims_of(results)
         dims = state.dims or 0
         meta = bytearray()
+        chunk_rows = 0
         for result in results:
             row = result.embedding if result.embedding is not None and dims else None
             vector = row if row is not None else np.zeros(dims, np.float32)
             self._vectors.write(vector.astype("<f4", copy=False).tobytes())
-            meta += orjson.dumps([result.index, result.id, result.truncated, result.error,
-                                  result.extra or None],
-                                 option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+            for chunk in result.chunks or ():
+                self._chunks.write(chunk.embedding.astype("<f4", copy=False).tobytes())
+                chunk_rows += 1
+            meta += meta_line(result)
         self._meta.write(meta)
-        for handle in (self._vectors, self._meta):
+        for handle in (self._vectors, self._chunks, self._meta):
             handle.flush()
             os.fsync(handle.fileno())
         state.rows += len(results)
         state.meta_bytes += len(meta)
+        state.chunk_rows += chunk_rows
         state.cursor = cursor
         self.save(state)
 
@@ -195,64 +191,40 @@ class Spool:
         """Write the output in input order and remove the spool; returns the rows missing."""
         self.close()
         metas = [orjson.loads(line) for line in self.meta_path.read_bytes().splitlines()]
-        order = np.full(total, -1, dtype=np.int64)
-        for row, meta in enumerate(metas[:state.rows]):
-            if 0 <= meta[0] < total:
-                order[meta[0]] = row
         dims = state.dims or 0
-        vectors = (np.memmap(self.vectors_path, dtype="<f4", mode="r", shape=(state.rows, dims))
-                   if state.rows and dims else np.zeros((0, dims), np.float32))
-        if self.kind == ".npy":
-            self._write_npy(order, vectors, metas, dims)
-        else:
-            self._write_jsonl(order, vectors, metas)
-        del vectors
-        for path in (self.vectors_path, self.meta_path, self.state_path):
+        spooled = Spooled(metas[:state.rows], total,
+                          _rows(self.vectors_path, state.rows, dims),
+                          _rows(self.chunks_path, state.chunk_rows, dims))
+        write_output(self.out, spooled)
+        missing = int((spooled.order < 0).sum())
+        del spooled
+        for path in (self.vectors_path, self.meta_path, self.chunks_path, self.state_path):
             path.unlink(missing_ok=True)
-        return int((order < 0).sum())
+        return missing
 
     def close(self) -> None:
         """Close the spool files (the state stays for a later run)."""
-        for handle in (self._vectors, self._meta):
+        for handle in (self._vectors, self._meta, self._chunks):
             if handle is not None:
                 handle.close()
-        self._vectors = self._meta = None
+        self._vectors = self._meta = self._chunks = None
 
-    def _write_npy(self, order: np.ndarray[Any, Any], vectors: np.ndarray[Any, Any],
-                   metas: list[Any], dims: int) -> None:
-        tmp = self.out.with_name(self.out.name + ".tmp.npy")
-        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                           shape=(len(order), dims))
-        for start in range(0, len(order), COPY_ROWS):
-            rows = order[start:start + COPY_ROWS]
-            block = np.full((len(rows), dims), np.nan, dtype=np.float32)
-            made = rows >= 0
-            block[made] = vectors[rows[made]]
-            for offset in np.flatnonzero(made):  # failed inputs: NaN, not zeros
-                if metas[rows[offset]][3] is not None:
-                    block[offset] = np.nan
-            matrix[start:start + len(rows)] = block
-        matrix.flush()
-        del matrix
-        ids_tmp = self.out.with_name(self.out.name + ".ids.tmp")
-        with ids_tmp.open("w", encoding="utf-8") as handle:
-            for index, row in enumerate(order):
-                found = metas[row][1] if row >= 0 else None
-                handle.write(f"{found if found is not None else index}\n")
-        os.replace(tmp, self.out)
-        os.replace(ids_tmp, ids_path(self.out))
 
-    def _write_jsonl(self, order: np.ndarray[Any, Any], vectors: np.ndarray[Any, Any],
-                     metas: list[Any]) -> None:
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        with tmp.open("wb") as handle:
-            for index, row in enumerate(order):
-                if row < 0:
-                    continue
-                _, item_id, truncated, error, extra = metas[row]
-                handle.write(jsonl_line(index, item_id, np.asarray(vectors[row]), truncated,
-                                        error, extra))
-        os.replace(tmp, self.out)
+def _dims_of(results: list[Result]) -> int | None:
+    """The width of the first vector (an input's or a chunk's) among `results`."""
+    for result in results:
+        if result.embedding is not None:
+            return len(result.embedding)
+        if result.chunks:
+            return len(result.chunks[0].embedding)
+    return None
+
+
+def _rows(path: Path, rows: int, dims: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The first `rows` float32 rows of a spool file, mapped (empty when there are none)."""
+    if not rows or not dims:
+        return np.zeros((0, dims), np.float32)
+    return np.memmap(path, dtype="<f4", mode="r", shape=(rows, dims))
 
 
 def _open_at(path: Path, size: int) -> IO[bytes]:

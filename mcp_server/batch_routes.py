@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from mcp_server.embeddings import data_item
 from mcp_server.payloads import json_body, pipeline_of, query_int, request_caller, settings_of
 from mcp_server.responses import json_response
 from pipeline import InvalidRequest, NotFound, PipelineError
@@ -222,10 +223,10 @@ def _ids(state: BatchState, outcome: RequestOutcome) -> dict[str, str]:
 
 def _success(state: BatchState, outcome: RequestOutcome, tokens_per_input: float
              ) -> dict[str, object]:
-    """An output line: the /v1/embeddings response this request would have had."""
+    """An output line: the /v1/embeddings response this request would have had (with
+    `chunk_output: "chunks"`, each item's `chunks` and `chunking` too)."""
     tokens = round(tokens_per_input * len(outcome.rows))
-    data = [{"object": "embedding", "index": i, "embedding": row["embedding"]}
-            for i, row in enumerate(outcome.rows)]
+    data = [{**data_item(row), "index": i} for i, row in enumerate(outcome.rows)]
     body = {"object": "list", "data": data, "model": state.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return {**_ids(state, outcome), "error": None, "response": {

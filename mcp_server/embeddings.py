@@ -75,13 +75,13 @@ async def create_embeddings(request: Request) -> Response:
     if failed:
         raise InvalidInput(f"input {failed[0]['index']} could not be embedded: "
                            f"{failed[0].get('error')}")
-    data = [_data_item(row) for row in rows]
+    data = [data_item(row) for row in rows]
     tokens = embedded.tokens
     return json_response({"object": "list", "data": data, "model": embedded.model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def _data_item(row: ResultRow) -> dict[str, Any]:
+def data_item(row: ResultRow) -> dict[str, Any]:
     """One `data` item; with `chunk_output: "chunks"` also its `chunks` and `chunking`."""
     item: dict[str, Any] = {"object": "embedding", "index": row["index"],
                             "embedding": row["embedding"]}

@@ -160,16 +160,18 @@ class ModelCalls:
         except Exception:
             logger.exception("late chunking of %d inputs failed; retrying input by input",
                              len(plan.sizes))
-        rows = []
+        parts = []
         for i, size in enumerate(plan.sizes):
             try:
-                rows.append((await self.model.embed_plan(plan.part(i))).vectors)
+                parts.append(await self.model.embed_plan(plan.part(i)))
             except Exception as exc:
                 logger.exception("late chunking of an input failed")
                 item.errors[i] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
-                rows.append(np.zeros((size, self.embedder.info.dimensions), np.float32))
-        item.take(plan, Embedded(np.vstack(rows),
-                                 np.asarray([s.tokens for s in plan.spans], np.int64)))
+                parts.append(Embedded(
+                    np.zeros((size, self.embedder.info.dimensions), np.float32),
+                    np.zeros(size, np.int64)))
+        item.take(plan, Embedded(np.vstack([p.vectors for p in parts]),
+                                 np.concatenate([p.token_counts for p in parts])))
 
     def _dimensions(self, *rows: dict[Any, Cached]) -> int:
         for cached in (c for found in rows for c in found.values()):

@@ -71,6 +71,7 @@ def plan_chunks(texts: list[str], prompt: str, spec: ChunkSpec, *, overlap: int,
     """The plan of a chunk's texts cut into chunks: a row each (see the module docstring)."""
     tokenizer = tokens.tokenizer(model)
     budget = max(1, window_room(tokenizer, prompt, max_seq_length)[1])
+    overhead = max_seq_length - budget  # a window's special and prompt tokens
     size = min(spec.size or budget, budget)
     spans: list[Span] = []
     sizes: list[int] = []
@@ -87,7 +88,7 @@ def plan_chunks(texts: list[str], prompt: str, spec: ChunkSpec, *, overlap: int,
         spans.extend(mine)
         sizes.append(len(mine))
         if spec.late:
-            windows.append(late_windows(text, prompt, offsets, ranges, budget))
+            windows.append(late_windows(text, prompt, offsets, ranges, budget, overhead))
     return Plan([prompt + text[s.start:s.end] for text, s in _texts_of(texts, sizes, spans)],
                 sizes, np.asarray([max(1, s.tokens) for s in spans], dtype=np.float64),
                 chunked=True, cut=cut, spans=spans, windows=windows)
@@ -144,10 +145,12 @@ def sentence_ranges(text: str, offsets: Offsets, size: int) -> list[tuple[int, i
 
 
 def late_windows(text: str, prompt: str, offsets: Offsets, ranges: list[tuple[int, int]],
-                 budget: int) -> list[LateWindow]:
-    """Consecutive chunks packed into windows of at most `budget` tokens."""
+                 budget: int, overhead: int) -> list[LateWindow]:
+    """Consecutive chunks packed into windows of at most `budget` tokens (and `overhead`
+    prompt and special tokens each)."""
     if not offsets:
-        return [LateWindow(prompt + text, [(0, len(prompt), len(prompt) + len(text))])]
+        return [LateWindow(prompt + text, [(0, len(prompt), len(prompt) + len(text))],
+                           overhead)]
     windows: list[LateWindow] = []
     i = 0
     while i < len(ranges):
@@ -159,13 +162,20 @@ def late_windows(text: str, prompt: str, offsets: Offsets, ranges: list[tuple[in
         shift = len(prompt) - begin
         rows = [(k, offsets[a][0] + shift, offsets[b - 1][1] + shift)
                 for k, (a, b) in enumerate(ranges[i:j], start=i)]
-        windows.append(LateWindow(prompt + text[begin:offsets[ranges[j - 1][1] - 1][1]], rows))
+        last = ranges[j - 1][1]
+        windows.append(LateWindow(prompt + text[begin:offsets[last - 1][1]], rows,
+                                  overhead + last - first))
         i = j
     return windows
 
 
 def pool_late(plan: Plan, outputs: list[TokenEmbeddings], dims: int) -> Embedded:
-    """Each chunk's raw vector: the mean of its window's token embeddings inside its span."""
+    """Each chunk's raw vector: the mean of its window's token embeddings inside its span.
+
+    The token counts are what the model embedded (what `usage` adds up): each
+    window's tokens, counted on its first chunk, so a token two chunks share
+    counts once and the prompt and special tokens count too.
+    """
     from pipeline.model.embedder import Embedded
 
     rows = np.zeros((len(plan.spans), dims), dtype=np.float32)
@@ -174,11 +184,11 @@ def pool_late(plan: Plan, outputs: list[TokenEmbeddings], dims: int) -> Embedded
     for base, windows in zip(plan.starts, plan.windows, strict=True):
         for window in windows:
             out = next(flat)
+            counts[base + window.rows[0][0]] = window.tokens
             for row, start, end in window.rows:
                 inside = (out.offsets[:, 0] >= start) & (out.offsets[:, 1] <= end)
                 if inside.any():
                     rows[base + row] = out.vectors[inside].mean(axis=0)
-                    counts[base + row] = int(inside.sum())
     return Embedded(rows, counts)
 
 

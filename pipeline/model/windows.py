@@ -68,11 +68,13 @@ class LateWindow:
     """A text the model embeds once for late chunking, and the chunks it pools.
 
     `rows` holds, per chunk, (its row within the input, the start and end of its
-    characters in `text`, the prompt included).
+    characters in `text`, the prompt included); `tokens`, what the model embeds
+    (the window's text tokens, the prompt's and the special tokens).
     """
 
     text: str
     rows: list[tuple[int, int, int]]
+    tokens: int
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from mcp import Client
 
+from embedstream.outputs import jsonl_line
 from embedstream.protocol import decode_result
-from embedstream.spool import jsonl_line
 from mcp_server.agents import build_mcp
 from mcp_server.app import create_app
 from pipeline.model.embedder import backend_of
@@ -284,10 +284,10 @@ def test_the_client_decodes_each_chunks_vector() -> None:
     result = decode_result({"index": 0, "id": "a", "embedding": raw, "truncated": False,
                             "chunking": "late",
                             "chunks": [{"start": 0, "end": 3, "tokens": 1, "embedding": raw}]})
-    chunk = result.extra["chunks"][0]
-    assert (chunk["start"], chunk["end"], chunk["tokens"]) == (0, 3, 1)
-    assert np.array_equal(chunk["embedding"], vector) and result.extra["chunking"] == "late"
-    line = json.loads(jsonl_line(0, result.id, result.embedding, False, None, result.extra))
+    [chunk] = result.chunks or ()
+    assert (chunk.start, chunk.end, chunk.tokens) == (0, 3, 1)
+    assert np.array_equal(chunk.embedding, vector) and result.chunking == "late"
+    line = json.loads(jsonl_line(result))
     assert line["chunks"][0]["embedding"] == vector.tolist()  # as `--out x.jsonl` writes it
 
 
