@@ -17,7 +17,7 @@ TORCH_INDEX ?=
 
 UP_ARGS := $(if $(PORT),--port $(PORT)) $(if $(WORKERS),--workers $(WORKERS))
 
-.PHONY: up test test-fast lint
+.PHONY: up test test-fast test-nemesis-sentinel lint
 
 # `make .venv` is the name to type; the stamps record that an install finished.
 $(VENV): $(RUN_STAMP)
@@ -43,6 +43,14 @@ test: $(DEV_STAMP)
 
 test-fast: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The nemesis test (tests/e2e/test_nemesis.py) on a primary, a replica and three sentinels
+# instead of the cluster `make test` runs it on; NEMESIS_S=60 for a shorter run.
+NEMESIS_S ?=
+test-nemesis-sentinel: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 EMBEDSTREAM_NEMESIS_ON=sentinel \
+		$(if $(NEMESIS_S),EMBEDSTREAM_NEMESIS_S=$(NEMESIS_S)) \
+		$(VENV)/bin/python -m pytest -q -s tests/e2e/test_nemesis.py $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -69,8 +69,17 @@ class Commits:
         if loaded.lost:
             await self.commit([r for _, r in loaded.lost], [e for e, _ in loaded.lost])
         if loaded.skip:
-            await self.ack(loaded.skip)
+            await self.ack(await self._replicated(loaded.skip))
         return loaded.work
+
+    async def _replicated(self, entries: list[Entry]) -> list[Entry]:
+        """The entries whose jobs' writes are on a replica: a job found finished may have
+        been finished by a commit no replica confirmed (`pipeline.store.replicas`)."""
+        job_keys = {self.keys.job(entry.job_id) for entry in entries}
+        kept = await self.replicas.settle(job_keys,
+                                          give_up_s=self.settings.wait_timeout_ms / 1000)
+        return [entry for entry in entries
+                if self.replicas.node_of(self.keys.job(entry.job_id)) in kept]
 
     @tracing.traced("commit")
     async def finish(self, group: list[Work], embed_s: float) -> None:

@@ -5,17 +5,16 @@ have it, and a primary that dies in between takes the write with it while
 its replica takes over. A worker's commit and the XACK of its queue entries
 live on different nodes of a cluster, so the ack could survive a commit
 that did not, and the chunk would never be redone; a client told 202 could
-find no job. So, whenever the node has a replica (`EMBEDSTREAM_WAIT_REPLICAS`
--1, the default) or as many as configured (n > 0):
+find no job. So, whenever the deployment has replicas
+(`EMBEDSTREAM_WAIT_REPLICAS` -1, the default: one replica) or as many as
+configured (n > 0):
 
 - a worker sends `WAIT` after its commit scripts, in the same pipeline and
   so on the same connection, which is what WAIT measures; a node whose
   replicas did not confirm in `EMBEDSTREAM_WAIT_TIMEOUT_MS` is asked again
-  with a barrier (below) for as long again, its replicas counted afresh (a
-  primary that just took over has none until its old one rejoins, and then
-  nothing to wait for); entries still not confirmed are not acked: they are
-  delivered again, find their chunk committed, and are acked once a replica
-  has it (`queue_waits`, `confirmed`, `settle`);
+  with a barrier (below) for as long again; entries still not confirmed are
+  not acked: they are delivered again, find their chunk committed, and are
+  acked once a replica has it (`queue_waits`, `confirmed`, `settle`);
 - a submission and an `Idempotency-Key` binding, whose writes came over
   several connections, end with a barrier on each node they wrote to: a
   small write on a key of that node's slot, then WAIT on that connection,
@@ -23,12 +22,26 @@ find no job. So, whenever the node has a replica (`EMBEDSTREAM_WAIT_REPLICAS`
   client gets 503 and retries (its Idempotency-Key, if it sent one, finds the
   job).
 
-How many replicas each primary has is read from the server (`INFO
-replication`, or `CLUSTER NODES`) at most every `REFRESH_S`: a deployment
-without replicas sends no WAIT and pays nothing. `EMBEDSTREAM_WAIT_REPLICAS=0`
-turns waiting off. Without replicas, an acknowledged write is as safe as the
-primary's persistence (`appendfsync everysec` for the embedded server: up to
-a second of writes lost on a power cut, none on a process crash).
+A deployment has replicas (for -1) once this process has seen a replica
+connected to any primary, or the deployment names one that is down: the
+sentinels' list of the primary's replicas, a cluster node flagged as a
+replica. It stays so when a primary is left with none: a replica promoted
+after a failover has none until the old primary rejoins, and a write it
+answered then is on no other node. If the old primary came back stale, or
+the promoted node failed in turn, that write would be gone, so until a
+replica is back its writes are not acked and its submissions answer 503
+(the WAIT finds no replica); the results of those commits are written all
+the same, so jobs go on. A deployment whose replicas are gone for good
+turns the wait off (`EMBEDSTREAM_WAIT_REPLICAS=0`) or drops them from its
+sentinels (`SENTINEL RESET`).
+
+Until one is found, replicas are looked for (`INFO replication`, `CLUSTER
+NODES`, `SENTINEL MASTER`) at most every `REFRESH_S`: a deployment without
+replicas sends no WAIT and pays nothing.
+`EMBEDSTREAM_WAIT_REPLICAS=0` turns waiting off. Without replicas, an
+acknowledged write is as safe as the primary's persistence (`appendfsync
+everysec` for the embedded server: up to a second of writes lost on a power
+cut, none on a process crash).
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import Unavailable
+from pipeline.store import sentinel
 from pipeline.store.connections import is_cluster
 
 if TYPE_CHECKING:
@@ -79,7 +93,7 @@ class Replicas:
         self.keys = keys
         self.setting = settings.wait_replicas
         self.timeout_ms = settings.wait_timeout_ms
-        self._counts: dict[str, int] = {}
+        self._replicated = False
         self._read_at = float("-inf")
 
     def node_of(self, key: str) -> str:
@@ -88,25 +102,29 @@ class Replicas:
             return str(self.redis.get_node_from_key(key).name)  # type: ignore[attr-defined]
         return SINGLE
 
-    async def wanted(self, node: str) -> int:
-        """How many replicas a write on `node` must reach: 0 means do not wait."""
+    async def wanted(self) -> int:
+        """How many replicas a write on any node must reach: 0 means do not wait.
+
+        With -1, one once the deployment has replicas, even on a node with none
+        connected now (see the module docstring)."""
         if self.setting >= 0:
             return self.setting
-        if time.monotonic() - self._read_at > REFRESH_S:
-            self._counts = await self._read_counts()
+        if not self._replicated and time.monotonic() - self._read_at > REFRESH_S:
+            self._replicated = await self._has_replicas()
             self._read_at = time.monotonic()
-        return min(1, self._counts.get(node, 0))
+        return 1 if self._replicated else 0
 
     async def queue_waits(self, pipe: Any, keys: Iterable[str]) -> list[Wait]:
         """Queue a WAIT in `pipe` for each node of `keys` that has replicas to wait for,
         after the writes already queued (the pipeline sends a node's commands in order
         on one connection)."""
+        replicas = await self.wanted()
+        if not replicas:
+            return []
         waits = []
         for node in dict.fromkeys(self.node_of(key) for key in keys):
-            replicas = await self.wanted(node)
-            if replicas:
-                pipe.execute_command("WAIT", replicas, self.timeout_ms, **self._target(node))
-                waits.append(Wait(node, replicas))
+            pipe.execute_command("WAIT", replicas, self.timeout_ms, **self._target(node))
+            waits.append(Wait(node, replicas))
         return waits
 
     def _target(self, node: str) -> dict[str, Any]:
@@ -125,7 +143,6 @@ class Replicas:
             else:
                 logger.warning("node %s: %s of %d replicas confirmed in %d ms",
                                wait.node or "redis", reached, wait.replicas, self.timeout_ms)
-                self._read_at = float("-inf")  # count the replicas again before the next
         return good
 
     async def barrier(self, written: Iterable[str]) -> None:
@@ -139,10 +156,9 @@ class Replicas:
                               retry_after_s=1)
 
     async def settle(self, written: Iterable[str], give_up_s: float) -> set[str]:
-        """The nodes of the `written` keys whose writes so far are on a replica, or that
-        have no replica to wait for now; a node not confirmed is asked again (its
-        replicas counted afresh: a primary that just took over has none until its old
-        one rejoins) until `give_up_s` has passed."""
+        """The nodes of the `written` keys whose writes so far are on a replica (all of
+        them where there is no replica to wait for); a node not confirmed is asked
+        again until `give_up_s` has passed."""
         deadline = time.monotonic() + give_up_s
         waiting = {self.node_of(key): key for key in written}
         settled: set[str] = set()
@@ -166,21 +182,14 @@ class Replicas:
             replies = await pipe.execute(raise_on_error=False)
         return (set(written) - {wait.node for wait in waits}) | self.confirmed(waits, replies)
 
-    async def _read_counts(self) -> dict[str, int]:
-        """Connected replicas per primary, by node name."""
-        if not is_cluster(self.redis):
-            info = await self.redis.info("replication")
-            online = [v for k, v in info.items()
-                      if k.startswith("slave") and isinstance(v, dict)
-                      and v.get("state") == "online"]
-            return {SINGLE: len(online)}
-        nodes: dict[str, Any] = await self.redis.cluster_nodes()  # type: ignore[attr-defined]
-        names = {fields["node_id"]: name for name, fields in nodes.items()}
-        counts: dict[str, int] = dict.fromkeys(
-            (name for name, f in nodes.items() if "master" in f["flags"]), 0)
-        for fields in nodes.values():
-            primary = names.get(fields["master_id"])
-            if (primary is not None and fields.get("connected")
-                    and "fail" not in fields["flags"]):
-                counts[primary] = counts.get(primary, 0) + 1
-        return counts
+    async def _has_replicas(self) -> bool:
+        """Whether the deployment has a replica: one connected to a primary, or one it
+        names while the replica is down (a sentinel's list, a cluster node's flags)."""
+        if is_cluster(self.redis):
+            nodes: dict[str, Any] = await self.redis.cluster_nodes()  # type: ignore[attr-defined]
+            return any("slave" in fields["flags"] for fields in nodes.values())
+        if sentinel.is_sentinel_client(self.redis) and await sentinel.known_replicas(self.redis):
+            return True
+        info = await self.redis.info("replication")
+        return any(key.startswith("slave") and isinstance(value, dict)
+                   and value.get("state") == "online" for key, value in info.items())

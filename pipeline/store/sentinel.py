@@ -25,6 +25,10 @@ connection, so the retry finds the new primary. No sentinel reachable, or
 none naming a healthy primary (mid-failover), is `MasterNotFoundError`, a
 ConnectionError too: all of it reads as an outage.
 
+How many replicas the sentinels know for the primary, down ones included
+(`known_replicas`), tells `pipeline.store.replicas` that the deployment is
+replicated even while the primary has none connected (after a failover).
+
 The pool waits for a free connection when full, as on a single server:
 `WaitingSentinelPool` is redis-py's `SentinelConnectionPool` (the address
 lookup) over its `BlockingConnectionPool` (the waiting). Closing a client
@@ -251,6 +255,26 @@ def open_sync_client(url: str, **options: Any) -> redis.Redis:
         target.service_name, connection_pool_class=ClosingSentinelPool,
         **{**options, **target.sync_primary_options()})
     return client
+
+
+def is_sentinel_client(client: object) -> bool:
+    """Whether a client from `open_client` (a primary found through sentinels)."""
+    return isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)
+
+
+async def known_replicas(client: object) -> int | None:
+    """How many replicas the sentinels list for `client`'s primary (a client from
+    `open_client`), down ones included (`SENTINEL MASTER`'s num-slaves); None when no
+    sentinel answers."""
+    pool = getattr(client, "connection_pool", None)
+    assert isinstance(pool, SentinelConnectionPool), "not a client found through sentinels"
+    for sentinel in pool.sentinel_manager.sentinels:
+        try:
+            state = await sentinel.sentinel_master(pool.service_name)
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            continue
+        return int(state["num-slaves"])
+    return None
 
 
 def _socket_options(options: dict[str, Any]) -> dict[str, Any]:

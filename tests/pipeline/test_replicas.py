@@ -1,7 +1,8 @@
 """Writes that count once a replica has them (`pipeline.store.replicas`), on a real
 primary with a real replica: a worker acks a chunk only once its commit is on the
-replica, a submission answers only once its job is, and nothing waits where there is no
-replica (or with `EMBEDSTREAM_WAIT_REPLICAS=0`)."""
+replica, a submission answers only once its job is, a primary that lost its replica
+acknowledges nothing, and nothing waits where there never was a replica (or with
+`EMBEDSTREAM_WAIT_REPLICAS=0`)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ async def test_a_submission_and_a_commit_wait_for_the_replica(
     pipeline = Pipeline(settings)
     try:
         replicas = Replicas(pipeline.redis, KEYS, settings)
-        assert await replicas.wanted("") == 1
+        assert await replicas.wanted() == 1
         job_id = await submit(pipeline, texts_of(1, 40))
         async with running(settings, HashEmbedder(settings)):
             await poll(lambda: _completed(pipeline, job_id))
@@ -110,6 +111,31 @@ async def test_a_commit_no_replica_confirms_is_not_acked_until_one_does(
         await pipeline.close()
 
 
+async def test_a_primary_that_lost_its_replica_acknowledges_no_submission(
+    replicated: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    url, replica = replicated
+    settings = Settings(redis_url=url, data_dir=tmp_path / "data", wait_timeout_ms=200)
+    pipeline = Pipeline(settings)
+    try:
+        await submit(pipeline, texts_of(1, 4))  # confirmed by the replica
+        replica.kill()
+        replica.wait()
+        with redis.Redis.from_url(url) as primary:
+            await poll(lambda: _no_replica_connected(primary))
+        # A deployment that had a replica still wants one, however often the client
+        # retries: the write is on no other node.
+        for attempt in range(3):
+            with pytest.raises(Unavailable, match="EMBEDSTREAM_WAIT_TIMEOUT_MS"):
+                await pipeline.submit([Item(f"on no replica, try {attempt}")], JobOptions())
+    finally:
+        await pipeline.close()
+
+
+async def _no_replica_connected(primary: redis.Redis) -> bool:
+    return int(primary.info("replication")["connected_slaves"]) == 0
+
+
 async def test_nothing_waits_without_a_replica_or_when_turned_off(
     settings: Settings, replicated: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -121,7 +147,7 @@ async def test_nothing_waits_without_a_replica_or_when_turned_off(
         before = waits_sent(url)
         pipeline = Pipeline(config)
         try:
-            assert await Replicas(pipeline.redis, KEYS, config).wanted("") == 0
+            assert await Replicas(pipeline.redis, KEYS, config).wanted() == 0
             job_id = await submit(pipeline, texts_of(2, 40))
             async with running(config, HashEmbedder(config)):
                 await poll(lambda p=pipeline, j=job_id: _completed(p, j))

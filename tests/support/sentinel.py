@@ -10,13 +10,28 @@ once each sees the replica and the two other sentinels: a failover needs a
 majority of the sentinels to elect a leader, and they find each other only
 through hello messages on the primary (every 2 s), so that wait matters.
 
-A killed node comes back on its old port with no data (no persistence), as
-a primary of its own; the sentinels, which remember it, make it a replica
-of whoever was promoted (`restart`), which takes them 15 s and at times
-over 30 s: they act only on an INFO reply (every 10 s), once the node has
-reported its role for 8 s. A planned failover (`hand_over`) demotes the
-old primary itself, at once. Ports come from the same range as the
-cluster's (tests/support/cluster.py), below Linux's ephemeral range.
+`DOWN_AFTER_MS` stays well above a sentinel's ping period (1 s): a sentinel
+starts timing a node it has just been pointed at (a promoted replica) when
+it opens the link, and sends its first PING only a period later: with a
+down-after of 1 s, a just-promoted primary is marked down 1.0 s after its
+promotion, and a second failover can follow, to a node that should never
+be promoted.
+
+Nodes run as users run them: with the append-only file (`appendfsync
+everysec`), so a node killed with SIGKILL keeps every write it answered. A
+killed node comes back (`restart`) as a replica of whichever node the
+sentinels promoted (`--replicaof`, as a sentinel writes into the config file
+of a node it reconfigures), never as a primary of its own: a node restarted
+as a primary holds an old copy of the data (its own, or the RDB file it was
+last synced from), and the sentinels, which still count it as a replica,
+may promote it over the primary that moved on. A primary sends a replica
+its first copy at once (`repl-diskless-sync-delay 0`, not 5 s): until the
+killed node is back in sync, the promoted primary has no replica, and no
+commit or submission on it counts as safe (`pipeline.store.replicas`). A
+planned failover
+(`hand_over`) demotes the old primary itself, at once. Ports come from the
+same range as the cluster's (tests/support/cluster.py), below Linux's
+ephemeral range.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ HOST = "127.0.0.1"
 SERVICE = "mymaster"
 SENTINELS = 3
 QUORUM = 2
-DOWN_AFTER_MS = 1000
+DOWN_AFTER_MS = 3000
 FAILOVER_TIMEOUT_MS = 5000
 START_ATTEMPTS = 5
 POLL_S = 0.05
@@ -108,12 +123,16 @@ class ValkeySentinel:
     def kill_primary(self) -> int:
         """SIGKILL the primary the sentinels name; returns its index."""
         index = self.primary_index()
+        self.kill(index)
+        return index
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node `index`."""
         process = self.nodes[index]
         assert process is not None, f"node {index} is already down"
         process.kill()
         process.wait()
         self.nodes[index] = None
-        return index
 
     def wait_failover(self, old: int, timeout_s: float = 30.0) -> int:
         """Wait until every sentinel names another node and that node is a primary."""
@@ -140,16 +159,18 @@ class ValkeySentinel:
         return old, new
 
     def restart(self, index: int, timeout_s: float = 60.0) -> None:
-        """Start a killed node again on its port; wait until it replicates the primary."""
+        """Start a killed node again on its port and directory, as a replica of the
+        primary; wait until its link is up."""
         assert self.nodes[index] is None, f"node {index} is running"
         deadline = time.monotonic() + timeout_s
-        process = self._spawn_node(self.node_ports[index])
+        primary = self.primary_index()
+        process = self._spawn_node(self.node_ports[index], replica_of=primary)
         if not self._answers(process, self.node_ports[index], deadline):
             process.kill()
             process.wait()
             raise RuntimeError(f"node {index} did not start again; see {self.root}")
         self.nodes[index] = process
-        self._wait(lambda: self._replicating(index, self.primary_index()), deadline,
+        self._wait(lambda: self._replicating(index, primary), deadline,
                    f"node {index} to become a replica")
 
     def _start(self, spawn: Callable[[int], subprocess.Popen[bytes]],
@@ -169,7 +190,8 @@ class ValkeySentinel:
         node_dir = self.root / f"node-{port}"
         node_dir.mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--bind", HOST, "--port", str(port), "--dir", str(node_dir),
-                "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                "--save", "", "--appendonly", "yes", "--repl-diskless-sync-delay", "0",
+                "--protected-mode", "no",
                 "--daemonize", "no", "--logfile", str(node_dir / "server.log")]
         if replica_of is not None:
             args += ["--replicaof", HOST, str(self.node_ports[replica_of])]

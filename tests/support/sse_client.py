@@ -87,7 +87,8 @@ class Reader(threading.Thread):
 
 
 def results_pages(base: str, job_id: str) -> dict[int, int]:
-    """How many times each index appears in the job's results pages."""
+    """How many times each index appears in the job's results pages (none for a job
+    that is gone: the checks then count each of its indexes missing)."""
     counts: dict[int, int] = {}
     cursor = None
     while True:
@@ -101,9 +102,12 @@ def results_pages(base: str, job_id: str) -> dict[int, int]:
 
 
 def _page(url: str, params: dict[str, Any], attempts: int = 30) -> dict[str, Any]:
-    """One results page; a 503 (Redis failing over) is asked again a little later."""
+    """One results page, empty if the job is gone; a 503 (Redis failing over) is asked
+    again a little later."""
     for _ in range(attempts):
         reply = httpx.get(url, params=params, timeout=30)
+        if reply.status_code == 404 and reply.json()["error"]["code"] == "job_not_found":
+            return {"results": []}
         if reply.status_code != 503:
             assert reply.status_code == 200, reply.text
             page: dict[str, Any] = reply.json()
