@@ -1,24 +1,33 @@
-"""The benchmark table: every figure of issue 8 beside its baseline, from one run.
+"""The benchmark tables: every figure of issue 18 beside its baseline, each the median of N runs.
 
-Runs from a plain clone: the texts are the first 4,000 unique sentences of
-the STS-B train split that the tests carry (`tests/data/stsbenchmark/`), the
-quality figure is STS-B dev Spearman. It starts an embedded Valkey, the
-server, and one worker at a time (onnx, torch, onnx-int8: the worker under
-test is the only one running), and measures the raw baseline
-(`SentenceTransformer.encode` in a child process, batch 32, no worker
-running) just before and just after each backend's bulk runs, on the same
-texts; each bulk figure is the better of two runs against the better of
-those two raw runs. Every worker, and the raw model, is first run in on
-1,000 other sentences of the same split. Compare ratios, not absolute
-figures: the machine may be shared, and its speed drifts. Prints one table; asserts nothing.
+Measured from outside, as a user meets it: a server and one worker started
+as `embedstream up` starts them (cache on, `OMP_NUM_THREADS` = the cores),
+one backend at a time (`auto`, `onnx`, `torch`, `onnx-int8`: the worker under
+test is the only one running), each run in on 1,000 texts first. Bulk is one
+job over REST read over SSE with base64 vectors; the 1-text and 32-text
+`/v1/embeddings` figures are driven by wrk (bench/wrk_embeddings.lua), which
+leaves the two cores to the server and the worker. The texts are the first
+4,000 unique STS-B sentences the tests carry (`tests/data/stsbenchmark/`).
 
-    .venv/bin/python bench/table.py [--texts 4000] [--backlog 12000] [--clients 32]
+Baselines run in a child process, with the worker idle, within each run:
+raw `SentenceTransformer.encode` (torch, batch 32; the first table's
+baseline) and the backend's own `embed` on the same texts sorted by length,
+in batches of 32, as bench/backends.py runs it (the second table's). Every
+figure is the median of `--runs` runs with its min-max spread, beside the
+median of the baselines of the same runs; never the best of. The mark says
+whether each run's own ratio met the target: pass (all did), miss (none),
+straddle (some). The Redis cache is emptied before every measured run, so no
+run is answered from an earlier one. Prints two tables; asserts nothing.
+
+    .venv/bin/python bench/table.py [--texts 4000] [--runs 3] [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import json
 import os
 import selectors
 import socket
@@ -30,26 +39,41 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import orjson
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from backends import cosine, texts_per_s  # noqa: E402
+
+from pipeline import Keys  # noqa: E402
 from pipeline.model.info import bundled_model_dir  # noqa: E402
 from pipeline.store.embedded import EmbeddedRedis  # noqa: E402
-from tests.support.processes import Process, start_server, start_worker, wait_for_workers  # noqa: E402
+from tests.support.processes import (  # noqa: E402
+    Process,
+    start_server,
+    start_worker,
+    wait_for_workers,
+    wait_until,
+)
 from tests.support.sse_client import read_events  # noqa: E402
 
 STS = ROOT / "tests" / "data" / "stsbenchmark"
 EXPORTS = ROOT / ".embedstream" / "onnx"
-Row = tuple[str, str, str, str, str]
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_embeddings.lua"
+BACKENDS = ("auto", "onnx", "torch", "onnx-int8")
+THREADS = str(os.cpu_count() or 1)  # what `embedstream up` gives its one worker
+Row = tuple[str, str, str, str, str, str]
 
 
 def sentences() -> list[str]:
@@ -71,32 +95,57 @@ def dev_pairs() -> tuple[list[str], list[str], list[float]]:
     return first, second, gold
 
 
+def warm_up_texts() -> list[str]:
+    """1,000 sentences of the same kind that no measurement uses (after the 4,000)."""
+    return sentences()[4000:5000]
+
+
+def probe_texts() -> list[str]:
+    """40 one-text queries for the raw model's p50: the last STS-B sentences."""
+    return sentences()[-40:]
+
+
+def dev_spearman(vector_of: dict[str, np.ndarray]) -> float:
+    """STS-B dev Spearman of the cosine of each pair, given every dev sentence's vector."""
+    from scipy.stats import spearmanr
+
+    first, second, gold = dev_pairs()
+    a = np.stack([vector_of[t] for t in first])
+    b = np.stack([vector_of[t] for t in second])
+    return float(spearmanr(cosine(a, b), gold).statistic)
+
+
+def dev_sentences() -> list[str]:
+    first, second, _ = dev_pairs()
+    return list(dict.fromkeys(first + second))
+
+
 class Raw:
-    """The bare model, the baseline of every ratio, in a child process of its own.
+    """The bare models, every baseline, in a child process of its own.
 
     Not in this process: with torch and the model loaded here, the HTTP
     clients that load the server ran 30-40% slower (more objects for every
-    garbage collection to walk, torch's threads), which made the pipeline's
-    figures look worse than they are. The child waits on its stdin while the
-    pipeline is measured, so it costs nothing then.
+    garbage collection to walk, torch's threads). The child waits on its
+    stdin while the pipeline is measured, so it costs nothing then.
     """
 
     def __init__(self, count: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": THREADS}
         self.child = subprocess.Popen(
             [sys.executable, __file__, "--raw-child", str(count)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
-    def _ask(self, question: str) -> float:
+    def ask(self, op: str, arg: str = "") -> Any:
+        """One question (see `raw_child`), one JSON answer."""
         assert self.child.stdin is not None and self.child.stdout is not None
-        self.child.stdin.write(question + "\n")
+        self.child.stdin.write(f"{op} {arg}\n")
         self.child.stdin.flush()
-        return float(self.child.stdout.readline())
-
-    def rate(self) -> float:
-        return self._ask("rate")
-
-    def one_text_p50_ms(self) -> float:
-        return self._ask("p50")
+        while True:  # a runtime may print to stdout too: only "answer " lines are ours
+            line = self.child.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the raw child exited while answering {op!r}")
+            if line.startswith("answer "):
+                return json.loads(line.removeprefix("answer "))
 
     def close(self) -> None:
         self.child.kill()
@@ -104,153 +153,178 @@ class Raw:
 
 
 def raw_child(count: int) -> None:
-    """Answer `rate` (texts/s of encode over the first `count` texts) and `p50` on stdin."""
+    """Answer on stdin: `encode` (torch texts/s), `embed NAME` (a backend's texts/s),
+    `p50` (torch 1-text ms), `vectors PATH` (torch's, saved), `spearman` (torch's)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(bundled_model_dir()), device="cpu")
     model.encode(warm_up_texts(), batch_size=32)
     texts = sentences()[:count]
+    by_length = sorted(texts, key=len)
+    embedders: dict[str, Any] = {}
     for line in sys.stdin:
-        if line.strip() == "rate":
+        op, _, arg = line.strip().partition(" ")
+        if op == "encode":
             started = time.perf_counter()
             model.encode(texts, batch_size=32)
-            answer = len(texts) / (time.perf_counter() - started)
+            answer: Any = len(texts) / (time.perf_counter() - started)
+        elif op == "embed":
+            embedder = embedders.get(arg) or embedders.setdefault(arg, run_in(arg))
+            answer = texts_per_s(lambda batch, e=embedder: e.embed(batch).vectors, by_length)
+        elif op == "p50":
+            answer = one_text_p50_ms(model)
+        elif op == "vectors":
+            np.save(arg, model.encode(texts, batch_size=32))
+            answer = arg
         else:
-            times = []
-            for text in probe_texts()[:40]:
-                started = time.perf_counter()
-                model.encode([text])
-                times.append(time.perf_counter() - started)
-            answer = statistics.median(times) * 1000
-        print(answer, flush=True)
+            dev = dev_sentences()
+            answer = dev_spearman(dict(zip(dev, model.encode(dev, batch_size=32), strict=True)))
+        print("answer " + json.dumps(answer), flush=True)
 
 
-def probe_texts() -> list[str]:
-    """60 one-text queries: the last STS-B sentences, numbered (no cache can know them)."""
-    return [f"probe query number {i}: {t}" for i, t in enumerate(sentences()[-60:])]
+def run_in(backend: str) -> Any:
+    """A backend's embedder, as a worker loads it, after the same 1,000-text run-in."""
+    from pipeline.model.loading import load_embedder
+    from pipeline.settings import Settings
+
+    embedder = load_embedder(Settings(backend=backend, device="cpu", export_dir=EXPORTS))
+    texts = sorted(warm_up_texts(), key=len)
+    for start in range(0, len(texts), 32):
+        embedder.embed(texts[start:start + 32])
+    return embedder
 
 
-@contextmanager
-def worker(redis_url: str, root: Path, base: str, backend: str, cache: bool) -> Iterator[Process]:
-    proc = start_worker(redis_url, root, f"{backend}-{cache}", EMBEDSTREAM_BACKEND=backend,
-                        EMBEDSTREAM_CACHE="on" if cache else "off",
-                        EMBEDSTREAM_EXPORT_DIR=str(EXPORTS))
-    try:
-        wait_for_workers(base, 1, timeout_s=600)
-        warm(base)
-        yield proc
-    finally:
-        proc.stop()
-        wait_gone(base)
-
-
-def wait_gone(base: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if httpx.get(f"{base}/readyz", timeout=5).json().get("workers", 0) == 0:
-            return
-        time.sleep(0.1)
-
-
-def warm_up_texts() -> list[str]:
-    """1,000 sentences of the same kind that no measurement uses (after the 4,000)."""
-    return sentences()[4000:5000]
-
-
-def warm(base: str) -> None:
-    """Run the worker in on texts like the measured ones: ONNX Runtime's first run
-    of each batch shape allocates and plans (a cold worker measured ~20% slower)."""
-    bulk(base, warm_up_texts())
-    for i in range(5):
-        httpx.post(f"{base}/v1/embeddings", json={"input": f"warm-up query {i}"}, timeout=60)
-
-
-def bulk(base: str, texts: list[str]) -> float:
-    """Seconds from POST /v1/jobs to the last result read over SSE (base64 vectors)."""
-    started = time.perf_counter()
-    reply = httpx.post(f"{base}/v1/jobs", json={"inputs": texts}, timeout=120)
-    job_id = reply.json()["id"]
-    count = 0
-    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", params={"encoding": "base64"},
-                      timeout=httpx.Timeout(10, read=900)) as response:
-        for event in read_events(response):
-            if event.event == "result":
-                count += len(event.data)
-    if count != len(texts):
-        print(f"warning: got {count} of {len(texts)} results", file=sys.stderr)
-    return time.perf_counter() - started
-
-
-def one_text_p50_ms(base: str, texts: list[str]) -> float:
+def one_text_p50_ms(model: Any) -> float:
     times = []
-    with httpx.Client(timeout=60) as client:
-        for text in texts:
-            started = time.perf_counter()
-            client.post(f"{base}/v1/embeddings", json={"input": text})
-            times.append(time.perf_counter() - started)
+    for text in probe_texts():
+        started = time.perf_counter()
+        model.encode([text])
+        times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 
 
-def concurrent_rate(base: str, texts: list[str], clients: int) -> float:
-    """Texts/s with `clients` concurrent 1-text /v1/embeddings callers, each a thread
-    with one keep-alive connection (http.client: a load generator that leaves the
-    two cores to the server and the worker, as httpx's asyncio client does not)."""
-    import http.client
+@dataclass
+class Series:
+    """One figure's value in each run."""
 
-    where = urlsplit(base)
-    queue = list(reversed(texts))
-    lock = threading.Lock()
-    failures: list[int] = []
+    values: list[float] = field(default_factory=list)
 
-    def client_loop() -> None:
-        connection = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port,
-                                                timeout=120)
-        try:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    text = queue.pop()
-                body = orjson.dumps({"input": text})
-                connection.request("POST", "/v1/embeddings", body,
-                                   {"content-type": "application/json"})
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    failures.append(response.status)
-        finally:
-            connection.close()
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    def show(self, unit: str, fmt: str = ".0f") -> str:
+        low, high = min(self.values), max(self.values)
+        spread = f" ({low:{fmt}}-{high:{fmt}})" if len(self.values) > 1 else ""
+        return f"{self.median:{fmt}} {unit}{spread}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound a figure should meet: `>= bound` or `<= bound`."""
+
+    op: str
+    bound: float
+    unit: str = ""
+
+    def mark(self, values: list[float], fmt: str = ".2f") -> str:
+        """pass, miss or straddle over the runs, with the runs' range."""
+        hits = sum(v >= self.bound if self.op == ">=" else v <= self.bound for v in values)
+        verdict = "pass" if hits == len(values) else "miss" if hits == 0 else "straddle"
+        if len(values) == 1:
+            return verdict
+        return f"{verdict} ({min(values):{fmt}} to {max(values):{fmt}})"
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.bound:g}{self.unit}"
+
+
+def ratio_row(name: str, measured: Series, baseline: Series, target: Target,
+              unit: str = "texts/s", fmt: str = ".0f") -> Row:
+    per_run = [m / b for m, b in zip(measured.values, baseline.values, strict=True)]
+    return (name, measured.show(unit, fmt), baseline.show(unit, fmt),
+            f"{measured.median / baseline.median:.2f}", str(target), target.mark(per_run))
+
+
+def difference_row(name: str, measured: Series, baseline: Series, target: Target) -> Row:
+    per_run = [m - b for m, b in zip(measured.values, baseline.values, strict=True)]
+    return (name, measured.show("ms", ".1f"), baseline.show("ms", ".1f"),
+            f"{measured.median - baseline.median:+.1f} ms", str(target),
+            target.mark(per_run, "+.1f"))
+
+
+@dataclass
+class Phase:
+    """What one backend's runs measured, figure by figure."""
+
+    backend: str
+    series: dict[str, Series] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.series.setdefault(name, Series()).values.append(value)
+
+    def __getitem__(self, name: str) -> Series:
+        return self.series[name]
+
+
+@dataclass(frozen=True)
+class Wrk:
+    """One wrk run: texts/s and latency percentiles."""
+
+    texts_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def wrk(base: str, texts_file: Path, per_request: int, connections: int, seconds: int) -> Wrk:
+    """Drive POST /v1/embeddings with wrk (one thread), each request new texts."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "60s",
+         "-s", str(WRK_SCRIPT), f"{base}/v1/embeddings", "--", str(texts_file),
+         str(per_request)], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("wrk-result "))
+    result = json.loads(line.removeprefix("wrk-result "))
+    if result["errors"]:
+        print(f"warning: {result['errors']} wrk requests failed", file=sys.stderr)
+    return Wrk(result["requests"] * per_request / result["seconds"], result["p50_ms"],
+               result["p99_ms"])
+
+
+def write_wrk_texts(path: Path) -> Path:
+    """The texts wrk sends, one JSON-escaped a line: sentences no other figure uses."""
+    lines = [orjson.dumps(t).decode()[1:-1] for t in sentences()[5000:-40]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def bulk(base: str, texts: list[str]) -> tuple[float, np.ndarray]:
+    """Seconds from POST /v1/jobs to the last result read over SSE (base64), and the vectors."""
     started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        print(f"warning: {len(failures)} requests failed ({failures[0]})", file=sys.stderr)
-    return len(texts) / (time.perf_counter() - started)
+    reply = httpx.post(f"{base}/v1/jobs", json={"inputs": texts}, timeout=120)
+    reply.raise_for_status()
+    encoded: dict[int, str] = {}
+    with httpx.stream("GET", f"{base}/v1/jobs/{reply.json()['id']}/events",
+                      params={"encoding": "base64"},
+                      timeout=httpx.Timeout(10, read=900)) as response:
+        for event in read_events(response):
+            if event.event == "result":
+                encoded.update((item["index"], item["embedding"]) for item in event.data)
+    seconds = time.perf_counter() - started
+    if len(encoded) != len(texts):
+        print(f"warning: got {len(encoded)} of {len(texts)} results", file=sys.stderr)
+    vectors = [np.frombuffer(base64.b64decode(encoded[i]), "<f4") for i in sorted(encoded)]
+    return seconds, np.stack(vectors)
 
 
-def behind_backlog_p50_ms(base: str, backlog: list[str], probes: list[str]) -> float:
-    """1-text p50 while a `backlog`-text job waits in the bulk lane (cancelled after)."""
-    job_id = httpx.post(f"{base}/v1/jobs", json={"inputs": backlog}, timeout=300).json()["id"]
-    try:
-        time.sleep(1.0)  # let the worker get into the backlog
-        return one_text_p50_ms(base, probes)
-    finally:
-        httpx.delete(f"{base}/v1/jobs/{job_id}", timeout=30)
-
-
-def with_subscribers(base: str, texts: list[str], subscribers: int) -> tuple[float, int]:
-    """Bulk time with `subscribers` connections reading /v1/events, and events they got.
+def with_subscribers(base: str, texts: list[str], subscribers: int) -> float:
+    """Bulk seconds with `subscribers` connections reading /v1/events.
 
     The subscribers are plain sockets drained by one thread (they read every
     byte the server sends, so back-pressure is as real as a browser's): 100
     httpx streams in threads spent over 4 s of CPU on these two cores
     during one job, which measured the client, not the fan-out. They are
-    connected, and past the feed's replay (its last 100 events each), before
-    the timed job starts.
+    connected, and past the feed's replay, before the timed job starts.
     """
     where = urlsplit(base)
     host, port = where.hostname or "127.0.0.1", where.port or 80
@@ -258,7 +332,7 @@ def with_subscribers(base: str, texts: list[str], subscribers: int) -> tuple[flo
                "Accept: text/event-stream\r\n\r\n").encode()
     sockets = [socket.create_connection((host, port), timeout=10) for _ in range(subscribers)]
     stop = threading.Event()
-    events = [0]
+    last_read = [0.0]  # when a subscriber last got bytes; 0: none yet
     selector = selectors.DefaultSelector()
     for sock in sockets:
         sock.sendall(request)
@@ -268,16 +342,14 @@ def with_subscribers(base: str, texts: list[str], subscribers: int) -> tuple[flo
     def drain() -> None:
         while not stop.is_set():
             for key, _ in selector.select(timeout=0.1):
-                data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
-                events[0] += data.count(b"\nevent: ")
+                if key.fileobj.recv(1 << 16):  # type: ignore[union-attr]
+                    last_read[0] = time.monotonic()
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        time.sleep(3.0)
-        before = events[0]
-        seconds = bulk(base, texts)
-        return seconds, events[0] - before
+        wait_until(lambda: 0 < last_read[0] < time.monotonic() - 0.5, 60, "the feed's replay")
+        return bulk(base, texts)[0]
     finally:
         stop.set()
         reader.join()
@@ -293,113 +365,186 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+class Bench:
+    """The running pieces (Redis, the server, the raw child) and the measurements on them."""
 
-    return float(spearmanr(a, b).statistic)
+    def __init__(self, args: argparse.Namespace, raw: Raw, root: Path, redis_url: str,
+                 server: Process, base: str) -> None:
+        self.args, self.raw, self.root = args, raw, root
+        self.redis_url, self.server, self.base = redis_url, server, base
+        self.store = redis.Redis.from_url(redis_url)
+        self.texts = sentences()[:args.texts]
+        self.wrk_texts = write_wrk_texts(root / "wrk-texts.txt")
+
+    def empty_cache(self) -> None:
+        """Delete every cache entry, so a run embeds its texts rather than reading them."""
+        keys = list(self.store.scan_iter(match=f"{Keys().prefix}:cache:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            self.store.delete(*keys[start:start + 1000])
+
+    @contextmanager
+    def worker(self, backend: str) -> Iterator[Process]:
+        """One worker as `embedstream up` starts it, run in, then stopped and gone."""
+        proc = start_worker(self.redis_url, self.root, backend, EMBEDSTREAM_BACKEND=backend,
+                            EMBEDSTREAM_EXPORT_DIR=str(EXPORTS), OMP_NUM_THREADS=THREADS)
+        try:
+            wait_for_workers(self.base, 1, timeout_s=900)
+            calibration = Keys().calibration("all-MiniLM-L6-v2")
+            wait_until(lambda: bool(self.store.exists(calibration)), 300, "the calibration")
+            bulk(self.base, warm_up_texts())
+            yield proc
+        finally:
+            proc.stop()
+            wait_until(lambda: httpx.get(f"{self.base}/readyz", timeout=5)
+                       .json().get("workers", 0) == 0, 60, "the worker to deregister")
+
+    def model_backend(self) -> tuple[str, str]:
+        """The backend the worker runs, and why (GET /v1/models)."""
+        model = httpx.get(f"{self.base}/v1/models", timeout=10).json()["data"][0]
+        return str(model["backend"]), str(model.get("backend_reason") or "")
+
+    def pipeline_spearman(self) -> float:
+        """STS-B dev Spearman of the vectors the pipeline delivers."""
+        dev = dev_sentences()
+        return dev_spearman(dict(zip(dev, bulk(self.base, dev)[1], strict=True)))
+
+    def phase(self, backend: str) -> Phase:
+        """Every run of one backend, its baselines beside each."""
+        phase = Phase(backend)
+        with self.worker(backend) as proc:
+            chosen, reason = self.model_backend()
+            phase.extras.update(backend=chosen, reason=reason)
+            if backend in ("auto", "onnx-int8"):
+                phase.extras["spearman"] = self.pipeline_spearman()
+            for run in range(self.args.runs):
+                self.bulk_run(phase, chosen, keep=run == 0)
+                if backend == "auto":
+                    self.interactive_run(phase)
+            phase.extras["rss"] = (rss_mb(self.server.popen.pid), rss_mb(proc.popen.pid))
+        return phase
+
+    def bulk_run(self, phase: Phase, backend: str, keep: bool) -> None:
+        """Raw encode, the backend's raw embed, then the pipeline, on the same texts."""
+        self.empty_cache()
+        phase.add("raw", self.raw.ask("encode"))
+        phase.add("embed", self.raw.ask("embed", backend))
+        seconds, vectors = bulk(self.base, self.texts)
+        phase.add("bulk", len(self.texts) / seconds)
+        if keep:
+            phase.extras["vectors"] = vectors
+
+    def interactive_run(self, phase: Phase) -> None:
+        """The /v1/embeddings figures (wrk), the backlog, the cache and the subscribers."""
+        seconds = self.args.seconds
+        self.empty_cache()
+        many = wrk(self.base, self.wrk_texts, 1, self.args.clients, seconds)
+        phase.add("clients", many.texts_per_s)
+        phase.add("clients p99", many.p99_ms)
+        phase.add("clients p50", many.p50_ms)
+        self.empty_cache()
+        phase.add("batches", wrk(self.base, self.wrk_texts, 32, 4, seconds).texts_per_s)
+        self.empty_cache()
+        phase.add("p50", wrk(self.base, self.wrk_texts, 1, 1, max(3, seconds // 2)).p50_ms)
+        phase.add("raw p50", self.raw.ask("p50"))
+        phase.add("backlog p50", self.behind_backlog())
+        fresh = [f"cache run: {t}" for t in self.texts]
+        self.empty_cache()
+        phase.add("first", bulk(self.base, fresh)[0])
+        phase.add("again", bulk(self.base, fresh)[0])
+        self.empty_cache()
+        subscribed = with_subscribers(self.base, self.texts, self.args.subscribers)
+        phase.add("subscribed", len(self.texts) / subscribed)
+
+    def behind_backlog(self) -> float:
+        """1-text p50 (wrk, one connection) while a backlog job runs (cancelled after)."""
+        texts = [f"backlog {i}: {t}" for i, t in enumerate((sentences() * 2)[:self.args.backlog])]
+        self.empty_cache()
+        job = httpx.post(f"{self.base}/v1/jobs", json={"inputs": texts}, timeout=300).json()
+        url = f"{self.base}/v1/jobs/{job['id']}"
+        try:
+            wait_until(lambda: httpx.get(url, timeout=10).json()["done"] > 0, 120,
+                       "the backlog to start")
+            return wrk(self.base, self.wrk_texts, 1, 1, 3).p50_ms
+        finally:
+            httpx.delete(url, timeout=30)
 
 
-def sts_quality() -> tuple[float, float, float]:
-    """STS-B dev Spearman for onnx fp32 and int8, and their mean cosine to each other."""
-    from pipeline.model.loading import load_embedder
-    from pipeline.settings import Settings
-
-    first, second, gold = dev_pairs()
-    scores = {}
-    vectors = {}
-    for backend in ("onnx", "onnx-int8"):
-        embedder = load_embedder(Settings(backend=backend, device="cpu", export_dir=EXPORTS))
-        a, b = embedder.embed(first).vectors, embedder.embed(second).vectors
-        scores[backend] = spearman((a * b).sum(1), np.array(gold))
-        vectors[backend] = a
-    mean_cos = float((vectors["onnx"] * vectors["onnx-int8"]).sum(1).mean())
-    return scores["onnx"], scores["onnx-int8"], mean_cos
+def fidelity_rows(phase: Phase, torch_vectors: np.ndarray, torch_rho: float,
+                  within: float) -> list[Row]:
+    """Min cosine of the delivered vectors to torch's, and STS-B dev Spearman against torch's."""
+    rho = phase.extras["spearman"]
+    low = float(cosine(phase.extras["vectors"], torch_vectors).min())
+    closeness = Target(">=", 0.9999)
+    delta = Target("<=", within)
+    return [
+        ("  min cosine to torch", f"{low:.6f}", "1", "", str(closeness), closeness.mark([low])),
+        ("  |STS-B dev Spearman - torch's|", f"{rho:.4f}", f"{torch_rho:.4f}",
+         f"{rho - torch_rho:+.4f}", str(delta), delta.mark([abs(rho - torch_rho)])),
+    ]
 
 
-def measure(args: argparse.Namespace, raw: Raw, texts: list[str], root: Path) -> list[Row]:
-    rows: list[Row] = []
-    everything = sentences()
-    probes = probe_texts()
-    raw_p50 = raw.one_text_p50_ms()
-    backlog = (everything * 2)[:args.backlog]
-    raws: list[float] = []
+def first_table(args: argparse.Namespace, phases: dict[str, Phase], torch_vectors: np.ndarray,
+                torch_rho: float) -> list[Row]:
+    auto, torch, int8 = phases["auto"], phases["torch"], phases["onnx-int8"]
+    p99_per_p50 = Series([h / m for h, m in zip(auto["clients p99"].values,
+                                                 auto["clients p50"].values, strict=True)])
+    server_rss, worker_rss = auto.extras["rss"]
+    return [
+        ratio_row(f"default (auto: {auto.extras['backend']}) bulk REST->SSE / raw torch encode",
+                  auto["bulk"], auto["raw"], Target(">=", 1.5)),
+        *fidelity_rows(auto, torch_vectors, torch_rho, 0.001),
+        ratio_row("torch backend bulk / raw", torch["bulk"], torch["raw"], Target(">=", 0.9)),
+        ratio_row("onnx-int8 bulk / raw", int8["bulk"], int8["raw"], Target(">=", 2.5)),
+        *fidelity_rows(int8, torch_vectors, torch_rho, 0.005)[1:],
+        ratio_row(f"{args.clients} x 1-text clients (wrk) / raw", auto["clients"], auto["raw"],
+                  Target(">=", 0.8)),
+        ("  p99 / p50", auto["clients p99"].show("ms", ".1f"),
+         auto["clients p50"].show("ms", ".1f"), f"{p99_per_p50.median:.2f}",
+         str(Target("<=", 3)), Target("<=", 3).mark(p99_per_p50.values)),
+        ratio_row("/v1/embeddings, 32 texts a request (wrk, 4 connections) / raw",
+                  auto["batches"], auto["raw"], Target(">=", 1.2)),
+        difference_row("1-text p50 (wrk, 1 connection) - raw p50", auto["p50"],
+                       auto["raw p50"], Target("<=", 2, " ms")),
+        ratio_row(f"1-text p50 behind {args.backlog} texts / idle", auto["backlog p50"],
+                  auto["p50"], Target("<=", 3), "ms", ".1f"),
+        ratio_row(f"same {args.texts} texts again / first", auto["again"], auto["first"],
+                  Target("<=", 0.1), "s", ".2f"),
+        ratio_row(f"bulk with {args.subscribers} feed subscribers / without",
+                  auto["subscribed"], auto["bulk"], Target(">=", 0.9)),
+        ("server RSS / worker RSS (peak)", f"{server_rss:.0f} MB", f"{worker_rss:.0f} MB", "",
+         "<= 250 MB / <= 1.2 GB", ""),
+    ]
+
+
+def second_table(phases: dict[str, Phase]) -> list[Row]:
+    """Each backend through the pipeline against its own embed on the same texts."""
+    return [ratio_row(f"{name}: {phase.extras['backend']}" if name == "auto" else name,
+                      phase["bulk"], phase["embed"], Target(">=", 0.95))
+            for name, phase in phases.items()]
+
+
+def show(rows: list[Row], header: Row) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    print()
+
+
+def measure(args: argparse.Namespace, raw: Raw, root: Path) -> dict[str, Phase]:
     with EmbeddedRedis(root / "redis") as redis_server:
         server, base = start_server(redis_server.url, root)
         try:
-            rates, baselines = {}, {}
-            for backend in ("onnx", "torch", "onnx-int8"):
-                with worker(redis_server.url, root, base, backend, cache=False):
-                    # The machine's speed drifts by 10-20% over minutes: each figure
-                    # is the better of two runs, against the better of two raw runs
-                    # made just before and just after it (the worker idle then).
-                    before = raw.rate()
-                    rates[backend] = max(len(texts) / bulk(base, texts) for _ in range(2))
-                    if backend == "onnx":
-                        plain = rates[backend]
-                        runs = [with_subscribers(base, texts, args.subscribers)
-                                for _ in range(2)]
-                        subs = max(len(texts) / seconds for seconds, _ in runs)
-                        fanned = min(got for _, got in runs)
-                    after = raw.rate()
-                    baselines[backend] = max(before, after)
-                    raws += [before, after]
-                    if backend == "onnx":
-                        idle_p50 = one_text_p50_ms(base, probes[:40])
-                        conc = concurrent_rate(
-                            base, [f"{i} {t}" for i, t in enumerate(texts[:1000])],
-                            args.clients)
-                        busy_p50 = behind_backlog_p50_ms(base, backlog, probes[40:60])
-            with worker(redis_server.url, root, base, "onnx", cache=True) as cached:
-                fresh = [f"cache run: {t}" for t in texts]
-                first_s = bulk(base, fresh)
-                again_s = bulk(base, fresh)
-                worker_rss = rss_mb(cached.popen.pid)
-            server_rss = rss_mb(server.popen.pid)
+            bench = Bench(args, raw, root, redis_server.url, server, base)
+            return {backend: bench.phase(backend) for backend in BACKENDS}
         finally:
             server.stop()
-    fp32_rho, int8_rho, int8_cos = sts_quality()
-    base_rate = baselines["onnx"]
-
-    def bulk_row(name: str, backend: str, target: str) -> Row:
-        rate, baseline = rates[backend], baselines[backend]
-        return (name, f"{rate:.0f} texts/s", f"{baseline:.0f} texts/s",
-                f"{rate / baseline:.2f}", target)
-
-    rows += [
-        ("raw SentenceTransformer.encode", f"{statistics.median(raws):.0f} texts/s",
-         f"{min(raws):.0f} to {max(raws):.0f} over {len(raws)} runs", "", ""),
-        bulk_row("bulk REST->SSE, onnx fp32 / raw", "onnx", ">= 1.15"),
-        bulk_row("bulk, torch / raw", "torch", ">= 0.90"),
-        bulk_row("bulk, onnx-int8 / raw", "onnx-int8", ">= 2.0"),
-        ("  STS-B dev Spearman int8 vs fp32", f"{int8_rho:.4f}", f"{fp32_rho:.4f}",
-         f"{int8_rho - fp32_rho:+.4f} (cos {int8_cos:.3f})", "within 0.005"),
-        (f"{args.clients} concurrent 1-text clients / raw", f"{conc:.0f} texts/s",
-         f"{base_rate:.0f} texts/s", f"{conc / base_rate:.2f}", ">= 0.60"),
-        ("1-text /v1/embeddings p50 - raw p50", f"{idle_p50:.1f} ms", f"{raw_p50:.1f} ms",
-         f"{idle_p50 - raw_p50:+.1f} ms", "<= 5 ms"),
-        (f"1-text p50 behind {args.backlog} texts / idle", f"{busy_p50:.1f} ms",
-         f"{idle_p50:.1f} ms", f"{busy_p50 / idle_p50:.2f}", "<= 3"),
-        (f"same {len(texts)} texts again / first", f"{again_s:.2f} s", f"{first_s:.2f} s",
-         f"{again_s / first_s:.3f}", "<= 0.10"),
-        (f"bulk with {args.subscribers} feed subscribers / without",
-         f"{subs:.0f} texts/s ({fanned} events sent)",
-         f"{plain:.0f} texts/s", f"{subs / plain:.2f}", ">= 0.90"),
-        ("server RSS / worker RSS (peak)", f"{server_rss:.0f} MB", f"{worker_rss:.0f} MB",
-         "", "<= 250 MB / <= 1.2 GB"),
-    ]
-    return rows
-
-
-def show(rows: list[Row]) -> None:
-    header = ("figure", "measured", "baseline", "ratio", "target")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=4000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10, help="each wrk throughput run")
     parser.add_argument("--backlog", type=int, default=12000)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--subscribers", type=int, default=100)
@@ -408,17 +553,31 @@ def main() -> None:
     if args.raw_child:
         raw_child(args.raw_child)
         return
-    texts = sentences()[:args.texts]
-    load = os.getloadavg()
-    raw = Raw(len(texts))
+    load, started = os.getloadavg(), time.monotonic()
+    raw = Raw(args.texts)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = measure(args, raw, texts, Path(tmp))
+            phases = measure(args, raw, Path(tmp))
+            torch_vectors = np.load(raw.ask("vectors", str(Path(tmp) / "torch.npy")))
+            torch_rho = raw.ask("spearman")
     finally:
         raw.close()
-    print(f"{len(texts)} STS-B sentences, {os.cpu_count()} cores, load average "
-          f"{load[0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end")
-    show(rows)
+    report(args, phases, first_table(args, phases, torch_vectors, torch_rho),
+           second_table(phases), (load[0], os.getloadavg()[0], time.monotonic() - started))
+
+
+def report(args: argparse.Namespace, phases: dict[str, Phase], first: list[Row],
+           second: list[Row], context: tuple[float, float, float]) -> None:
+    print(f"{args.texts} STS-B sentences, median of {args.runs} runs (min-max), "
+          f"{os.cpu_count()} cores, load average {context[0]:.2f} at the start and "
+          f"{context[1]:.2f} at the end, {context[2] / 60:.1f} min")
+    print(f"{phases['auto'].extras['reason']}\n")
+    show(first, ("figure", "measured", "baseline", "ratio", "target", "runs"))
+    show(second, ("pipeline bulk / the backend's raw embed", "pipeline", "raw embed", "ratio",
+                  "target", "runs"))
+    for verdict in ("straddle", "miss"):
+        names = [row[0].strip() for row in [*first, *second] if row[5].startswith(verdict)]
+        print(f"{verdict}: {'; '.join(names) or 'none'}")
 
 
 if __name__ == "__main__":
