@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -37,7 +36,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.keys import model_slug
-from pipeline.model.files import model_folder, model_revision
+from pipeline.model.files import atomically, file_lock, model_folder, model_revision
 from pipeline.model.runtime import compute_threads
 
 logger = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def choose_backend(settings: Any) -> Choice:
     verdict = export_dir / f"{model_slug(settings.model)}-{model_revision(folder)}-backend-" \
                            f"{machine_fingerprint()}.json"
     try:
-        with _file_lock(verdict.with_suffix(".lock")):
+        with file_lock(verdict.with_suffix(".lock")):
             if not verdict.exists():
                 _measure_in_child(settings, verdict)
             data = json.loads(verdict.read_text())
@@ -199,14 +198,6 @@ def _cpu_model() -> str:
     return os.uname().machine
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def _measure_in_child(settings: Any, verdict: Path) -> None:
     """Measure in a child process (which loads torch) and write the verdict atomically."""
     fields = {"model": settings.model, "device": "cpu", "dtype": settings.dtype,
@@ -225,10 +216,7 @@ def _main(fields_json: str, out: str) -> None:
     fields["export_dir"] = Path(fields["export_dir"]) if fields["export_dir"] else None
     settings = Settings(**fields)
     choice = decide(measure(settings))
-    target = Path(out)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(choice)))
-    os.replace(tmp, target)
+    atomically(Path(out), lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(choice))))
 
 
 if __name__ == "__main__":

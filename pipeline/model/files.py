@@ -6,8 +6,12 @@ reuses what an older one made.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.model.info import canonical_model_name, model_source
@@ -49,3 +53,28 @@ def _model_files(folder: Path) -> Iterator[Path]:
         if (path.is_file() and path.name not in _SKIPPED_FILES and not parts & _SKIPPED_DIRS
                 and path.suffix != ".onnx"):
             yield path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created with its folder), for work peers must not repeat."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside `target`, then move it into place: never half-written."""
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        tmp.chmod(0o644)  # mkstemp makes it private; other users' workers read it too
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

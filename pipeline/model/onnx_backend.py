@@ -32,16 +32,12 @@ by the torch backend instead; its `ModelInfo.backend` then says `torch`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +45,13 @@ import numpy as np
 
 from pipeline.keys import model_slug
 from pipeline.model.embedder import Embedded
-from pipeline.model.files import ExportFailed, model_folder, model_revision
+from pipeline.model.files import (
+    ExportFailed,
+    atomically,
+    file_lock,
+    model_folder,
+    model_revision,
+)
 from pipeline.model.info import canonical_model_name, describe_local_model, read_json
 from pipeline.model.runtime import compute_threads, ort_providers
 from pipeline.model.spans import TokenEmbeddings
@@ -73,43 +75,20 @@ def export_path(export_dir: Path, name: str, revision: str, quantized: bool) -> 
     return export_dir / f"{model_slug(name)}-{revision}-ort{ort.__version__}-tokens-{kind}.onnx"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_exported(folder: Path, target: Path, quantized: bool) -> Path:
     """The cached graph at `target`, exported (and quantized) first if missing."""
     if target.is_file():
         return target
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if target.is_file():  # a peer exported it while we waited for the lock
             return target
         if quantized:
             fp32 = target.with_name(target.name.replace("-int8.onnx", "-fp32.onnx"))
             ensure_exported(folder, fp32, quantized=False)
-            _atomically(target, lambda tmp: quantize(fp32, tmp))
+            atomically(target, lambda tmp: quantize(fp32, tmp))
         else:
-            _atomically(target, lambda tmp: _export_in_child(folder, tmp))
+            atomically(target, lambda tmp: _export_in_child(folder, tmp))
     return target
-
-
-def _atomically(target: Path, write: Any) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        tmp.chmod(0o644)  # mkstemp makes it private; other users' workers read it too
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _export_in_child(folder: Path, out: Path) -> None:
