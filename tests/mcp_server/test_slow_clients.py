@@ -99,6 +99,32 @@ async def test_slow_header_senders_are_closed_after_the_header_timeout_while_hea
     assert all(reply.startswith(b"HTTP/1.1 408") for _, reply in closed)
 
 
+async def write_past_the_timeout(base: str) -> bytes:
+    """Send a head a byte every 20 ms, past the header timeout, and only then read."""
+    reader, writer = await asyncio.open_connection(*address(base))
+    until = time.monotonic() + HEADER_TIMEOUT_S + 0.5
+    try:
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"z" * 500:
+            if time.monotonic() > until:
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        return await asyncio.wait_for(reader.read(), 3)
+    except ConnectionError as exc:
+        return repr(exc).encode()
+    finally:
+        writer.close()
+
+
+@pytest.mark.anyio
+async def test_a_client_still_writing_its_head_reads_the_408_instead_of_a_reset(
+        base: str) -> None:
+    """Bytes arriving after the 408 must not reset the connection before the client reads it."""
+    replies = await asyncio.gather(*(write_past_the_timeout(base) for _ in range(5)))
+    assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), replies
+
+
 @pytest.mark.anyio
 async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive(base: str) -> None:
     reader, writer = await asyncio.open_connection(*address(base))
