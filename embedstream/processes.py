@@ -10,7 +10,7 @@ requests get 503), idle keep-alive connections close after
 `http_keepalive_s`, request headers are limited to `MAX_HEADER_BYTES` (400
 past it) and must arrive within `http_header_timeout_s` of the connection
 (or, on a kept-alive one, of the request's first byte), else the connection
-is answered 408 and closed. The close lingers (at most `LINGER_S`, reading
+is answered 408 and closed. The close lingers (at most two seconds, reading
 and dropping what the client still sends) so that a client still writing
 its head reads the 408 instead of a reset. uvicorn has no header timeout of its own: without
 one, a client sending a byte a second holds a connection for ever. The
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("embedstream")
 EXIT_PORT_TAKEN = 2
 MAX_HEADER_BYTES = 16 * 1024
-REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
-                   b"connection: close\r\n\r\n")
-LINGER_S = 2.0
 
 OnStarted = Callable[[], Coroutine[Any, Any, None]]
 
@@ -93,63 +90,9 @@ def server_config(app: Any, settings: Settings, log_level: str) -> uvicorn.Confi
 
 def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol, closing a connection whose request head takes over `timeout_s`."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from embedstream.header_timeout import HeaderTimeoutProtocol
 
-    class HeaderTimeoutProtocol(H11Protocol):
-        """A timer runs from the connection (or a request's first byte) to its last header."""
-
-        header_timer: asyncio.TimerHandle | None = None
-        lingering: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            if self.lingering is not None:
-                return  # answered 408: what the client still sends is dropped
-            if self.header_timer is None and self.conn.their_state is h11.IDLE:
-                self._arm()  # the first byte of a request on a kept-alive connection
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the head is in (or was refused)
-                self._disarm()
-
-        def eof_received(self) -> None:
-            if self.lingering is not None:
-                self.transport.close()
-                return
-            super().eof_received()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            if self.lingering is not None:
-                self.lingering.cancel()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            self.header_timer = self.loop.call_later(timeout_s, self._timed_out)
-
-        def _disarm(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-                self.header_timer = None
-
-        def _timed_out(self) -> None:
-            """Answer 408 and half-close; close once the client has read it (or `LINGER_S`).
-
-            Closing at once would reset a connection whose client is still
-            writing, and a reset discards the 408 before the client reads it.
-            """
-            self.header_timer = None
-            self.transport.write(REQUEST_TIMEOUT)
-            if not self.transport.can_write_eof():
-                self.transport.close()
-                return
-            self.transport.write_eof()
-            self.lingering = self.loop.call_later(LINGER_S, self.transport.close)
-
-    return HeaderTimeoutProtocol
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"timeout_s": timeout_s})
 
 
 def _server_class(on_started: OnStarted | None = None) -> Any:
