@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pipeline.errors import InvalidCursor, Unavailable
+from pipeline.errors import InvalidCursor, JobNotFound, Unavailable
 from pipeline.jobs.interactive import NO_WORKER_IN_TIME, ProgressCallback
 from pipeline.jobs.record import load_job
 from pipeline.jobs.results import ResultRow, read_chunk_rows
@@ -131,8 +131,12 @@ async def _job_events(
 
     async def ended_quietly(position: str) -> bool:
         # The job may have finished with no `end` reaching the stream after our
-        # position (or the client resumed after `end`): then the hub ends itself.
-        finished = (await load_job(redis, keys, job_id)).finished
+        # position (or the client resumed after `end`), or expired or been
+        # deleted meanwhile: then the hub ends itself.
+        try:
+            finished = (await load_job(redis, keys, job_id)).finished
+        except JobNotFound:
+            return True
         return finished and not await redis.xread({stream: position}, count=1)
 
     entries = hubs.hub(stream, on_idle=ended_quietly).entries(cursor)
@@ -144,7 +148,11 @@ async def _job_events(
                 yield Event(entry.id, "result", rows)
                 yield Event(entry.id, "progress", _progress(entry))
             elif kind == "end":
-                yield Event(entry.id, "end", (await load_job(redis, keys, job_id)).public())
+                try:
+                    record = await load_job(redis, keys, job_id)
+                except JobNotFound:
+                    return  # gone: the stream just ends (a resume then gets 404)
+                yield Event(entry.id, "end", record.public())
                 return
 
 

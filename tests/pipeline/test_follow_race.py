@@ -1,12 +1,17 @@
-"""A job that finishes while its follower's blocking read times out loses no result.
+"""A job that finishes (or vanishes) while its follower's blocking read times out.
 
 The job hub's XREAD times out, then the job's last chunk is committed and
 the job finishes, then the hub checks the status (`on_idle`). The wrapper
-below makes that interleaving certain; Redis itself is real.
+below makes that interleaving certain; Redis itself is real. A job deleted
+or expired under its follower ends the stream, not the hub's reader with an
+error nobody reads.
 """
 
+import asyncio
+import contextlib
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
@@ -81,5 +86,40 @@ async def test_results_committed_between_a_read_timeout_and_the_status_check_are
         assert blocking.timeouts == 1
         assert indexes == [0, 1, 2, 3]
         assert events[-1].name == "end" and events[-1].data["status"] == "completed"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_followed_job_that_vanishes_ends_its_stream_without_an_error(
+    any_redis_url: str,
+) -> None:
+    """A job deleted or expired under a follower: the stream ends, the reader exits cleanly."""
+    redis = connect(any_redis_url)
+    try:
+        writer = JobWriter(redis, KEYS, Settings(redis_url=any_redis_url, chunk_size=2),
+                           JobOptions(), INFO)
+        await writer.add_many(Item(f"text {i}") for i in range(4))
+        job_id = (await writer.commit()).id
+        hubs = Hubs(redis, redis, block_ms=50, buffer=100)
+        events = []
+        try:
+            follower = follow_job_live(redis, hubs, KEYS, ChunkRows(redis, KEYS), job_id,
+                                       view=FLOAT)
+            with anyio.fail_after(10):
+                following = asyncio.ensure_future(anext(follower))
+                while (hub := hubs.find(KEYS.events(job_id))) is None:
+                    await asyncio.sleep(0.01)
+                await hub.ready()
+                await redis.delete(*KEYS.job_keys(job_id))
+                with contextlib.suppress(StopAsyncIteration):
+                    events.append(await following)
+                    events.extend([event async for event in follower])
+                while not hub.stopped:
+                    await asyncio.sleep(0.01)
+            reader = hub._reader
+            assert reader is not None and reader.done() and reader.exception() is None
+        finally:
+            await hubs.close()
+        assert events == []
     finally:
         await redis.aclose()
