@@ -10,8 +10,8 @@
   but not acked: on redelivery their done marker is set, so they are only
   acked.
 - An interactive request gets a reply instead of a commit (`workers.replies`).
-- Commit behind: a bulk batch's commit may run in a task of its own while
-  the model embeds the next group (`finish_behind`). At most one runs: the
+- Commit behind: a group's commit (or its replies) may run in a task of its
+  own while the worker claims and embeds the next group (`finish_behind`). At most one runs: the
   previous one is awaited first, so commits land in order and a failed one
   is raised in the group after it (its entries stay pending, to be
   reclaimed). The entries stay leased until their commit is done.

@@ -13,9 +13,10 @@ What a claimed batch of chunks costs the model:
 - between two model calls `between_calls` runs: the worker serves the fast
   lane there, so an interactive request never waits for a whole bulk batch;
 - while interactive requests are arriving (`busy()` says so: the worker
-  served one in the last `BUSY_S` seconds), calls are cut to a quarter of
-  the budgets (`BUSY_CUT`), so a request waits about a quarter as long for
-  the call in hand. Each call is cut when it is due, so a batch begun in a
+  served one in the last `BUSY_S` seconds), bulk calls are cut to a quarter
+  of the budgets (`BUSY_CUT`), so a request waits about a quarter as long for
+  the call in hand; the requests' own calls are not cut (nothing waits on
+  them but their callers). Each call is cut when it is due, so a batch begun in a
   quiet spell cuts finer from the first request on. Bulk throughput pays
   for it only meanwhile (see `bench/table.py`);
 - a call that fails is retried text by text, so a poison input fails alone
@@ -208,7 +209,9 @@ class ModelCalls:
         while ordered:
             if len(ordered) < len(texts) and between_calls is not None:
                 await between_calls()
-            cut = BUSY_CUT if self.busy() else 1
+            # Only bulk work, which the fast lane can interrupt, is cut finer: cutting
+            # the fast lane's own calls made them smaller and slower, for nobody.
+            cut = BUSY_CUT if between_calls is not None and self.busy() else 1
             group = self._next_call(ordered, max(1, self.max_texts // cut),
                                     max(1, self.max_tokens // cut))
             ordered = ordered[len(group):]

@@ -30,9 +30,10 @@ request waits for at most about one call, not for a whole bulk batch. A
 worker claims at most one model call's worth of fast-lane texts at a time,
 so it never sits on interactive work while its peers idle.
 
-Bulk batches overlap Redis with the model: the commit of one runs while the
-model embeds the next (`Commits.finish_behind`), and the next is read while
-the model embeds the last call of one (`ReadAhead`). With `overlap` False
+Redis overlaps the model: the commit of a group (a bulk batch's, or the
+replies to fast-lane requests) runs while the worker claims and embeds the
+next (`Commits.finish_behind`), and the next bulk batch is read while the
+model embeds the last call of one (`ReadAhead`). With `overlap` False
 they run in line: embed, commit, read (`bench/overlap.py` compares the two).
 
 A worker is built whole: `Worker.start` opens its two connections (one for
@@ -266,12 +267,14 @@ class Worker:
 
         Fast-lane entries claimed together with bulk ones go first, on their own:
         sorted in with the bulk texts by length they could land in the last call.
+        Only bulk work is interrupted for the fast lane (and cut finer meanwhile).
         """
-        fast = [e for e in entries if e.stream == self.streams[0]]
-        if fast and len(fast) < len(entries):
+        fast = [e for e in entries if e.stream == self.layout.fast]
+        bulk = [e for e in entries if e.stream != self.layout.fast]
+        if fast:
             await self._process(fast, interruptible=False)
-            entries = [e for e in entries if e.stream != self.streams[0]]
-        await self._process(entries, interruptible)
+        if bulk:
+            await self._process(bulk, interruptible)
 
     async def _process(self, entries: list[Entry], interruptible: bool) -> None:
         if self.stopping.is_set():  # claimed as the stop came: not started, so handed back
@@ -286,13 +289,15 @@ class Worker:
         steps += batches([w for w in work if w.entry.deliveries == 1],
                          self.settings.batch_max_texts)
         between = self._serve_fast_lane if interruptible else None
-        behind = self.overlap and work[0].entry.stream != self.layout.fast
+        # Commits run behind the next model call; only bulk batches are read ahead.
+        behind = self.overlap
+        read_ahead = behind and work[0].entry.stream != self.layout.fast
         with self.upkeep.leasing(w.entry for w in work):
             for number, group in enumerate(steps):
                 if number and self.stopping.is_set():
                     await self.upkeep.release([w.entry for g in steps[number:] for w in g])
                     return
-                if behind and number == len(steps) - 1 and not self.stopping.is_set():
+                if read_ahead and number == len(steps) - 1 and not self.stopping.is_set():
                     self.claims.ahead.start()
                 with tracing.batch(w.entry for w in group):  # nothing when tracing is off
                     embed_s = await self._embed(group, between)

@@ -102,6 +102,23 @@ async def test_while_interactive_work_comes_in_bulk_calls_are_cut_to_a_quarter(
     assert sizes == [8, 2, 2, 2, 2, 2, 2]  # the first call was cut in a quiet spell
 
 
+async def test_the_fast_lane_own_calls_are_not_cut_while_requests_come_in(
+    settings: Settings
+) -> None:
+    sizes: list[int] = []
+
+    class Recording(HashEmbedder):
+        def embed(self, texts: Sequence[str]) -> Embedded:
+            sizes.append(len(texts))
+            return super().embed(texts)
+
+    calls = ModelCalls(Recording(settings), None, max_texts=8, max_tokens=4096,
+                       busy=lambda: True)
+    # No `between_calls`: the worker embeds requests, which nothing interrupts.
+    await calls.embed([work_of([f"query {i}" for i in range(20)])])
+    assert sizes == [8, 8, 4]
+
+
 async def test_resubmitted_texts_come_from_the_cache_with_the_same_vectors(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:

@@ -1,5 +1,5 @@
 """Redis work overlaps the model's: the next bulk batch is read, and the last one
-committed, while the model embeds.
+committed (or the last requests answered), while the model embeds.
 
 A fake model that takes 50 ms a call and a commit slowed by 50 ms: with the
 commit behind, some commit and some model call are under way at the same
@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.inputs import Item, JobOptions
 from pipeline.keys import GROUP
 from pipeline.service import Pipeline
 from pipeline.settings import Settings
@@ -109,6 +110,43 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         assert overlapping(commits, embedder.spans) == 0
         assert reads == []
     await assert_every_index_once(pipeline, job_id, texts)
+
+
+@pytest.mark.parametrize("behind", [True, False], ids=["replies-behind", "replies-in-line"])
+async def test_replies_to_requests_are_sent_while_the_model_embeds_the_next_ones(
+    fast_settings: Settings, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, behind: bool
+) -> None:
+    embedder = TimedEmbedder(fast_settings, delay_s=0.05)
+    commits: list[Span] = []
+    real_commit = Commits.commit
+
+    async def slow_commit(self: Commits, results: list[Any], entries: list[Any]) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(0.05)
+        await real_commit(self, results, entries)
+        commits.append((started, time.monotonic()))
+
+    monkeypatch.setattr(Commits, "commit", slow_commit)
+    # Four requests of 8 texts, each one model call's worth: four rounds of the fast lane.
+    settings = fast_settings.replace(fast_lane_max_texts=8)
+    asked = [[f"request {r} text {i}" for i in range(8)] for r in range(4)]
+    requests = Pipeline(settings)
+    try:
+        await create_groups(requests.redis)
+        async with running(settings, embedder) as run:
+            run.worker.overlap = behind
+            answers = await asyncio.gather(*(
+                requests.embed([Item(t) for t in texts], JobOptions()) for texts in asked))
+    finally:
+        await requests.close()
+    assert [a.done for a in answers] == [8, 8, 8, 8]
+    assert [k async for k in pipeline.redis.scan_iter(match="es:{*}:job")] == []  # no job
+    print('SPANS', embedder.spans, 'COMMITS', commits)
+    assert len(embedder.spans) == 4 and len(commits) == 4
+    if behind:
+        assert overlapping(commits, embedder.spans) >= 2
+    else:
+        assert overlapping(commits, embedder.spans) == 0
 
 
 async def test_a_stopping_worker_hands_back_the_batch_it_read_ahead(
