@@ -275,6 +275,7 @@ class Wrk:
     texts_per_s: float
     p50_ms: float
     p99_ms: float
+    requests: int
 
 
 def wrk(base: str, texts_file: Path, per_request: int, connections: int, seconds: int) -> Wrk:
@@ -288,7 +289,7 @@ def wrk(base: str, texts_file: Path, per_request: int, connections: int, seconds
     if result["errors"]:
         print(f"warning: {result['errors']} wrk requests failed", file=sys.stderr)
     return Wrk(result["requests"] * per_request / result["seconds"], result["p50_ms"],
-               result["p99_ms"])
+               result["p99_ms"], result["requests"])
 
 
 def write_wrk_texts(path: Path) -> Path:
@@ -365,6 +366,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Bench:
     """The running pieces (Redis, the server, the raw child) and the measurements on them."""
 
@@ -437,7 +444,9 @@ class Bench:
         """The /v1/embeddings figures (wrk), the backlog, the cache and the subscribers."""
         seconds = self.args.seconds
         self.empty_cache()
+        before = cpu_s(self.server.popen.pid)
         many = wrk(self.base, self.wrk_texts, 1, self.args.clients, seconds)
+        phase.add("server cpu", (cpu_s(self.server.popen.pid) - before) * 1000 / many.requests)
         phase.add("clients", many.texts_per_s)
         phase.add("clients p99", many.p99_ms)
         phase.add("clients p50", many.p50_ms)
@@ -501,6 +510,8 @@ def first_table(args: argparse.Namespace, phases: dict[str, Phase], torch_vector
         ("  p99 / p50", auto["clients p99"].show("ms", ".1f"),
          auto["clients p50"].show("ms", ".1f"), f"{p99_per_p50.median:.2f}",
          str(Target("<=", 3)), Target("<=", 3).mark(p99_per_p50.values)),
+        ("  server CPU per request (parse, auth, queue, reply)",
+         auto["server cpu"].show("ms", ".2f"), "", "", "", ""),
         ratio_row("/v1/embeddings, 32 texts a request (wrk, 4 connections) / raw",
                   auto["batches"], auto["raw"], Target(">=", 1.2)),
         difference_row("1-text p50 (wrk, 1 connection) - raw p50", auto["p50"],
