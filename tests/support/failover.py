@@ -33,9 +33,16 @@ from tests.support.sse_client import Reader, results_pages
 
 KEYS = Keys("es")
 TOTAL = 4000
+# Timings shrunk to fit a test: a 4 s visibility timeout, not 30. A chunk in hand
+# when its worker loses Redis is delivered again once the timeout passes, and a
+# failover here (kill, promotion, the old primary back and in sync, the workers'
+# backoff) outlasts 4 s, so each of the two can count two deliveries where the
+# default timeout would count at most one; 1 run in 3 gave a chunk up as poison at
+# the default limit of 3 on a busy 2-core machine. The limit is raised to match.
 WORKER_ENV = {"EMBEDSTREAM_BACKEND": "tests.support.fakes:SlowEmbedder",
               "EMBEDSTREAM_FAKE_DELAY_S": "0.04", "EMBEDSTREAM_BLOCK_MS": "500",
               "EMBEDSTREAM_CALIBRATE": "0", "EMBEDSTREAM_VISIBILITY_TIMEOUT_S": "4",
+              "EMBEDSTREAM_MAX_DELIVERIES": "6",
               "EMBEDSTREAM_HEARTBEAT_TTL_S": "4", "EMBEDSTREAM_HEARTBEAT_INTERVAL_S": "0.5"}
 
 
