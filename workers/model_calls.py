@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import tracing
+from pipeline import cancel_and_wait, tracing
 from pipeline.model import Embedded, pool_late, window_texts
 from workers.cache import Cached
 
@@ -113,6 +113,7 @@ class ModelCalls:
         self.max_texts = max_texts
         self.max_tokens = max_tokens
         self.busy = busy
+        self._storing: asyncio.Task[None] | None = None
 
     async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None) -> None:
         """Fill each chunk's raw vectors, token counts and per-input errors."""
@@ -124,6 +125,7 @@ class ModelCalls:
             return
         plans = [item.planned(self.embedder.info) for item in work]
         scoped = self.cache.scoped if self.cache is not None else _unscoped
+        await self.stored()  # this worker's last store lands before this lookup
         wanted = [[scoped(item.owner, text) for text in plan.texts]
                   for item, plan in zip(work, plans, strict=True)]
         distinct = list(dict.fromkeys(pair for pairs in wanted for pair in pairs))
@@ -133,9 +135,11 @@ class ModelCalls:
         missing = list(dict.fromkeys(pair[1] for pair in distinct if pair not in found))
         made, errors = await self._compute(missing, between_calls)
         if self.cache is not None:
-            await self.cache.store_scoped({pair: made[pair[1]] for pair in distinct
-                                           if pair not in found and pair[1] in made
-                                           and usable(made[pair[1]].vector)})
+            # Best effort, and off the model's path: it runs while the next batch is
+            # claimed and embedded (one round trip or two a batch).
+            self._storing = asyncio.create_task(self.cache.store_scoped(
+                {pair: made[pair[1]] for pair in distinct
+                 if pair not in found and pair[1] in made and usable(made[pair[1]].vector)}))
         blank = Cached(np.zeros(self._dimensions(found, made), np.float32), 0)
         for item, plan, pairs in zip(work, plans, wanted, strict=True):
             picked = [found.get(pair) or made.get(pair[1], blank) for pair in pairs]
@@ -145,6 +149,17 @@ class ModelCalls:
                 failed = [errors[t] for t in plan.texts[start:start + size] if t in errors]
                 if failed:  # one failed window fails its input
                     item.errors[i] = failed[0]
+
+    async def stored(self) -> None:
+        """Wait for the cache store in flight, if any (it logs its own failures)."""
+        task, self._storing = self._storing, None
+        if task is not None:
+            await task
+
+    async def cancel(self) -> None:
+        """Stop a cache store still in flight (the worker is leaving)."""
+        if self._storing is not None:
+            await cancel_and_wait(self._storing)
 
     async def _embed_late(self, item: Work) -> None:
         """A late-chunked chunk of inputs: all at once, or input by input if that fails."""

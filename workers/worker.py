@@ -167,11 +167,13 @@ class Worker:
             await self.claims.ahead.hand_back()
             await self.claims.hand_back()
             await self.commits.settle()  # the last commit lands before the goodbye
+            await self.calls.stored()
         finally:
             # Cancelled, or failed: neither the read ahead nor a commit is left running.
             await self.claims.ahead.cancel()
             await self.claims.cancel()
             await self.commits.cancel()
+            await self.calls.cancel()
             upkeep_stop.set()
             await cancel_and_wait(upkeep_task)
             await self.upkeep.deregister()
