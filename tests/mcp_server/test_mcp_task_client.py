@@ -45,13 +45,12 @@ from mcp_types import (
 from pydantic import ConfigDict
 
 from pipeline.settings import Settings
-from tests.mcp_server.test_mcp_tasks import ALICE, BOB, EXTENSION, TEXTS, task_settings
 from tests.support.fakes import HashEmbedder
 from tests.support.live_server import live_server
+from tests.support.mcp_tasks import ALICE, BOB, EXTENSION, TEXTS
 from tests.support.workers import running
 
 pytestmark = pytest.mark.anyio
-__all__ = ["task_settings"]  # the fixture, shared with the tasks tests
 
 POLL_S = 0.05
 

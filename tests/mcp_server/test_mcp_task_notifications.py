@@ -24,22 +24,12 @@ from mcp_server import tasks as tasks_module
 from mcp_server.task_notices import TaskNotices
 from mcp_server.task_store import TaskStore
 from pipeline.settings import Settings
-from tests.mcp_server.test_mcp_tasks import (
-    BOB,
-    EXTENSION,
-    LEGACY,
-    MODERN,
-    TEXTS,
-    Wire,
-    client,
-    task_settings,
-)
 from tests.support.fakes import HashEmbedder
 from tests.support.live_server import live_server
+from tests.support.mcp_tasks import BOB, EXTENSION, LEGACY, MODERN, TEXTS, Wire, client
 from tests.support.workers import running
 
 pytestmark = pytest.mark.anyio
-__all__ = ["task_settings"]  # the fixture, shared with the tasks tests
 
 TASK_FIELDS = {"taskId", "status", "statusMessage", "createdAt", "lastUpdatedAt", "ttl",
                "pollInterval"}

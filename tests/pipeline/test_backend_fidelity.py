@@ -20,10 +20,10 @@ from pipeline.model.loading import load_embedder
 from pipeline.model.openvino_backend import cpu_has_bf16
 from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.settings import Settings
-from tests.pipeline.test_onnx_backend import cosines, dev_texts, export_dir
+from tests.support.similarity import cosines
+from tests.support.sts_data import dev_texts
 
 pytestmark = pytest.mark.slow
-__all__ = ["export_dir"]  # the shared export cache fixture, used by name
 
 SENTENCES = 400
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,8 @@ from pipeline.model.loading import load_embedder
 from pipeline.model.onnx_backend import ensure_exported, export_path, token_runs
 from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.settings import Settings
-from tests.support.sts_data import STS_DEV
+from tests.support.similarity import cosines
+from tests.support.sts_data import dev_texts
 
 pytestmark = pytest.mark.slow
 # Whichever test first asks for `torch_vectors` pays for torch encoding the ~3,000 dev
@@ -24,28 +23,10 @@ pytestmark = pytest.mark.slow
 TORCH_ENCODE_TIMEOUT_S = 180
 
 
-def dev_texts() -> list[str]:
-    texts: list[str] = []
-    with STS_DEV.open(encoding="utf-8") as handle:
-        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
-            texts += [row[5], row[6]]
-    return list(dict.fromkeys(texts))
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    shared = os.environ.get("EMBEDSTREAM_EXPORT_DIR")
-    return Path(shared) if shared else tmp_path_factory.mktemp("exports")
-
-
 @pytest.fixture(scope="module")
 def torch_vectors() -> Any:
     embedder = SentenceTransformerEmbedder(Settings(backend="torch", device="cpu"))
     return embedder.embed(dev_texts())
-
-
-def cosines(a: Any, b: Any) -> Any:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.mark.timeout(TORCH_ENCODE_TIMEOUT_S)
