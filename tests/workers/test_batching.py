@@ -119,6 +119,35 @@ async def test_the_fast_lane_own_calls_are_not_cut_while_requests_come_in(
     assert sizes == [8, 8, 4]
 
 
+async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    cache = EmbeddingCache(pipeline.redis, Keys("es"), fingerprint(DEFAULT_MODEL, "r", "b"),
+                           ttl_s=60, max_entries=100)
+    gate = asyncio.Event()
+    real_store = cache.store_scoped
+
+    async def held_store(entries: dict[tuple[str, str], Cached]) -> None:
+        await gate.wait()  # as if Redis were slow to take the writes
+        await real_store(entries)
+
+    cache.store_scoped = held_store  # type: ignore[method-assign]
+    embedder = HashEmbedder(settings)
+    calls = ModelCalls(embedder, cache, max_texts=32, max_tokens=4096)
+    texts = [f"cached behind {i}" for i in range(5)]
+    with anyio.fail_after(5):
+        await calls.embed([work_of(texts)])  # returns with its store still held
+    assert await cache.lookup(texts) == {}
+    second = asyncio.create_task(calls.embed([work_of(texts)]))
+    await asyncio.sleep(0.1)
+    assert not second.done()  # its lookup waits for the store before it
+    gate.set()
+    with anyio.fail_after(5):
+        await second
+    assert set(await cache.lookup(texts)) == set(texts)
+    assert len(embedder.calls) == 1  # the second batch came from the cache
+
+
 async def test_resubmitted_texts_come_from_the_cache_with_the_same_vectors(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:
