@@ -54,6 +54,18 @@ def fast_settings(fast_settings: Settings) -> Settings:
     return fast_settings.replace(call_max_texts=4, batch_max_texts=16)
 
 
+class SizeRecorder(HashEmbedder):
+    """Records how many texts each model call held."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.sizes: list[int] = []
+
+    def embed(self, texts: Sequence[str]) -> Embedded:
+        self.sizes.append(len(texts))
+        return super().embed(texts)
+
+
 def work_of(texts: list[str], chunk: int = 0) -> Work:
     return Work(Entry("s", b"1-0", "j" * 32, chunk, len(texts)), texts, [None] * len(texts),
                 normalize=True, dimensions=None)
@@ -84,39 +96,25 @@ async def test_calls_are_cut_by_padded_tokens_so_one_long_text_pads_no_short_one
 async def test_while_interactive_work_comes_in_bulk_calls_are_cut_to_a_quarter(
     settings: Settings
 ) -> None:
-    sizes: list[int] = []
-
-    class Recording(HashEmbedder):
-        def embed(self, texts: Sequence[str]) -> Embedded:
-            sizes.append(len(texts))
-            return super().embed(texts)
-
     served = asyncio.Event()
 
     async def between_calls() -> None:
         served.set()  # as if the worker had served a request between two calls
 
-    calls = ModelCalls(Recording(settings), None, max_texts=8, max_tokens=4096,
-                       busy=served.is_set)
+    embedder = SizeRecorder(settings)
+    calls = ModelCalls(embedder, None, max_texts=8, max_tokens=4096, busy=served.is_set)
     await calls.embed([work_of([f"bulk text {i}" for i in range(20)])], between_calls)
-    assert sizes == [8, 2, 2, 2, 2, 2, 2]  # the first call was cut in a quiet spell
+    assert embedder.sizes == [8, 2, 2, 2, 2, 2, 2]  # the first call was cut in a quiet spell
 
 
 async def test_the_fast_lane_own_calls_are_not_cut_while_requests_come_in(
     settings: Settings
 ) -> None:
-    sizes: list[int] = []
-
-    class Recording(HashEmbedder):
-        def embed(self, texts: Sequence[str]) -> Embedded:
-            sizes.append(len(texts))
-            return super().embed(texts)
-
-    calls = ModelCalls(Recording(settings), None, max_texts=8, max_tokens=4096,
-                       busy=lambda: True)
+    embedder = SizeRecorder(settings)
+    calls = ModelCalls(embedder, None, max_texts=8, max_tokens=4096, busy=lambda: True)
     # No `between_calls`: the worker embeds requests, which nothing interrupts.
     await calls.embed([work_of([f"query {i}" for i in range(20)])])
-    assert sizes == [8, 8, 4]
+    assert embedder.sizes == [8, 8, 4]
 
 
 async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(

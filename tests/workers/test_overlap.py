@@ -65,15 +65,8 @@ def fast_settings(fast_settings: Settings) -> Settings:
     return fast_settings.replace(batch_max_texts=8, call_max_texts=8)
 
 
-def overlapping(a: list[Span], b: list[Span]) -> int:
-    return sum(1 for a0, a1 in a for b0, b1 in b if a0 < b1 and b0 < a1)
-
-
-@pytest.mark.parametrize("behind", [True, False], ids=["commit-behind", "commit-in-line"])
-async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
-    fast_settings: Settings, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, behind: bool
-) -> None:
-    embedder = TimedEmbedder(fast_settings, delay_s=0.05)
+def slow_commits(monkeypatch: pytest.MonkeyPatch) -> list[Span]:
+    """Slow every commit by 50 ms; the spans of those made, filled in as they end."""
     commits: list[Span] = []
     real_commit = Commits.commit
 
@@ -83,6 +76,20 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         await real_commit(self, results, entries)
         commits.append((started, time.monotonic()))
 
+    monkeypatch.setattr(Commits, "commit", slow_commit)
+    return commits
+
+
+def overlapping(a: list[Span], b: list[Span]) -> int:
+    return sum(1 for a0, a1 in a for b0, b1 in b if a0 < b1 and b0 < a1)
+
+
+@pytest.mark.parametrize("behind", [True, False], ids=["commit-behind", "commit-in-line"])
+async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
+    fast_settings: Settings, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, behind: bool
+) -> None:
+    embedder = TimedEmbedder(fast_settings, delay_s=0.05)
+    commits = slow_commits(monkeypatch)
     reads: list[Span] = []
     real_read_ahead = ReadAhead.read
 
@@ -93,7 +100,6 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
             reads.append((started, time.monotonic()))
         return found
 
-    monkeypatch.setattr(Commits, "commit", slow_commit)
     monkeypatch.setattr(ReadAhead, "read", read_ahead)
     texts = texts_of(1, 32)
     async with running(fast_settings, embedder) as run:
@@ -117,16 +123,7 @@ async def test_replies_to_requests_are_sent_while_the_model_embeds_the_next_ones
     fast_settings: Settings, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, behind: bool
 ) -> None:
     embedder = TimedEmbedder(fast_settings, delay_s=0.05)
-    commits: list[Span] = []
-    real_commit = Commits.commit
-
-    async def slow_commit(self: Commits, results: list[Any], entries: list[Any]) -> None:
-        started = time.monotonic()
-        await asyncio.sleep(0.05)
-        await real_commit(self, results, entries)
-        commits.append((started, time.monotonic()))
-
-    monkeypatch.setattr(Commits, "commit", slow_commit)
+    commits = slow_commits(monkeypatch)
     # Four requests of 8 texts, each one model call's worth: four rounds of the fast lane.
     settings = fast_settings.replace(fast_lane_max_texts=8)
     asked = [[f"request {r} text {i}" for i in range(8)] for r in range(4)]
