@@ -11,10 +11,11 @@
   acked.
 - An interactive request gets a reply instead of a commit (`workers.replies`).
 - Commit behind: a group's commit (or its replies) may run in a task of its
-  own while the worker claims and embeds the next group (`finish_behind`). At most one runs: the
-  previous one is awaited first, so commits land in order and a failed one
-  is raised in the group after it (its entries stay pending, to be
-  reclaimed). The entries stay leased until their commit is done.
+  own while the worker claims and embeds the next group (`finish_behind`).
+  At most one runs: the previous one is awaited first, so commits land in
+  order and a failed one is raised in the group after it (its entries stay
+  pending, to be reclaimed). The entries stay leased until their commit is
+  done.
 - Announcing: a written commit publishes the job's progress on the feed; the
   one that finishes a job announces its end once, whoever notices first, and
   if that fails the janitor announces it.

@@ -14,10 +14,10 @@ What a claimed batch of chunks costs the model:
   lane there, so an interactive request never waits for a whole bulk batch;
 - while interactive requests are arriving (`busy()` says so: the worker
   served one in the last `BUSY_S` seconds), bulk calls are cut to a quarter
-  of the budgets (`BUSY_CUT`), so a request waits about a quarter as long for
-  the call in hand; the requests' own calls are not cut (nothing waits on
-  them but their callers). Each call is cut when it is due, so a batch begun in a
-  quiet spell cuts finer from the first request on. Bulk throughput pays
+  of the budgets (`BUSY_CUT`), so a request waits about a quarter as long
+  for the call in hand; the requests' own calls are not cut (nothing waits
+  on them but their callers). Each call is cut when it is due, so a batch
+  begun in a quiet spell cuts finer from the first request on. Bulk throughput pays
   for it only meanwhile (see `bench/table.py`);
 - a call that fails is retried text by text, so a poison input fails alone
   (as data, on every chunk that carries it) and every other text still gets
