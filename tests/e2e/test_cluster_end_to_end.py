@@ -163,14 +163,15 @@ def test_a_job_on_the_cluster_survives_kill_9_of_its_worker(
                        timeout=30)
     assert reply.status_code == 202, reply.text
     job_id = reply.json()["id"]
-    bulk = KEYS.queue(KILL_MODEL, "bulk")
+    # One bulk partition per primary: the worker may hold entries of any of them.
+    bulks = KEYS.layout(KILL_MODEL, valkey_cluster.size).bulks
 
     def started() -> bool:
         return int(httpx.get(f"{base}/v1/jobs/{job_id}", timeout=5).json()["done"]) >= 128
     wait_until(started, 60, "the first results")
     doomed.kill()
     with connect_sync(valkey_cluster.url) as client:
-        consumers = client.xpending(bulk, GROUP)["consumers"]
+        consumers = [c for bulk in bulks for c in client.xpending(bulk, GROUP)["consumers"]]
     # A worker's consumer name is host-pid-random.
     held = sum(int(c["pending"]) for c in consumers
                if f"-{doomed.popen.pid}-" in c["name"].decode())
