@@ -12,11 +12,15 @@ bulk batch read ahead while the model embeds the last call of this one.
   XREADGROUP), and the partitions are then read on. Every bulk job puts its
   first chunk on partition 0, so an idle worker wakes for any of them.
 - Read-ahead: while the model embeds a bulk batch's last call, the next
-  batch is read (`ReadAhead`). Its entries are leased from the moment they
-  are read (`Upkeep.hold`), so they are not taken for stale while they wait
-  for the model, and the hold lasts until their batch is processed. A
-  stopping worker hands them back to its peers at once (`Upkeep.release`):
-  read, but never started.
+  batch is read (`ReadAhead`), and its work loaded and its jobs marked
+  running (`Commits.prepare`), so the model's next call waits for none of
+  those round trips. Its entries are leased from the moment they are read
+  (`Upkeep.hold`), so they are not taken for stale while they wait for the
+  model, and the hold lasts until their batch is processed. A stopping
+  worker hands them back to its peers at once (`Upkeep.release`): read, but
+  never started (their jobs stay marked running: they are, by whoever takes
+  the entries next). A worker that dies with them leaves them pending, as
+  any claimed entry, to be reclaimed after the visibility timeout.
 
 Entries idle past the visibility timeout are reclaimed before any of these,
 by the worker's upkeep (`Upkeep.reclaim_stale`).
@@ -40,22 +44,28 @@ if TYPE_CHECKING:
 
     from pipeline import QueueLayout, Settings
     from pipeline.store import RedisClient
+    from workers.batch import Loaded
     from workers.upkeep import Upkeep
 
-ReadBatch = tuple[list[Entry], contextlib.ExitStack]
-
+    Prepare = Callable[[list[Entry]], Awaitable[Loaded]]
+    ReadBatch = tuple[list[Entry], contextlib.ExitStack, Loaded | None]
 
 class ReadAhead:
-    """The next bulk batch, claimed while the model embeds this batch's last call."""
+    """The next bulk batch, claimed and loaded while the model embeds this batch's
+    last call."""
 
     def __init__(self, upkeep: Upkeep, settings: Settings, worker_id: str,
-                 read_bulk: Callable[[int], Awaitable[list[Entry]]]) -> None:
+                 read_bulk: Callable[[int], Awaitable[list[Entry]]],
+                 prepare: Prepare | None = None) -> None:
         self.upkeep = upkeep
         self.settings = settings
         self.worker_id = worker_id
         self.read_bulk = read_bulk
+        self.prepare = prepare
         self._reading: asyncio.Task[ReadBatch] | None = None
         self._held: contextlib.ExitStack | None = None
+        self._taken: list[Entry] = []
+        self._loaded: Loaded | None = None
 
     def start(self) -> None:
         """Begin reading the next batch, unless a read is already under way."""
@@ -63,22 +73,37 @@ class ReadAhead:
             self._reading = asyncio.create_task(self.read(), name=f"read-ahead {self.worker_id}")
 
     async def read(self) -> ReadBatch:
-        """Up to a batch of bulk entries, without blocking; leased from the moment they
-        are read, so they are not taken for stale while they wait for the model."""
+        """Up to a batch of bulk entries, without blocking, and their work prepared;
+        leased from the moment they are read, so they are not taken for stale while
+        they wait for the model."""
         entries = await self.read_bulk(self.settings.batch_max_texts // self.settings.chunk_size)
-        return entries, self.upkeep.hold(entries)
+        held = self.upkeep.hold(entries)
+        try:
+            loaded = await self.prepare(entries) if entries and self.prepare else None
+        except BaseException:
+            held.close()  # pending, unleased: reclaimed after the visibility timeout
+            raise
+        return entries, held, loaded
 
     async def take(self) -> list[Entry]:
         """The entries read ahead, if a read was begun; held until `drop_hold`."""
         if self._reading is None:
             return []
         task, self._reading = self._reading, None
-        entries, self._held = await task
+        entries, self._held, self._loaded = await task
+        self._taken = entries
         return entries
+
+    def loaded(self, entries: list[Entry]) -> Loaded | None:
+        """What `prepare` made of `entries`, if they are the entries taken last."""
+        if self._loaded is None or _ids(entries) != _ids(self._taken):
+            return None
+        return self._loaded
 
     def drop_hold(self) -> None:
         """End the lease hold on the entries taken last (their batch is processed)."""
         held, self._held = self._held, None
+        self._taken, self._loaded = [], None
         if held is not None:
             held.close()
 
@@ -101,14 +126,15 @@ class Claims:
     """Where a worker's next entries come from: the fast lane, read-ahead, the bulk lane."""
 
     def __init__(self, redis: RedisClient, blocking: RedisClient, upkeep: Upkeep,
-                 settings: Settings, worker_id: str, layout: QueueLayout) -> None:
+                 settings: Settings, worker_id: str, layout: QueueLayout,
+                 prepare: Prepare | None = None) -> None:
         self.redis = redis
         self.blocking = blocking
         self.upkeep = upkeep
         self.settings = settings
         self.worker_id = worker_id
         self.fast, self.bulks = layout.fast, layout.bulks
-        self.ahead = ReadAhead(upkeep, settings, worker_id, self.read_bulk)
+        self.ahead = ReadAhead(upkeep, settings, worker_id, self.read_bulk, prepare)
         self._fast_served_at = -BUSY_S
         self._turn = 0
         # Blocking reads left running between calls: the fast lane's listener, and,
@@ -240,6 +266,10 @@ class Claims:
     def busy(self) -> bool:
         """Whether interactive work came in the last `BUSY_S` (bulk calls are cut finer)."""
         return time.monotonic() - self._fast_served_at < BUSY_S
+
+
+def _ids(entries: list[Entry]) -> list[tuple[str, bytes]]:
+    return [(e.stream, e.entry_id) for e in entries]
 
 
 def _harvest(task: asyncio.Task[list[Entry]] | None) -> list[Entry]:

@@ -33,9 +33,10 @@ from redis.exceptions import RedisError
 
 from pipeline import GROUP, cancel_and_wait, tracing
 from pipeline.jobs import Committed, JobScripts, announce, announce_created
+from pipeline.jobs.record import TERMINAL_STATUSES
 from pipeline.store import Replicas, feed, metrics
 from workers import replies
-from workers.batch import chunk_result, load_work
+from workers.batch import Loaded, chunk_result, load_work
 
 if TYPE_CHECKING:
     from pipeline import Keys, Settings
@@ -64,9 +65,38 @@ class Commits:
         self._behind: asyncio.Task[None] | None = None
 
     async def load(self, entries: list[Entry]) -> list[Work]:
-        """The work of claimed entries: those with nothing to do are acked, and chunks of
-        visible jobs whose inputs are gone are committed as failed, so their jobs end."""
+        """The work of claimed entries (`load_work`, then `sort_out`)."""
+        return await self.sort_out(await load_work(self.redis, self.keys, entries))
+
+    async def prepare(self, entries: list[Entry]) -> Loaded:
+        """Read claimed entries' work and mark their queued jobs running: no write but
+        the status, so the read-ahead does it while the model embeds the batch before."""
         loaded = await load_work(self.redis, self.keys, entries)
+        await self.mark_started({w.entry.job_id for w in loaded.work
+                                 if w.entry.request is None})
+        return loaded
+
+    async def recheck(self, loaded: Loaded) -> Loaded:
+        """Work loaded ahead whose job has ended since (cancelled, say) is only acked,
+        not embedded: one short round trip, of the jobs' statuses alone."""
+        jobs = sorted({w.entry.job_id for w in loaded.work if w.entry.request is None})
+        if not jobs:
+            return loaded
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in jobs:
+                pipe.hget(self.keys.job(job_id), "status")
+            statuses = await pipe.execute()
+        ended = {job_id for job_id, status in zip(jobs, statuses, strict=True)
+                 if status is None or status.decode() in TERMINAL_STATUSES}
+        if ended:
+            loaded.skip += [w.entry for w in loaded.work if w.entry.job_id in ended]
+            loaded.work = [w for w in loaded.work if w.entry.job_id not in ended]
+        return loaded
+
+    async def sort_out(self, loaded: Loaded) -> list[Work]:
+        """The work loaded: entries with nothing to do are acked, and chunks of visible
+        jobs whose inputs are gone are committed as failed, so their jobs end. In line,
+        never ahead: a commit must not run beside the commit behind."""
         if loaded.lost:
             await self.commit([r for _, r in loaded.lost], [e for e, _ in loaded.lost])
         if loaded.skip:
@@ -189,6 +219,8 @@ class Commits:
 
     async def mark_started(self, job_ids: set[str]) -> None:
         """Mark queued jobs running, and log those this call moved."""
+        if not job_ids:
+            return
         ordered = sorted(job_ids)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ordered:

@@ -32,9 +32,11 @@ so it never sits on interactive work while its peers idle.
 
 Redis overlaps the model: the commit of a group (a bulk batch's, or the
 replies to fast-lane requests) runs while the worker claims and embeds the
-next (`Commits.finish_behind`), and the next bulk batch is read while the
-model embeds the last call of one (`ReadAhead`). With `overlap` False
-they run in line: embed, commit, read (`bench/overlap.py` compares the two).
+next (`Commits.finish_behind`), and the next bulk batch is read and loaded,
+and its jobs marked running, while the model embeds the last call of one
+(`ReadAhead`; only the jobs' statuses are read again before it is embedded,
+so a job cancelled meanwhile is not). With `overlap` False they run in line:
+embed, commit, read (`bench/overlap.py` compares the two).
 
 A worker is built whole: `Worker.start` opens its two connections (one for
 blocking reads) and builds every part on them, and closes them when its
@@ -116,13 +118,14 @@ class Worker:
         self.backend = backend_of(embedder) or settings.backend
         info = dataclasses.replace(embedder.info, backend=self.backend)
         self.upkeep = Upkeep(redis, self.keys, settings, worker_id, info, self.layout)
-        self.claims = Claims(redis, blocking, self.upkeep, settings, worker_id, self.layout)
+        self.commits = Commits(redis, self.keys, settings, worker_id, self.upkeep,
+                               max_seq_length=info.max_seq_length, backend=self.backend)
+        self.claims = Claims(redis, blocking, self.upkeep, settings, worker_id, self.layout,
+                             prepare=self.commits.prepare)
         scale = TORCH_CALL_SCALE if self.backend == "torch" else 1
         self.calls = ModelCalls(embedder, self._cache(), max_texts=settings.call_max_texts * scale,
                                 max_tokens=settings.call_max_tokens * scale,
                                 busy=self.claims.busy)
-        self.commits = Commits(redis, self.keys, settings, worker_id, self.upkeep,
-                               max_seq_length=info.max_seq_length, backend=self.backend)
         self.stopping = asyncio.Event()  # the `stop` that `run` is given
         self.overlap = True
 
@@ -282,10 +285,14 @@ class Worker:
         if self.stopping.is_set():  # claimed as the stop came: not started, so handed back
             await self.upkeep.release(entries)
             return
-        work = await self.commits.load(entries)
+        # Read ahead, the batch was loaded while the model embedded the one before:
+        # only its jobs' statuses are read again.
+        ahead = self.claims.ahead.loaded(entries)
+        loaded = await self.commits.recheck(ahead) if ahead is not None \
+            else await self.commits.prepare(entries)
+        work = await self.commits.sort_out(loaded)
         if not work:
             return
-        await self.commits.mark_started({w.entry.job_id for w in work if w.entry.request is None})
         # A redelivered chunk may have killed the worker that held it: alone it goes.
         steps = [[w] for w in work if w.entry.deliveries > 1]
         steps += batches([w for w in work if w.entry.deliveries == 1],

@@ -88,6 +88,61 @@ async def test_a_worker_killed_at_a_commit_boundary_loses_and_duplicates_nothing
     await assert_every_index_once(pipeline, job_id, texts)
 
 
+READ_AHEAD_STEPS = ["after-the-read", "after-the-load", "after-marking-the-job-running"]
+
+
+@pytest.mark.parametrize("step", READ_AHEAD_STEPS)
+async def test_a_worker_killed_while_it_reads_ahead_and_loads_a_batch_loses_nothing(
+    fast_settings: Settings, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    texts = texts_of(1, 16)  # two batches of two chunks: the second is read ahead
+    job_id = await submit(pipeline, texts)
+    died = asyncio.Event()
+    real_prepare, real_mark_started = Commits.prepare, Commits.mark_started
+
+    def ahead(commits: Commits) -> bool:
+        task = asyncio.current_task()
+        return commits.worker_id == "doomed" and task is not None \
+            and task.get_name() == "read-ahead doomed"
+
+    async def die() -> None:
+        died.set()
+        await asyncio.Event().wait()  # nothing more happens in a dead process
+
+    async def prepare(self: Commits, entries: list[Any]) -> Any:
+        if ahead(self) and step == "after-the-read":
+            await die()
+        loaded = await real_prepare(self, entries)
+        if ahead(self) and step == "after-marking-the-job-running":
+            await die()
+        return loaded
+
+    async def mark_started(self: Commits, job_ids: set[str]) -> None:
+        if ahead(self) and step == "after-the-load":
+            await die()
+        await real_mark_started(self, job_ids)
+
+    monkeypatch.setattr(Commits, "prepare", prepare)
+    monkeypatch.setattr(Commits, "mark_started", mark_started)
+    async with running(fast_settings, HashEmbedder(fast_settings), "doomed") as doomed:
+        with anyio.fail_after(10):
+            await died.wait()
+        # The read-ahead holds batch 2: the worker waits for it before it goes on.
+        assert await pending_count(pipeline.redis, BULK) >= 2
+        await doomed.kill()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "read-ahead doomed"]
+    assert (await pipeline.job(job_id)).status == "running"
+    peer = HashEmbedder(fast_settings)
+    async with running(fast_settings, peer):
+        end = await wait_end(pipeline, job_id)
+        await poll(lambda: _nothing_pending(pipeline))
+    assert (end["status"], end["done"], end["failed"]) == ("completed", 16, 0)
+    await assert_every_index_once(pipeline, job_id, texts)
+    # The batch read ahead was never started: the peer embedded it (and batch 1's
+    # chunks too, where the dead worker's commit had not landed).
+    assert set(texts[8:]) <= set(peer.embedded_texts)
+
+
 async def _nothing_pending(pipeline: Pipeline) -> bool:
     return await pending_count(pipeline.redis, BULK) == 0
 

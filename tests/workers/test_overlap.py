@@ -1,5 +1,5 @@
-"""Redis work overlaps the model's: the next bulk batch is read, and the last one
-committed (or the last requests answered), while the model embeds.
+"""Redis work overlaps the model's: the next bulk batch is read and loaded, and the
+last one committed (or the last requests answered), while the model embeds.
 
 A fake model that takes 50 ms a call and a commit slowed by 50 ms: with the
 commit behind, some commit and some model call are under way at the same
@@ -101,6 +101,15 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         return found
 
     monkeypatch.setattr(ReadAhead, "read", read_ahead)
+    prepared: list[str] = []  # where each batch was loaded: its task's name
+    real_prepare = Commits.prepare
+
+    async def prepare(self: Commits, entries: list[Any]) -> Any:
+        task = asyncio.current_task()
+        prepared.append(task.get_name().split()[0] if task is not None else "")
+        return await real_prepare(self, entries)
+
+    monkeypatch.setattr(Commits, "prepare", prepare)
     texts = texts_of(1, 32)
     async with running(fast_settings, embedder) as run:
         run.worker.overlap = behind
@@ -110,11 +119,13 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
     assert len(embedder.spans) == 4
     if behind:
         assert overlapping(commits, embedder.spans) >= 2
-        # Batches 2, 3 and 4 were each read while the model embedded the one before.
+        # Batches 2, 3 and 4 were each read, loaded and their job marked running
+        # while the model embedded the one before; only batch 1 was loaded in line.
         assert len(reads) == 3 and overlapping(reads, embedder.spans) == 3
+        assert prepared.count("read-ahead") == 3 and len(prepared) == 4
     else:
         assert overlapping(commits, embedder.spans) == 0
-        assert reads == []
+        assert reads == [] and "read-ahead" not in prepared and len(prepared) == 4
     await assert_every_index_once(pipeline, job_id, texts)
 
 
@@ -138,7 +149,6 @@ async def test_replies_to_requests_are_sent_while_the_model_embeds_the_next_ones
         await requests.close()
     assert [a.done for a in answers] == [8, 8, 8, 8]
     assert [k async for k in pipeline.redis.scan_iter(match="es:{*}:job")] == []  # no job
-    print('SPANS', embedder.spans, 'COMMITS', commits)
     assert len(embedder.spans) == 4 and len(commits) == 4
     if behind:
         assert overlapping(commits, embedder.spans) >= 2
