@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pipeline import Keys
     from pipeline.model import Embedder
     from pipeline.store import RedisClient
+    from workers.cache import Cached, Scoped
     from workers.model_calls import ModelThread
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Loaded:
     skip: list[Entry] = field(default_factory=list)
     # Entries of visible jobs whose chunk of inputs is gone: failed, never silently acked.
     lost: list[tuple[Entry, ChunkResult]] = field(default_factory=list)
+    # Read ahead: what the cache held for the work's texts (`ModelCalls.look_up`).
+    found: dict[Scoped, Cached] | None = None
 
 
 async def load_work(redis: RedisClient, keys: Keys, entries: list[Entry]) -> Loaded:

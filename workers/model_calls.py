@@ -6,6 +6,14 @@ What a claimed batch of chunks costs the model:
 - texts the shared cache holds (`workers.cache`) are not embedded at all; under
   the tenant scope an entry answers only its owner's texts, and a text any
   owner in the batch missed is embedded (once) for all of them;
+- the cache is written behind the model: a batch's store runs while the next
+  batch is claimed and embedded, after the store before it, and at most
+  `STORES_IN_FLIGHT` run at once. A batch read ahead was looked up in the
+  cache while the model embedded the one before (`look_up`), before the
+  stores then in flight could land: the entries of the last stores that may
+  be (`STORES_KEPT`) are kept in memory and answer what the lookup missed,
+  so a text of one batch repeated in the next is still embedded once. A
+  batch not read ahead is looked up after this worker's stores have landed;
 - the rest are sorted by length and cut into model calls by padded tokens
   (estimated from the text's length, capped at the model's limit) as well as
   by count, so one long text never pads a call of short ones, and every call
@@ -36,6 +44,8 @@ each job's `dimensions` and `normalize`, so cached vectors serve any options.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,13 +59,17 @@ from workers.cache import Cached
 
 if TYPE_CHECKING:
     from pipeline.model import Embedder, Plan
-    from workers.cache import EmbeddingCache
+    from workers.cache import EmbeddingCache, Scoped
     from workers.work import Work
 
 logger = logging.getLogger(__name__)
 
 BetweenCalls = Callable[[], Awaitable[None]]
 BUSY_S = 1.0
+STORES_IN_FLIGHT = 2
+# A lookup read ahead precedes the stores in flight then, and the store of the batch
+# the model is embedding: those are the stores whose entries it may have missed.
+STORES_KEPT = STORES_IN_FLIGHT + 1
 BUSY_CUT = 4
 CHARS_PER_TOKEN = 4  # a word piece is about four characters of English
 SPECIAL_TOKENS = 2
@@ -113,33 +127,44 @@ class ModelCalls:
         self.max_texts = max_texts
         self.max_tokens = max_tokens
         self.busy = busy
-        self._storing: asyncio.Task[None] | None = None
+        self._storing: collections.deque[asyncio.Task[None]] = collections.deque()
+        self._stores: collections.deque[dict[Scoped, Cached]] = collections.deque(
+            maxlen=STORES_KEPT)
 
-    async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None) -> None:
-        """Fill each chunk's raw vectors, token counts and per-input errors."""
-        late = [item for item in work if item.planned(self.embedder.info).windows]
-        for item in late:
-            await self._embed_late(item)
-        work = [item for item in work if not item.planned(self.embedder.info).windows]
+    async def look_up(self, work: list[Work]) -> dict[Scoped, Cached]:
+        """What the cache holds for `work`'s texts, asked ahead of `embed` (see above)."""
+        if self.cache is None:
+            return {}
+        return await self.cache.lookup_scoped(self._distinct(self._pooled(work))[1])
+
+    async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None,
+                    found: dict[Scoped, Cached] | None = None) -> None:
+        """Fill each chunk's raw vectors, token counts and per-input errors; `found`: the
+        cache's answers from `look_up`, else the cache is read here."""
+        for item in work:
+            if item.planned(self.embedder.info).windows:
+                await self._embed_late(item)
+        work = self._pooled(work)
         if not work:
             return
         plans = [item.planned(self.embedder.info) for item in work]
-        scoped = self.cache.scoped if self.cache is not None else _unscoped
-        await self.stored()  # this worker's last store lands before this lookup
-        wanted = [[scoped(item.owner, text) for text in plan.texts]
-                  for item, plan in zip(work, plans, strict=True)]
-        distinct = list(dict.fromkeys(pair for pairs in wanted for pair in pairs))
-        found = await self.cache.lookup_scoped(distinct) if self.cache is not None else {}
+        wanted, distinct = self._distinct(work)
+        if found is None:
+            await self.stored()  # this worker's stores land before this lookup
+            found = await self.cache.lookup_scoped(distinct) if self.cache is not None else {}
+        else:  # read ahead, perhaps before the last stores landed: they answer too
+            found = dict(found)
+            for stored in self._stores:
+                found.update((pair, stored[pair]) for pair in distinct
+                             if pair not in found and pair in stored)
         # A text one owner missed is embedded even if another owner's entry holds it:
         # the miss costs its owner a model call whoever else embedded the text.
         missing = list(dict.fromkeys(pair[1] for pair in distinct if pair not in found))
         made, errors = await self._compute(missing, between_calls)
         if self.cache is not None:
-            # Best effort, and off the model's path: it runs while the next batch is
-            # claimed and embedded (one round trip or two a batch).
-            self._storing = asyncio.create_task(self.cache.store_scoped(
-                {pair: made[pair[1]] for pair in distinct
-                 if pair not in found and pair[1] in made and usable(made[pair[1]].vector)}))
+            new = {pair: made[pair[1]] for pair in distinct
+                   if pair not in found and pair[1] in made and usable(made[pair[1]].vector)}
+            await self._store_behind(new)
         blank = Cached(np.zeros(self._dimensions(found, made), np.float32), 0)
         for item, plan, pairs in zip(work, plans, wanted, strict=True):
             picked = [found.get(pair) or made.get(pair[1], blank) for pair in pairs]
@@ -150,16 +175,37 @@ class ModelCalls:
                 if failed:  # one failed window fails its input
                     item.errors[i] = failed[0]
 
+    def _pooled(self, work: list[Work]) -> list[Work]:
+        """The chunks embedded text by text (all but the late-chunked)."""
+        return [item for item in work if not item.planned(self.embedder.info).windows]
+
+    def _distinct(self, work: list[Work]) -> tuple[list[list[Scoped]], list[Scoped]]:
+        """Each chunk's (owner, text) pairs, and every distinct pair of them."""
+        scoped = self.cache.scoped if self.cache is not None else _unscoped
+        wanted = [[scoped(item.owner, text) for text in item.planned(self.embedder.info).texts]
+                  for item in work]
+        return wanted, list(dict.fromkeys(pair for pairs in wanted for pair in pairs))
+
+    async def _store_behind(self, entries: dict[Scoped, Cached]) -> None:
+        """Store `entries` in a task, after the store before it (best effort, and off
+        the model's path: one round trip or two a batch)."""
+        assert self.cache is not None
+        while len(self._storing) >= STORES_IN_FLIGHT:
+            await self._storing.popleft()
+        self._stores.append(entries)
+        before = self._storing[-1] if self._storing else None
+        store = functools.partial(self.cache.store_scoped, entries)
+        self._storing.append(asyncio.create_task(_after(before, store)))
+
     async def stored(self) -> None:
-        """Wait for the cache store in flight, if any (it logs its own failures)."""
-        task, self._storing = self._storing, None
-        if task is not None:
-            await task
+        """Wait for the cache stores in flight (they log their own failures)."""
+        while self._storing:
+            await self._storing.popleft()
 
     async def cancel(self) -> None:
-        """Stop a cache store still in flight (the worker is leaving)."""
-        if self._storing is not None:
-            await cancel_and_wait(self._storing)
+        """Stop the cache stores still in flight (the worker is leaving)."""
+        while self._storing:
+            await cancel_and_wait(self._storing.popleft())
 
     async def _embed_late(self, item: Work) -> None:
         """A late-chunked chunk of inputs: all at once, or input by input if that fails."""
@@ -256,6 +302,14 @@ class ModelCalls:
             errors[text] = f"embedding failed: {type(exc).__name__}: {exc}"[:500]
             return
         made[text] = Cached(embedded.vectors[0], int(embedded.token_counts[0]))
+
+
+async def _after(before: asyncio.Task[None] | None,
+                 then: Callable[[], Awaitable[None]]) -> None:
+    """Run `then` once `before` is over, whatever became of it."""
+    if before is not None:
+        await asyncio.wait({before})
+    await then()
 
 
 def _unscoped(owner: str, text: str) -> tuple[str, str]:

@@ -33,7 +33,8 @@ so it never sits on interactive work while its peers idle.
 Redis overlaps the model: the commit of a group (a bulk batch's, or the
 replies to fast-lane requests) runs while the worker claims and embeds the
 next (`Commits.finish_behind`), and the next bulk batch is read and loaded,
-and its jobs marked running, while the model embeds the last call of one
+its jobs marked running and its texts looked up in the cache
+(`ModelCalls.look_up`), while the model embeds the last call of one
 (`ReadAhead`; only the jobs' statuses are read again before it is embedded,
 so a job cancelled meanwhile is not). With `overlap` False they run in line:
 embed, commit, read (`bench/overlap.py` compares the two).
@@ -75,6 +76,8 @@ if TYPE_CHECKING:
     from pipeline import QueueLayout, Settings
     from pipeline.model import Embedder
     from pipeline.store import RedisClient
+    from workers.batch import Loaded
+    from workers.cache import Cached, Scoped
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ class Worker:
         self.commits = Commits(redis, self.keys, settings, worker_id, self.upkeep,
                                max_seq_length=info.max_seq_length, backend=self.backend)
         self.claims = Claims(redis, blocking, self.upkeep, settings, worker_id, self.layout,
-                             prepare=self.commits.prepare)
+                             prepare=self._prepare)
         scale = TORCH_CALL_SCALE if self.backend == "torch" else 1
         self.calls = ModelCalls(embedder, self._cache(), max_texts=settings.call_max_texts * scale,
                                 max_tokens=settings.call_max_tokens * scale,
@@ -180,6 +183,13 @@ class Worker:
             upkeep_stop.set()
             await cancel_and_wait(upkeep_task)
             await self.upkeep.deregister()
+
+    async def _prepare(self, entries: list[Entry]) -> Loaded:
+        """A batch read ahead: its work loaded, its jobs marked running, its texts looked
+        up in the cache, all while the model embeds the batch before."""
+        loaded = await self.commits.prepare(entries)
+        loaded.found = await self.calls.look_up(loaded.work)
+        return loaded
 
     async def _register(self, stop: asyncio.Event) -> bool:
         """Register, retrying while Redis is away; False if stopped first."""
@@ -309,20 +319,22 @@ class Worker:
                 if read_ahead and number == len(steps) - 1 and not self.stopping.is_set():
                     self.claims.ahead.start()
                 with tracing.batch(w.entry for w in group):  # nothing when tracing is off
-                    embed_s = await self._embed(group, between)
+                    embed_s = await self._embed(group, between, loaded.found)
                     if behind:
                         await self.commits.finish_behind(group, embed_s)
                     else:
                         await self.commits.finish(group, embed_s)
 
-    async def _embed(self, group: list[Work], between: BetweenCalls | None) -> float:
-        """Fill the group's vectors; the seconds it took."""
+    async def _embed(self, group: list[Work], between: BetweenCalls | None,
+                     found: dict[Scoped, Cached] | None) -> float:
+        """Fill the group's vectors (`found`: the cache's answers, if read ahead); the
+        seconds it took."""
         started = time.perf_counter()
         if group[0].entry.deliveries > 1:
             await embed_attempted(self.redis, self.keys, self.calls.model, group[0],
                                   self.settings.result_ttl_s, self.worker_id)
         else:
-            await self.calls.embed(group, between_calls=between)
+            await self.calls.embed(group, between_calls=between, found=found)
         return time.perf_counter() - started
 
     async def give_up(self, entries: list[Entry]) -> None:

@@ -146,6 +146,69 @@ async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(
     assert len(embedder.calls) == 1  # the second batch came from the cache
 
 
+async def test_a_batch_looked_up_ahead_of_the_last_store_takes_its_texts_from_memory(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    cache = EmbeddingCache(pipeline.redis, Keys("es"), fingerprint(DEFAULT_MODEL, "r", "b"),
+                           ttl_s=60, max_entries=100)
+    gate = asyncio.Event()
+    real_store = cache.store_scoped
+
+    async def held_store(entries: dict[tuple[str, str], Cached]) -> None:
+        await gate.wait()  # the store has not landed when the next batch is looked up
+        await real_store(entries)
+
+    cache.store_scoped = held_store  # type: ignore[method-assign]
+    embedder = HashEmbedder(settings)
+    calls = ModelCalls(embedder, cache, max_texts=32, max_tokens=4096)
+    texts = [f"read ahead {i}" for i in range(5)]
+    following = work_of([*texts[:3], "a new text"])
+    found = await calls.look_up([following])  # as the read-ahead asks, during batch 1
+    assert found == {}
+    with anyio.fail_after(5):
+        await calls.embed([work_of(texts)])  # batch 1; its store is held
+        assert await cache.lookup(texts) == {}
+        await calls.embed([following], found=found)  # batch 2: no wait for the store
+    # Batch 2's three repeated texts came from the held store's entries, not the model.
+    assert embedder.calls == [sorted(texts, key=len), ["a new text"]]
+    dims = embedder.info.dimensions
+    assert following.vectors is not None
+    assert np.allclose(following.vectors[:3], [raw_vector(t, dims) for t in texts[:3]])
+    gate.set()
+    with anyio.fail_after(5):
+        await calls.stored()
+    assert set(await cache.lookup([*texts, "a new text"])) == {*texts, "a new text"}
+
+
+async def test_at_most_two_cache_stores_are_in_flight_and_they_land_in_order(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    cache = EmbeddingCache(pipeline.redis, Keys("es"), fingerprint(DEFAULT_MODEL, "r", "b"),
+                           ttl_s=60, max_entries=100)
+    gate = asyncio.Event()
+    landed: list[str] = []
+    real_store = cache.store_scoped
+
+    async def held_store(entries: dict[tuple[str, str], Cached]) -> None:
+        await gate.wait()  # Redis is slow to take the writes
+        await real_store(entries)
+        landed.extend(text for _, text in entries)
+
+    cache.store_scoped = held_store  # type: ignore[method-assign]
+    calls = ModelCalls(HashEmbedder(settings), cache, max_texts=32, max_tokens=4096)
+    with anyio.fail_after(5):
+        for batch in range(2):  # two stores held: the embeds return regardless
+            await calls.embed([work_of([f"batch {batch}"])], found={})
+    third = asyncio.create_task(calls.embed([work_of(["batch 2"])], found={}))
+    await asyncio.sleep(0.1)
+    assert not third.done()  # at the bound: it waits for the oldest store
+    gate.set()
+    with anyio.fail_after(5):
+        await third
+        await calls.stored()
+    assert landed == ["batch 0", "batch 1", "batch 2"]
+
+
 async def test_resubmitted_texts_come_from_the_cache_with_the_same_vectors(
     fast_settings: Settings, pipeline: Pipeline
 ) -> None:

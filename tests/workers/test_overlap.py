@@ -34,6 +34,7 @@ from tests.support.workers import (
 )
 from workers.claims import ReadAhead
 from workers.commits import Commits
+from workers.model_calls import ModelCalls
 
 pytestmark = pytest.mark.anyio
 
@@ -110,6 +111,15 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         return await real_prepare(self, entries)
 
     monkeypatch.setattr(Commits, "prepare", prepare)
+    looked_up: list[str] = []  # where each batch's texts were looked up in the cache
+    real_look_up = ModelCalls.look_up
+
+    async def look_up(self: ModelCalls, work: list[Any]) -> Any:
+        task = asyncio.current_task()
+        looked_up.append(task.get_name().split()[0] if task is not None else "")
+        return await real_look_up(self, work)
+
+    monkeypatch.setattr(ModelCalls, "look_up", look_up)
     texts = texts_of(1, 32)
     async with running(fast_settings, embedder) as run:
         run.worker.overlap = behind
@@ -123,9 +133,11 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         # while the model embedded the one before; only batch 1 was loaded in line.
         assert len(reads) == 3 and overlapping(reads, embedder.spans) == 3
         assert prepared.count("read-ahead") == 3 and len(prepared) == 4
+        assert looked_up == ["read-ahead"] * 3
     else:
         assert overlapping(commits, embedder.spans) == 0
         assert reads == [] and "read-ahead" not in prepared and len(prepared) == 4
+        assert looked_up == []
     await assert_every_index_once(pipeline, job_id, texts)
 
 
