@@ -79,10 +79,14 @@ class Settings:
     tracing: str = "off"
     chunk_size: int = 32
     fast_lane_max_texts: int = 32
-    batch_max_texts: int = 128
+    # Longer claims sort more texts by length together; calls of 32 pay the per-call
+    # cost half as often as calls of 16. Fed so, the model alone ran at 0.97-1.00 of
+    # its own all-sorted baseline against 0.88-0.95 with claims of 128 and calls of 16
+    # (onnx-int8, openvino-bf16, onnx; bench/call_sizes.py, 2026-12-06).
+    batch_max_texts: int = 256
     # One model call: the fast lane is served between calls, so these bound its wait.
-    call_max_texts: int = 16
-    call_max_tokens: int = 1024
+    call_max_texts: int = 32
+    call_max_tokens: int = 2048
     max_inputs: int = 1_000_000
     max_text_chars: int = 100_000
     # Bytes of one NDJSON upload (one job) and of a JSON body, counted as they arrive.

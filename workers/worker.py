@@ -81,13 +81,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# torch pays more per model call than ONNX Runtime does, so its calls are twice
-# the size. A torch bulk job through the whole pipeline ran at 0.76 of
-# `SentenceTransformer.encode` in calls of 32 against 0.72 in calls of 16; the
-# model alone (`bench/torch_calls.py`) gains less, within its noise.
-TORCH_CALL_SCALE = 2
-
-
 def new_worker_id() -> str:
     """host-pid-random: readable in XINFO CONSUMERS, unique across restarts."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -125,10 +118,8 @@ class Worker:
                                max_seq_length=info.max_seq_length, backend=self.backend)
         self.claims = Claims(redis, blocking, self.upkeep, settings, worker_id, self.layout,
                              prepare=self._prepare)
-        scale = TORCH_CALL_SCALE if self.backend == "torch" else 1
-        self.calls = ModelCalls(embedder, self._cache(), max_texts=settings.call_max_texts * scale,
-                                max_tokens=settings.call_max_tokens * scale,
-                                busy=self.claims.busy)
+        self.calls = ModelCalls(embedder, self._cache(), max_texts=settings.call_max_texts,
+                                max_tokens=settings.call_max_tokens, busy=self.claims.busy)
         self.stopping = asyncio.Event()  # the `stop` that `run` is given
         self.overlap = True
 

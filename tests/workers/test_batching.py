@@ -299,12 +299,12 @@ async def wait_first_call(embedder: StallingEmbedder) -> None:
 
 
 
-@pytest.mark.parametrize(("backend", "scale"), [("torch", 2), ("onnx", 1), ("onnx-int8", 1)])
-async def test_torch_calls_are_twice_the_size_of_onnx_calls(
-    fast_settings: Settings, pipeline: Pipeline, backend: str, scale: int
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-int8", "openvino-bf16"])
+async def test_every_backend_calls_the_model_in_the_configured_sizes(
+    fast_settings: Settings, pipeline: Pipeline, backend: str
 ) -> None:
     fake = HashEmbedder(fast_settings)
     fake.info = dataclasses.replace(fake.info, backend=backend)
     calls = Worker(fast_settings, fake, "w", pipeline.redis, pipeline.redis).calls
     assert (calls.max_texts, calls.max_tokens) == (
-        fast_settings.call_max_texts * scale, fast_settings.call_max_tokens * scale)
+        fast_settings.call_max_texts, fast_settings.call_max_tokens)
