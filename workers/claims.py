@@ -121,6 +121,12 @@ class ReadAhead:
         if self._reading is not None:
             await cancel_and_wait(self._reading)
 
+    async def discard(self) -> None:
+        """Forget the read ahead, done or not (a lost round: what it read stays pending)."""
+        await self.cancel()
+        self._reading = None
+        self.drop_hold()
+
 
 class Claims:
     """Where a worker's next entries come from: the fast lane, read-ahead, the bulk lane."""

@@ -1,4 +1,5 @@
-"""The atomic operations on one model's queue lanes: trim, forget, release, claim.
+"""The atomic operations on one model's queue lanes: trim, forget, release, resume,
+claim.
 
 Each is one Lua script over the lanes of one hash slot (`{q:<model>}:fast`
 and bulk partition 0 share one, each further bulk partition has its own;
@@ -21,6 +22,14 @@ peer's XREADGROUP in between changes what the decision was based on.
   reclaimable by any peer at once, and RETRYCOUNT one less undoes the
   delivery that never was an attempt, so a rolling restart does not push
   healthy chunks towards the poison limit.
+- Resume: a live worker whose round failed on a lost Redis takes up the
+  entries it still holds (claimed, read ahead, or in a commit that failed)
+  as soon as Redis answers again. XCLAIM JUSTID re-leases them without
+  counting a delivery: an outage is not an attempt, and the chunks go on
+  at once instead of after the visibility timeout. One script, so a peer
+  cannot reclaim an entry between the read of the pending list and the
+  re-lease (XCLAIM would take it back). An entry whose message is gone is
+  acked.
 - Claim: fast-lane entries one at a time up to a budget of texts, in one
   round trip. An entry carries up to `fast_lane_max_texts` texts, so reading
   a budget's count of entries at once could take far more texts than one
@@ -106,6 +115,30 @@ end
 return released
 """
 
+# KEYS: the lanes. ARGV: group, consumer, most entries per lane.
+# Returns, per lane, `{id, {field, value, ...}, deliveries}` for each entry the consumer
+# holds, each re-leased now with its delivery count unchanged; an entry whose message
+# is gone is acked instead.
+_RESUME = """
+local out = {}
+for i, lane in ipairs(KEYS) do
+  local got = {}
+  local rows = redis.pcall('XPENDING', lane, ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
+  if type(rows) == 'table' and not rows.err then
+    for _, row in ipairs(rows) do
+      local entry = redis.call('XRANGE', lane, row[1], row[1])[1]
+      if entry then
+        redis.call('XCLAIM', lane, ARGV[1], ARGV[2], 0, row[1], 'JUSTID')
+        got[#got + 1] = {row[1], entry[2], row[4]}
+      else
+        redis.call('XACK', lane, ARGV[1], row[1])
+      end
+    end
+  end
+  out[i] = got
+end
+return out
+"""
 
 # KEYS: one lane. ARGV: group, consumer, budget of texts.
 # Returns the new entries read (XREADGROUP's `{id, {field, value, ...}}`), one at a
@@ -145,6 +178,16 @@ class Trimmed:
     no_group: bool = False
 
 
+@dataclass(frozen=True)
+class Held:
+    """An entry a consumer holds, as `Lanes.resume` re-leased it."""
+
+    lane: str
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+    deliveries: int
+
+
 class Lanes:
     """One model's queue lanes and the scripts that keep them, registered once.
 
@@ -160,6 +203,7 @@ class Lanes:
         self._forget = redis.register_script(_FORGET)
         self._release = redis.register_script(_RELEASE)
         self._claim = redis.register_script(_CLAIM)
+        self._resume = redis.register_script(_RESUME)
 
     async def trim(self) -> list[Trimmed]:
         """Drop acked entries: everything below the oldest pending or undelivered one."""
@@ -192,6 +236,16 @@ class Lanes:
             if len(args) > 3:
                 released += int(await self._release(keys=list(lanes), args=args))
         return released
+
+    async def resume(self, consumer: str, most: int = 1000) -> list[Held]:
+        """The entries `consumer` holds, re-leased to it without counting a delivery."""
+        held: list[Held] = []
+        for lanes in self.groups:
+            replies = await self._resume(keys=list(lanes), args=[GROUP, consumer, most])
+            for lane, rows in zip(lanes, replies, strict=True):
+                held += [Held(lane, entry_id, dict(zip(flat[::2], flat[1::2], strict=True)),
+                              int(deliveries)) for entry_id, flat, deliveries in rows]
+        return held
 
     async def claim(self, lane: str, consumer: str,
                     budget: int) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -21,6 +21,9 @@
 - Trim: XACK never deletes, so the queue streams are trimmed with MINID below
   the oldest entry still pending or not yet delivered, never past it, in one
   script (`workers.lanes`).
+- Resume: a worker whose round was cut short by a lost Redis takes up the
+  entries it still holds once Redis answers again (`Lanes.resume`), without
+  counting a delivery; the visibility timeout is for dead workers.
 - Drain: a stopping worker releases the entries it claimed but will not start
   (`Lanes.release`), so peers take them at once instead of after a timeout.
 """
@@ -224,6 +227,16 @@ class Upkeep:
             count = max([int(row["times_delivered"]) for row in rows], default=1)
             counted.append(dataclasses.replace(entry, deliveries=count))
         return counted
+
+    async def resume_own(self) -> list[Entry]:
+        """The entries this worker holds, re-leased without counting a delivery
+        (`Lanes.resume`), with their delivery counts as they stood."""
+        entries = []
+        for held in await self.lanes.resume(self.worker_id):
+            entry = parse_entry(held.lane, held.entry_id, held.fields)
+            if entry is not None:
+                entries.append(dataclasses.replace(entry, deliveries=max(held.deliveries, 1)))
+        return entries
 
     async def release(self, entries: list[Entry]) -> int:
         """Hand entries this worker will not start back to its peers, at once."""

@@ -54,6 +54,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,8 @@ class Worker:
         self.calls = ModelCalls(embedder, self._cache(), max_texts=settings.call_max_texts,
                                 max_tokens=settings.call_max_tokens, busy=self.claims.busy)
         self.stopping = asyncio.Event()  # the `stop` that `run` is given
+        # How often each entry still held was resumed after a lost round (`_resume_own`).
+        self._resumed: Counter[tuple[str, bytes]] = Counter()
         self.overlap = True
 
     @classmethod
@@ -215,6 +218,7 @@ class Worker:
                 pause = backoff.next_s()
                 logger.warning("lost Redis (%s); retrying in %.1fs", exc, pause)
                 await _wait(stop, pause)
+                step = self._resume_own
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     # Redis lost its data (restarted without persistence, or flushed):
@@ -229,6 +233,7 @@ class Worker:
                 # stay pending and are retried, then given up on as poison.
                 logger.exception("batch failed")
                 await _wait(stop, 1.0)
+                step = self._work_once
 
     async def _work_once(self) -> None:
         """Claim entries and embed and commit them."""
@@ -249,6 +254,25 @@ class Worker:
         entries = await self.upkeep.with_deliveries(claimed)
         if entries:
             logger.info("resuming %d entries left pending by a previous run", len(entries))
+            await self.process(entries)
+
+    async def _resume_own(self) -> None:
+        """After a round lost with Redis: take up at once the entries this worker still
+        holds (claimed, read ahead, in a commit that failed), without counting a delivery
+        (`Upkeep.resume_own`). An entry whose rounds keep failing so is resumed at most
+        `max_deliveries` times; then it waits out the visibility timeout like any other,
+        and its reclaim counts."""
+        await self.claims.ahead.discard()
+        await self.claims.cancel()
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            await self.commits.settle()  # a failed commit's entries are pending: resumed
+        entries = await self.upkeep.resume_own()
+        keys = [(e.stream, e.entry_id) for e in entries]
+        self._resumed = Counter({key: self._resumed[key] + 1 for key in keys})
+        entries = [e for e, key in zip(entries, keys, strict=True)
+                   if self._resumed[key] <= self.settings.max_deliveries]
+        if entries:
+            logger.info("resuming %d entries this worker held when it lost Redis", len(entries))
             await self.process(entries)
 
     async def _claim(self) -> list[Entry]:
