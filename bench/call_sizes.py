@@ -7,9 +7,12 @@ the backend's embedder on this thread; against the same embedder on all the
 texts sorted by length in batches of 32 (the second table of bench/table.py
 calls that the backend's raw embed), and for torch also
 `SentenceTransformer.encode` (batch 32). Shows what the call and claim sizes
-cost the model before the pipeline costs anything. The shapes run in turn
-in each of `--rounds` rounds; prints each shape's texts/s and its ratio to
-the baseline of the same round, then the median ratio. Asserts nothing.
+cost the model before the pipeline costs anything. Then requests: 120 of
+32 random sentences each, as the fast lane embeds them, in calls of the
+full budgets and of half (`REQUEST_CUT`), where nothing sorts a request's
+texts with any others. The shapes run in turn in each of `--rounds` rounds;
+prints each shape's texts/s and its ratio to the baseline of the same
+round, then the median ratio. Asserts nothing.
 
     .venv/bin/python bench/call_sizes.py [--backend onnx-int8] [--texts 4000] [--rounds 4]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -34,7 +38,7 @@ from table import EXPORTS, sentences  # noqa: E402
 from pipeline.model.info import bundled_model_dir  # noqa: E402
 from pipeline.model.loading import load_embedder  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from workers.model_calls import ModelCalls  # noqa: E402
+from workers.model_calls import REQUEST_CUT, ModelCalls  # noqa: E402
 
 # (claim texts, call texts, call tokens): the worker's default claims with calls of
 # 16 and of 32 texts, and longer sorts.
@@ -67,6 +71,12 @@ def main() -> None:
         calls = ModelCalls(embedder, None, max_texts=call_texts, max_tokens=call_tokens)
         shapes[f"claims of {claim}, calls of {call_texts} texts / {call_tokens} tokens"] = [
             group for i in range(0, len(texts), claim) for group in calls.calls(texts[i:i + claim])]
+    chooser = random.Random(2)
+    requests = [chooser.sample(pool[:8000], 32) for _ in range(120)]
+    for cut in (1, REQUEST_CUT):
+        calls = ModelCalls(embedder, None, max_texts=32 // cut, max_tokens=2048 // cut)
+        shapes[f"32-text requests, calls of {32 // cut} texts / {2048 // cut} tokens"] = [
+            group for request in requests for group in calls.calls(request)]
     encode = None
     if args.backend == "torch":
         from sentence_transformers import SentenceTransformer
@@ -85,7 +95,7 @@ def main() -> None:
             line += f"; encode() {len(texts) / (time.perf_counter() - started):.0f}"
         print(line + " texts/s", flush=True)
         for name, groups in shapes.items():
-            measured = rate(texts, groups, embedder.embed)
+            measured = rate(texts, groups, embedder.embed) * sum(map(len, groups)) / len(texts)
             ratios[name].append(measured / own)
             print(f"  {name}: {measured:.0f} texts/s, {measured / own:.2f} of the baseline",
                   flush=True)

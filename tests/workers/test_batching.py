@@ -107,14 +107,16 @@ async def test_while_interactive_work_comes_in_bulk_calls_are_cut_to_a_quarter(
     assert embedder.sizes == [8, 2, 2, 2, 2, 2, 2]  # the first call was cut in a quiet spell
 
 
-async def test_the_fast_lane_own_calls_are_not_cut_while_requests_come_in(
-    settings: Settings
+@pytest.mark.parametrize("busy", [True, False], ids=["busy", "quiet"])
+async def test_the_fast_lane_own_calls_are_half_the_budgets_busy_or_not(
+    settings: Settings, busy: bool
 ) -> None:
     embedder = SizeRecorder(settings)
-    calls = ModelCalls(embedder, None, max_texts=8, max_tokens=4096, busy=lambda: True)
-    # No `between_calls`: the worker embeds requests, which nothing interrupts.
+    calls = ModelCalls(embedder, None, max_texts=8, max_tokens=4096, busy=lambda: busy)
+    # No `between_calls`: the worker embeds requests, which nothing interrupts; their
+    # calls are cut for padding (REQUEST_CUT), never to a quarter (BUSY_CUT).
     await calls.embed([work_of([f"query {i}" for i in range(20)])])
-    assert embedder.sizes == [8, 8, 4]
+    assert embedder.sizes == [4, 4, 4, 4, 4]
 
 
 async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(

@@ -147,7 +147,8 @@ async def test_replies_to_requests_are_sent_while_the_model_embeds_the_next_ones
 ) -> None:
     embedder = TimedEmbedder(fast_settings, delay_s=0.05)
     commits = slow_commits(monkeypatch)
-    # Four requests of 8 texts, each one model call's worth: four rounds of the fast lane.
+    # Four requests of 8 texts, each one claim's worth: four rounds of the fast lane,
+    # each in two model calls (a request's calls are half the budget).
     settings = fast_settings.replace(fast_lane_max_texts=8)
     asked = [[f"request {r} text {i}" for i in range(8)] for r in range(4)]
     requests = Pipeline(settings)
@@ -161,7 +162,7 @@ async def test_replies_to_requests_are_sent_while_the_model_embeds_the_next_ones
         await requests.close()
     assert [a.done for a in answers] == [8, 8, 8, 8]
     assert [k async for k in pipeline.redis.scan_iter(match="es:{*}:job")] == []  # no job
-    assert len(embedder.spans) == 4 and len(commits) == 4
+    assert len(embedder.spans) == 8 and len(commits) == 4
     if behind:
         assert overlapping(commits, embedder.spans) >= 2
     else:
