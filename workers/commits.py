@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from pipeline import GROUP, cancel_and_wait, tracing
-from pipeline.jobs import Committed, JobScripts, announce, announce_created
-from pipeline.jobs.record import TERMINAL_STATUSES
+from pipeline.jobs import TERMINAL_STATUSES, Committed, JobScripts, announce, announce_created
 from pipeline.store import Replicas, feed, metrics
 from workers import replies
 from workers.batch import Loaded, chunk_result, load_work

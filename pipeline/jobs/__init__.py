@@ -27,6 +27,7 @@ from pipeline.jobs.quantize import (
 from pipeline.jobs.record import (
     JOB_ID,
     PUBLIC_STATUSES,
+    TERMINAL_STATUSES,
     JobRecord,
     JobStatus,
     PublicJob,
@@ -46,6 +47,7 @@ __all__ = [
     "OUTPUT_FILE_ID",
     "PART_BYTES",
     "PUBLIC_STATUSES",
+    "TERMINAL_STATUSES",
     "TRUSTED",
     "WINDOW_S",
     "BatchState",
