@@ -119,19 +119,27 @@ async def test_the_fast_lane_own_calls_are_half_the_budgets_busy_or_not(
     assert embedder.sizes == [4, 4, 4, 4, 4]
 
 
-async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(
-    settings: Settings, pipeline: Pipeline
-) -> None:
+def held_cache(pipeline: Pipeline) -> tuple[EmbeddingCache, asyncio.Event, list[str]]:
+    """A cache whose stores wait for the gate; the texts stored, in order, once landed."""
     cache = EmbeddingCache(pipeline.redis, Keys("es"), fingerprint(DEFAULT_MODEL, "r", "b"),
                            ttl_s=60, max_entries=100)
     gate = asyncio.Event()
+    landed: list[str] = []
     real_store = cache.store_scoped
 
     async def held_store(entries: dict[tuple[str, str], Cached]) -> None:
-        await gate.wait()  # as if Redis were slow to take the writes
+        await gate.wait()
         await real_store(entries)
+        landed.extend(text for _, text in entries)
 
     cache.store_scoped = held_store  # type: ignore[method-assign]
+    return cache, gate, landed
+
+
+async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    cache, gate, _ = held_cache(pipeline)  # as if Redis were slow to take the writes
     embedder = HashEmbedder(settings)
     calls = ModelCalls(embedder, cache, max_texts=32, max_tokens=4096)
     texts = [f"cached behind {i}" for i in range(5)]
@@ -151,16 +159,7 @@ async def test_the_cache_is_written_behind_the_model_and_read_after_the_write(
 async def test_a_batch_looked_up_ahead_of_the_last_store_takes_its_texts_from_memory(
     settings: Settings, pipeline: Pipeline
 ) -> None:
-    cache = EmbeddingCache(pipeline.redis, Keys("es"), fingerprint(DEFAULT_MODEL, "r", "b"),
-                           ttl_s=60, max_entries=100)
-    gate = asyncio.Event()
-    real_store = cache.store_scoped
-
-    async def held_store(entries: dict[tuple[str, str], Cached]) -> None:
-        await gate.wait()  # the store has not landed when the next batch is looked up
-        await real_store(entries)
-
-    cache.store_scoped = held_store  # type: ignore[method-assign]
+    cache, gate, _ = held_cache(pipeline)  # not landed when the next batch is looked up
     embedder = HashEmbedder(settings)
     calls = ModelCalls(embedder, cache, max_texts=32, max_tokens=4096)
     texts = [f"read ahead {i}" for i in range(5)]
@@ -185,18 +184,7 @@ async def test_a_batch_looked_up_ahead_of_the_last_store_takes_its_texts_from_me
 async def test_at_most_two_cache_stores_are_in_flight_and_they_land_in_order(
     settings: Settings, pipeline: Pipeline
 ) -> None:
-    cache = EmbeddingCache(pipeline.redis, Keys("es"), fingerprint(DEFAULT_MODEL, "r", "b"),
-                           ttl_s=60, max_entries=100)
-    gate = asyncio.Event()
-    landed: list[str] = []
-    real_store = cache.store_scoped
-
-    async def held_store(entries: dict[tuple[str, str], Cached]) -> None:
-        await gate.wait()  # Redis is slow to take the writes
-        await real_store(entries)
-        landed.extend(text for _, text in entries)
-
-    cache.store_scoped = held_store  # type: ignore[method-assign]
+    cache, gate, landed = held_cache(pipeline)
     calls = ModelCalls(HashEmbedder(settings), cache, max_texts=32, max_tokens=4096)
     with anyio.fail_after(5):
         for batch in range(2):  # two stores held: the embeds return regardless

@@ -81,6 +81,20 @@ def slow_commits(monkeypatch: pytest.MonkeyPatch) -> list[Span]:
     return commits
 
 
+def where_called(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[str]:
+    """The first word of the task's name ("read-ahead", ...) at each call of the method."""
+    called: list[str] = []
+    real = getattr(owner, name)
+
+    async def recorded(self: Any, *args: Any) -> Any:
+        task = asyncio.current_task()
+        called.append(task.get_name().split()[0] if task is not None else "")
+        return await real(self, *args)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return called
+
+
 def overlapping(a: list[Span], b: list[Span]) -> int:
     return sum(1 for a0, a1 in a for b0, b1 in b if a0 < b1 and b0 < a1)
 
@@ -102,24 +116,8 @@ async def test_a_bulk_commit_runs_while_the_model_embeds_the_next_batch(
         return found
 
     monkeypatch.setattr(ReadAhead, "read", read_ahead)
-    prepared: list[str] = []  # where each batch was loaded: its task's name
-    real_prepare = Commits.prepare
-
-    async def prepare(self: Commits, entries: list[Any]) -> Any:
-        task = asyncio.current_task()
-        prepared.append(task.get_name().split()[0] if task is not None else "")
-        return await real_prepare(self, entries)
-
-    monkeypatch.setattr(Commits, "prepare", prepare)
-    looked_up: list[str] = []  # where each batch's texts were looked up in the cache
-    real_look_up = ModelCalls.look_up
-
-    async def look_up(self: ModelCalls, work: list[Any]) -> Any:
-        task = asyncio.current_task()
-        looked_up.append(task.get_name().split()[0] if task is not None else "")
-        return await real_look_up(self, work)
-
-    monkeypatch.setattr(ModelCalls, "look_up", look_up)
+    prepared = where_called(monkeypatch, Commits, "prepare")  # where each batch was loaded
+    looked_up = where_called(monkeypatch, ModelCalls, "look_up")  # and looked up
     texts = texts_of(1, 32)
     async with running(fast_settings, embedder) as run:
         run.worker.overlap = behind
