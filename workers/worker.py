@@ -82,6 +82,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 def new_worker_id() -> str:
     """host-pid-random: readable in XINFO CONSUMERS, unique across restarts."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
