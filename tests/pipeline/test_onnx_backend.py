@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,13 @@ import pytest
 from pipeline.model.embedder import backend_of
 from pipeline.model.files import model_folder
 from pipeline.model.loading import load_embedder
-from pipeline.model.onnx_backend import ensure_exported, export_path, token_runs
+from pipeline.model.onnx_backend import (
+    SPLIT_MIN_TEXTS,
+    ensure_exported,
+    export_path,
+    halves,
+    token_runs,
+)
 from pipeline.model.torch_backend import SentenceTransformerEmbedder
 from pipeline.settings import Settings
 from tests.support.similarity import cosines
@@ -78,3 +85,55 @@ def test_token_runs_cut_by_padded_tokens_not_count() -> None:
     lengths = np.array([5] * 10 + [100] * 3)
     runs = token_runs(lengths, max_texts=64, max_tokens=200)
     assert [(r.start, r.stop) for r in runs] == [(0, 10), (10, 12), (12, 13)]
+
+
+def test_halves_pad_to_about_the_same_tokens() -> None:
+    # 40 texts of 10 tokens and 2 of 100: 39 short ones against the two long ones and a
+    # short one padded to 100 (390 against 300 padded tokens), not 21 and 21 (210 and 2,100).
+    assert halves(np.array([10] * 40 + [100] * 2)) == 39
+    assert halves(np.array([10] * 8)) == 4
+    lengths = np.sort(np.random.default_rng(0).integers(5, 120, 64))
+    cut = halves(lengths)
+    first, second = cut * lengths[cut - 1], (64 - cut) * lengths[-1]
+    assert max(first, second) <= 1.25 * min(first, second) + lengths[-1]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_a_split_call_runs_on_two_threads_and_matches_whole_runs(
+    backend: str, export_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    embedder: Any = load_embedder(Settings(backend=backend, device="cpu", export_dir=export_dir))
+    assert embedder.lanes == 2
+    threads: set[str] = set()
+    run = embedder._run
+
+    def spy(encodings: list[Any], output: str = "sentence_embedding", lane: bool = False) -> Any:
+        if lane:
+            threads.add(threading.current_thread().name)
+        return run(encodings, output, lane)
+
+    monkeypatch.setattr(embedder, "_run", spy)
+    texts = [*dev_texts()[:40], "a much longer text than the others, " * 12]
+    split = embedder.embed(texts)
+    assert len(threads) == 2  # the caller and the lane
+    one_by_one = np.concatenate([embedder.embed([t]).vectors for t in texts])
+    # int8 quantizes each run's activations with one scale: its rows move with their batch.
+    assert cosines(split.vectors, one_by_one).min() >= (0.98 if backend == "onnx-int8" else 0.99999)
+    threads.clear()
+    embedder.embed(texts[:SPLIT_MIN_TEXTS - 1])
+    assert not threads  # a small call runs whole
+
+
+def test_one_thread_runs_one_lane(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    embedder: Any = load_embedder(Settings(backend="onnx", device="cpu", export_dir=export_dir))
+    assert embedder.lanes == 1 and embedder._lane is None
+    assert embedder.embed(dev_texts()[:20]).vectors.shape == (20, 384)
+
+
+def test_openvino_runs_calls_whole(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    embedder: Any = load_embedder(Settings(backend="openvino-f32", device="cpu",
+                                           export_dir=export_dir))
+    assert embedder.lanes == 1 and embedder._lane is None
