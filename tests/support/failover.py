@@ -75,7 +75,9 @@ def job_through_two_failovers(server_url: str, worker_urls: list[str], log_dir: 
         wait_until(lambda: (job_field(base, job_id, "done") or 0) >= total // 5, 60,
                    f"{total // 5} results")
         first = fail_over(KEYS.job(job_id))
-        done_then = job_field(base, job_id, "done") or 0
+        wait_until(lambda: job_field(base, job_id, "done") is not None, 60,
+                   "the server to answer after the first failover")
+        done_then = job_field(base, job_id, "done")
         wait_until(lambda: (job_field(base, job_id, "done") or 0) > done_then + total // 20,
                    60, "progress after the first failover")
         assert job_field(base, job_id, "status") == "running", "the job ended too soon"
