@@ -202,8 +202,8 @@ class OnnxEmbedder:
         self.inputs = [i.name for i in self.session.get_inputs()]
         return str(self.session.get_providers()[0])
 
-    def _infer(self, feed: dict[str, np.ndarray[Any, Any]], output: str, lane: bool) -> Any:
-        """One run of the graph on a padded batch: the named output (`lane`: half a split call)."""
+    def _infer(self, feed: dict[str, np.ndarray[Any, Any]], output: str) -> Any:
+        """One run of the graph on a padded batch: the named output."""
         return self.session.run([output], feed)[0]
 
     def _tokenizers(self, folder: Path) -> None:
@@ -227,21 +227,20 @@ class OnnxEmbedder:
         out = np.empty((len(texts), self.info.dimensions), dtype=np.float32)
         order = np.argsort(lengths, kind="stable")
         if self._lane is None or len(texts) < SPLIT_MIN_TEXTS:
-            self._embed_sorted(encodings, order, lengths, out, lane=False)
+            self._embed_sorted(encodings, order, lengths, out)
             return Embedded(out, counts)
         cut = halves(lengths[order])
-        other = self._lane.submit(self._embed_sorted, encodings, order[cut:], lengths, out, True)
-        self._embed_sorted(encodings, order[:cut], lengths, out, lane=True)
+        other = self._lane.submit(self._embed_sorted, encodings, order[cut:], lengths, out)
+        self._embed_sorted(encodings, order[:cut], lengths, out)
         other.result()
         return Embedded(out, counts)
 
     def _embed_sorted(self, encodings: list[Any], order: np.ndarray[Any, Any],
-                      lengths: np.ndarray[Any, Any], out: np.ndarray[Any, Any],
-                      lane: bool) -> None:
+                      lengths: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
         """Embed the texts at `order` (sorted by length) into their rows of `out`."""
         for rows in token_runs(lengths[order], RUN_MAX_TEXTS, RUN_MAX_TOKENS):
             index = order[rows]
-            out[index] = self._run([encodings[i] for i in index], lane=lane)
+            out[index] = self._run([encodings[i] for i in index])
 
     def embed_tokens(self, texts: Sequence[str]) -> list[TokenEmbeddings]:
         """Each text's token embeddings (the graph's second output) and their characters.
@@ -270,8 +269,8 @@ class OnnxEmbedder:
             encodings[i] = encoding
         return encodings, counts
 
-    def _run(self, encodings: list[Any], output: str = "sentence_embedding",
-             lane: bool = False) -> np.ndarray[Any, np.dtype[np.float32]]:
+    def _run(self, encodings: list[Any],
+             output: str = "sentence_embedding") -> np.ndarray[Any, np.dtype[np.float32]]:
         width = max(len(e.ids) for e in encodings)
         feed = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in self.inputs}
         ids = feed["input_ids"]
@@ -283,7 +282,7 @@ class OnnxEmbedder:
                 feed["attention_mask"][row, :n] = 1
             if "token_type_ids" in feed:
                 feed["token_type_ids"][row, :n] = encoding.type_ids
-        return np.asarray(self._infer(feed, output, lane), dtype=np.float32)
+        return np.asarray(self._infer(feed, output), dtype=np.float32)
 
 
 def halves(sorted_lengths: np.ndarray[Any, Any]) -> int:

@@ -87,7 +87,7 @@ class OpenVinoEmbedder(OnnxEmbedder):
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
         return f"OpenVINO CPU {self.precision}"
 
-    def _infer(self, feed: dict[str, np.ndarray[Any, Any]], output: str, lane: bool) -> Any:
+    def _infer(self, feed: dict[str, np.ndarray[Any, Any]], output: str) -> Any:
         request = getattr(self._requests, "request", None)
         if request is None:
             request = self._requests.request = self.compiled.create_infer_request()
