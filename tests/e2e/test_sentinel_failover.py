@@ -32,7 +32,7 @@ TOTAL = 2000
 # primary answers, and at 0.04 s a call the two finished the other 1,600 texts (1.2 s)
 # while the killed node was still being brought back, before the second failover.
 WORKER_TIMINGS = {"EMBEDSTREAM_VISIBILITY_TIMEOUT_S": "15", "EMBEDSTREAM_HEARTBEAT_TTL_S": "15",
-               "EMBEDSTREAM_FAKE_DELAY_S": "0.25"}
+                  "EMBEDSTREAM_FAKE_DELAY_S": "0.25"}
 
 
 @pytest.fixture
