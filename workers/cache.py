@@ -138,8 +138,10 @@ class EmbeddingCache:
         found = await self.lookup_scoped([self.scoped(owner, text) for text in texts])
         return {text: cached for (_, text), cached in found.items()}
 
-    async def lookup_scoped(self, items: Sequence[Scoped]) -> dict[Scoped, Cached]:
-        """The cached entries among distinct (owner, text) pairs; counts hits and misses."""
+    async def lookup_scoped(self, items: Sequence[Scoped], *,
+                            count: bool = True) -> dict[Scoped, Cached]:
+        """The cached entries among distinct (owner, text) pairs; counts hits and misses
+        unless told not to (a lookup made ahead counts once it is settled: `count`)."""
         if not items:
             return {}
         try:
@@ -152,7 +154,8 @@ class EmbeddingCache:
             return {}
         found = {item: unpack(raw) for item, raw in zip(items, replies, strict=True)
                  if raw is not None and len(raw) > 4}
-        await self._count(len(found), len(items) - len(found))
+        if count:
+            await self.count(len(found), len(items) - len(found))
         return found
 
     async def store(self, entries: dict[str, Cached], owner: str = "") -> None:
@@ -188,8 +191,12 @@ class EmbeddingCache:
                     pipe.delete(name)  # one key a command: entries live in many slots
                 await pipe.execute()
 
-    async def _count(self, hits: int, misses: int) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            metrics.count(pipe, self.keys, "cache_hits", hits)
-            metrics.count(pipe, self.keys, "cache_misses", misses)
-            await metrics.send(pipe)
+    async def count(self, hits: int, misses: int) -> None:
+        """Add to the hit and miss counters (best effort, like every cache write)."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                metrics.count(pipe, self.keys, "cache_hits", hits)
+                metrics.count(pipe, self.keys, "cache_misses", misses)
+                await metrics.send(pipe)
+        except RedisError:
+            logger.warning("cache counters not updated", exc_info=True)

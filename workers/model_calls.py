@@ -143,7 +143,9 @@ class ModelCalls:
         """What the cache holds for `work`'s texts, asked ahead of `embed` (see above)."""
         if self.cache is None:
             return {}
-        return await self.cache.lookup_scoped(self._distinct(self._pooled(work))[1])
+        # Not counted yet: the entries of the stores landing meanwhile may answer a miss.
+        return await self.cache.lookup_scoped(self._distinct(self._pooled(work))[1],
+                                              count=False)
 
     async def embed(self, work: list[Work], between_calls: BetweenCalls | None = None,
                     found: dict[Scoped, Cached] | None = None) -> None:
@@ -157,6 +159,7 @@ class ModelCalls:
             return
         plans = [item.planned(self.embedder.info) for item in work]
         wanted, distinct = self._distinct(work)
+        ahead = found is not None
         if found is None:
             await self.stored()  # this worker's stores land before this lookup
             found = await self.cache.lookup_scoped(distinct) if self.cache is not None else {}
@@ -172,7 +175,9 @@ class ModelCalls:
         if self.cache is not None:
             new = {pair: made[pair[1]] for pair in distinct
                    if pair not in found and pair[1] in made and usable(made[pair[1]].vector)}
-            await self._store_behind(new)
+            # A lookup made ahead is counted here, memory's answers as hits.
+            counts = (len(found), len(distinct) - len(found)) if ahead else None
+            await self._store_behind(new, counts)
         blank = Cached(np.zeros(self._dimensions(found, made), np.float32), 0)
         for item, plan, pairs in zip(work, plans, wanted, strict=True):
             picked = [found.get(pair) or made.get(pair[1], blank) for pair in pairs]
@@ -194,15 +199,17 @@ class ModelCalls:
                   for item in work]
         return wanted, list(dict.fromkeys(pair for pairs in wanted for pair in pairs))
 
-    async def _store_behind(self, entries: dict[Scoped, Cached]) -> None:
-        """Store `entries` in a task, after the store before it (best effort, and off
-        the model's path: one round trip or two a batch)."""
+    async def _store_behind(self, entries: dict[Scoped, Cached],
+                            counts: tuple[int, int] | None = None) -> None:
+        """Store `entries` (and add `counts`, hits and misses, to the counters) in a task,
+        after the store before it (best effort, and off the model's path: one round trip
+        or two a batch)."""
         assert self.cache is not None
         while len(self._storing) >= STORES_IN_FLIGHT:
             await self._storing.popleft()
         self._stores.append(entries)
         before = self._storing[-1] if self._storing else None
-        store = functools.partial(self.cache.store_scoped, entries)
+        store = functools.partial(_count_and_store, self.cache, entries, counts)
         self._storing.append(asyncio.create_task(_after(before, store)))
 
     async def stored(self) -> None:
@@ -319,6 +326,13 @@ async def _after(before: asyncio.Task[None] | None,
     if before is not None:
         await asyncio.wait({before})
     await then()
+
+
+async def _count_and_store(cache: EmbeddingCache, entries: dict[Scoped, Cached],
+                           counts: tuple[int, int] | None) -> None:
+    if counts is not None:
+        await cache.count(*counts)
+    await cache.store_scoped(entries)
 
 
 def _unscoped(owner: str, text: str) -> tuple[str, str]:

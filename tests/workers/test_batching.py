@@ -178,6 +178,10 @@ async def test_a_batch_looked_up_ahead_of_the_last_store_takes_its_texts_from_me
     gate.set()
     with anyio.fail_after(5):
         await calls.stored()
+    counters, _ = await read_metrics(pipeline.redis, Keys("es"))
+    # Batch 1 missed 5, the test's own lookup 5; batch 2 counted its 3 texts taken from
+    # memory as hits (its lookup ahead had missed them) and only the new text as a miss.
+    assert (counters["cache_hits"], counters["cache_misses"]) == (3, 5 + 5 + 1)
     assert set(await cache.lookup([*texts, "a new text"])) == {*texts, "a new text"}
 
 
