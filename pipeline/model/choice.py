@@ -13,8 +13,9 @@ is never loaded into a worker, as for the export), under a file lock, on
 `CALIBRATION` texts of one to four sentences; each candidate embeds them
 after a run-in, twice, and its better time counts. The verdict is a JSON
 file beside the exported graphs, named by model, revision, runtime
-versions, CPU and thread count, so a different machine, upgrade or
-`OMP_NUM_THREADS` measures again. The worker logs it, registers it with its
+versions, CPU, thread count and the code of the backends and of the
+measurement (`MEASURED_CODE`), so a different machine, upgrade, change to a
+backend or `OMP_NUM_THREADS` measures again. The worker logs it, registers it with its
 model (`/v1/models` shows `backend` and `backend_reason`), and jobs record
 the backend that embedded them. STS-B dev Spearman of each backend is
 checked by the test suite (tests/pipeline/test_backend_fidelity.py), not
@@ -50,6 +51,9 @@ from pipeline.model.runtime import compute_threads
 logger = logging.getLogger(__name__)
 
 MIN_COSINE = 0.9999
+# A verdict reached by other code is not this code's: a change to any of these
+# modules (a backend, or how they are measured) measures again.
+MEASURED_CODE = ("choice", "onnx_backend", "openvino_backend", "torch_backend")
 CHOICE_TIMEOUT_S = 900.0
 # Two sentences each of several kinds and lengths; CALIBRATION joins them into 1-4 sentence texts.
 SENTENCES = (
@@ -144,12 +148,21 @@ def measure(settings: Any) -> list[Measured]:
 
 
 def machine_fingerprint() -> str:
-    """A short hash of what makes a measurement this machine's: CPU, threads, runtimes."""
+    """A short hash of what makes a measurement this machine's and this code's: CPU,
+    threads, runtimes, and the source of the backends and of the measurement."""
     parts = [_cpu_model(), str(compute_threads())]
     for package in ("onnxruntime", "openvino", "torch"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             parts.append(f"{package}={importlib.metadata.version(package)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("\n".join(parts).encode())
+    for path in measured_code():
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def measured_code() -> list[Path]:
+    """The modules that make the candidates and measure them (`MEASURED_CODE`)."""
+    return [Path(__file__).with_name(f"{name}.py") for name in MEASURED_CODE]
 
 
 def _candidates() -> list[Callable[[Any], Any]]:

@@ -70,3 +70,18 @@ def test_auto_measures_once_per_machine_and_the_worker_says_what_and_why(
     embedder = load_embedder(settings.replace(backend="auto"))
     assert embedder.info.backend == chosen.backend
     assert embedder.info.backend_reason == chosen.reason
+
+
+def test_a_change_to_a_backend_or_the_measurement_measures_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert {p.name for p in choice_module.measured_code()} == {
+        "choice.py", "onnx_backend.py", "openvino_backend.py", "torch_backend.py"}
+    assert all(p.is_file() for p in choice_module.measured_code())
+    backend = tmp_path / "onnx_backend.py"
+    backend.write_text("RUN_MAX_TEXTS = 32\n")
+    monkeypatch.setattr(choice_module, "measured_code", lambda: [backend])
+    before = choice_module.machine_fingerprint()
+    assert choice_module.machine_fingerprint() == before  # the same code: the same verdict
+    backend.write_text("RUN_MAX_TEXTS = 64\n")
+    assert choice_module.machine_fingerprint() != before  # another backend: a new verdict
