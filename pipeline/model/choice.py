@@ -9,9 +9,14 @@ about twice ONNX Runtime's on a CPU with AVX512_BF16 or AMX, and not
 available without; so it is measured, not assumed.
 
 The measurement runs once per machine and model: in a child process (torch
-is never loaded into a worker, as for the export), under a file lock, on
-`CALIBRATION` texts of one to four sentences; each candidate embeds them
-after a run-in, twice, and its better time counts. The verdict is a JSON
+is never loaded into a worker, as for the export), on `CALIBRATION` texts
+of one to four sentences. Every candidate is loaded and run in first, then
+they take turns for `ROUNDS` rounds (each round in another order) and each
+one's best time counts: a load that comes and goes (another process
+starting beside the worker) then costs each candidate a round, not the one
+measured while it lasted. One measurement runs at a time in an export dir
+(one file lock for all models): the first workers of two models measured
+at once would each time the other's load. The verdict is a JSON
 file beside the exported graphs, named by model, revision, runtime
 versions, CPU, thread count and the code of the backends and of the
 measurement (`MEASURED_CODE`), so a different machine, upgrade, change to a
@@ -55,6 +60,7 @@ MIN_COSINE = 0.9999
 # modules (a backend, or how they are measured) measures again.
 MEASURED_CODE = ("choice", "onnx_backend", "openvino_backend", "torch_backend")
 CHOICE_TIMEOUT_S = 900.0
+ROUNDS = 3
 # Two sentences each of several kinds and lengths; CALIBRATION joins them into 1-4 sentence texts.
 SENTENCES = (
     "A man is playing a guitar on the stage.",
@@ -105,7 +111,8 @@ def choose_backend(settings: Any) -> Choice:
     verdict = export_dir / f"{model_slug(settings.model)}-{model_revision(folder)}-backend-" \
                            f"{machine_fingerprint()}.json"
     try:
-        with file_lock(verdict.with_suffix(".lock")):
+        # One lock for every model's verdict: two measurements at once time each other.
+        with file_lock(export_dir / "backend-choice.lock"):
             if not verdict.exists():
                 _measure_in_child(settings, verdict)
             data = json.loads(verdict.read_text())
@@ -128,23 +135,38 @@ def decide(measured: list[Measured]) -> Choice:
 
 
 def measure(settings: Any) -> list[Measured]:
-    """Time each candidate on CALIBRATION and compare its vectors with torch's."""
+    """Time torch and each candidate on CALIBRATION, in turns, and compare their vectors."""
     from pipeline.model.torch_backend import SentenceTransformerEmbedder
 
-    texts = list(CALIBRATION)
     settings = settings.replace(device="cpu")
-    reference = SentenceTransformerEmbedder(settings.replace(backend="torch"))
-    found = [_timed("torch", reference, texts, None)]
-    expected = reference.embed(texts).vectors
+    embedders = [SentenceTransformerEmbedder(settings.replace(backend="torch"))]
     for build in _candidates():
         try:
-            embedder = build(settings)
+            embedders.append(build(settings))
         except Exception as exc:  # a runtime that will not run this model is not a candidate
             logger.warning("a backend is left out of the choice: %s", exc)
-            continue
-        found.append(_timed(embedder.info.backend, embedder, texts, expected))
-        del embedder
-    return found
+    return timed_in_turns(embedders, list(CALIBRATION))
+
+
+def timed_in_turns(embedders: list[Any], texts: list[str],
+                   rounds: int = ROUNDS) -> list[Measured]:
+    """Each embedder's best texts/s over `rounds` rounds in which they take turns, and the
+    min cosine of its vectors to the first one's (the reference, torch)."""
+    for embedder in embedders:
+        embedder.embed(texts[:32])  # the run-in: first calls of a shape are slow
+    count = len(embedders)
+    best = [float("inf")] * count
+    vectors: list[Any] = [None] * count
+    for round_ in range(rounds):
+        for i in [*range(round_ % count, count), *range(round_ % count)]:
+            started = time.perf_counter()
+            made = embedders[i].embed(texts).vectors
+            best[i] = min(best[i], time.perf_counter() - started)
+            if vectors[i] is None:
+                vectors[i] = made
+    return [Measured(embedder.info.backend, len(texts) / seconds,
+                     1.0 if i == 0 else float(_cosines(vectors[i], vectors[0]).min()))
+            for i, (embedder, seconds) in enumerate(zip(embedders, best, strict=True))]
 
 
 def machine_fingerprint() -> str:
@@ -175,17 +197,6 @@ def _candidates() -> list[Callable[[Any], Any]]:
         return OpenVinoEmbedder(settings)
 
     return [openvino, OnnxEmbedder]
-
-
-def _timed(name: str, embedder: Any, texts: list[str], expected: Any) -> Measured:
-    embedder.embed(texts[:32])  # the run-in: first calls of a shape are slow
-    best = float("inf")
-    for _ in range(2):
-        started = time.perf_counter()
-        vectors = embedder.embed(texts).vectors
-        best = min(best, time.perf_counter() - started)
-    cosine = 1.0 if expected is None else float(_cosines(vectors, expected).min())
-    return Measured(name, len(texts) / best, cosine)
 
 
 def _cosines(a: Any, b: Any) -> Any:

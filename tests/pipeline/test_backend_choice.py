@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.model import choice as choice_module
 from pipeline.model.choice import MIN_COSINE, Measured, choose_backend, decide
+from pipeline.model.embedder import Embedded
+from pipeline.model.info import ModelInfo
 from pipeline.model.loading import load_embedder
 from pipeline.model.openvino_backend import cpu_has_bf16
 from pipeline.settings import Settings
@@ -85,3 +90,59 @@ def test_a_change_to_a_backend_or_the_measurement_measures_again(
     assert choice_module.machine_fingerprint() == before  # the same code: the same verdict
     backend.write_text("RUN_MAX_TEXTS = 64\n")
     assert choice_module.machine_fingerprint() != before  # another backend: a new verdict
+
+
+class Paced:
+    """An embedder that takes `seconds_per_text`, and ten times that while the machine is busy."""
+
+    def __init__(self, name: str, seconds_per_text: float, busy: list[int]) -> None:
+        self.info = ModelInfo(name, 4, 128, {}, None, name)
+        self.seconds_per_text = seconds_per_text
+        self.busy = busy  # timed calls still to run on a busy machine
+
+    def embed(self, texts: Sequence[str]) -> Embedded:
+        slow = 1
+        if len(texts) > 32 and self.busy[0] > 0:
+            self.busy[0] -= 1
+            slow = 10
+        time.sleep(self.seconds_per_text * len(texts) * slow)
+        return Embedded(np.ones((len(texts), 4), np.float32), np.ones(len(texts), np.int64))
+
+
+def test_a_load_that_passes_costs_each_candidate_a_round_not_the_first_its_verdict() -> None:
+    busy = [2]  # the first two timed calls run beside a busy process
+    texts = [f"text {i}" for i in range(64)]
+    embedders = [Paced("torch", 0.0004, busy), Paced("onnx", 0.0002, busy),
+                 Paced("openvino-bf16", 0.0001, busy)]
+    measured = choice_module.timed_in_turns(embedders, texts)
+    assert [m.backend for m in measured] == ["torch", "onnx", "openvino-bf16"]
+    speeds = {m.backend: m.texts_per_s for m in measured}
+    # Each one's best round was a quiet one: the true order, at about the true speeds.
+    assert speeds["openvino-bf16"] > speeds["onnx"] > speeds["torch"]
+    assert speeds["torch"] > 0.7 / 0.0004 and speeds["onnx"] > 0.7 / 0.0002
+    assert decide(measured).backend == "openvino-bf16"
+
+
+def test_one_measurement_at_a_time_in_an_export_dir_whatever_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running, most = [0], [0]
+
+    def measuring(settings: Settings, verdict: Path) -> None:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.3)
+        running[0] -= 1
+        verdict.write_text(json.dumps({"backend": "onnx", "reason": settings.model}))
+
+    monkeypatch.setattr(choice_module, "_measure_in_child", measuring)
+    monkeypatch.setattr(choice_module, "model_folder", lambda name: tmp_path)
+    monkeypatch.setattr(choice_module, "model_revision", lambda folder: "r")
+    threads = [threading.Thread(target=choose_backend, args=(
+        Settings(device="cpu", export_dir=tmp_path, model=f"org/model-{i}"),)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert most[0] == 1
+    assert len(list(tmp_path.glob("*-backend-*.json"))) == 3  # each model has its verdict
