@@ -192,11 +192,8 @@ class EmbeddingCache:
                 await pipe.execute()
 
     async def count(self, hits: int, misses: int) -> None:
-        """Add to the hit and miss counters (best effort, like every cache write)."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                metrics.count(pipe, self.keys, "cache_hits", hits)
-                metrics.count(pipe, self.keys, "cache_misses", misses)
-                await metrics.send(pipe)
-        except RedisError:
-            logger.warning("cache counters not updated", exc_info=True)
+        """Add to the hit and miss counters (best effort: `metrics.send`)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            metrics.count(pipe, self.keys, "cache_hits", hits)
+            metrics.count(pipe, self.keys, "cache_misses", misses)
+            await metrics.send(pipe)
